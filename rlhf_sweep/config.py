@@ -1,0 +1,325 @@
+"""Typed configuration: one dataclass per `conf/` group, with documented defaults.
+
+Hydra composes YAML from `conf/`; `load_config` merges the result onto these
+dataclasses, so a misspelt key or a value of the wrong type fails at once, and
+`validate` checks ranges and choices. `ConfigError` carries a one-line message
+that names the key and what it accepts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message is one line naming the key and the fix."""
+
+
+@dataclass
+class GoldConfig:
+    """Weights of the careful human's helpfulness h(x, y) (the human-proxy score)."""
+
+    action: float = 1.0  # correct action present, times directness ** position
+    directness: float = 0.9  # discount per token before the first correct action
+    wrong_action: float = -0.5  # per wrong action token
+    detail: float = 0.2  # once, for acknowledging one of the prompt's details
+    first_filler: float = 0.1  # one polite filler token is welcome
+    extra_filler: float = -0.1  # each further filler token is not
+    ideal_len: int = 4  # content tokens before the length penalty starts
+    over_len: float = -0.03  # per content token beyond ideal_len
+    no_eos: float = -0.3  # the response never ended
+
+
+@dataclass
+class LabelerConfig:
+    """Pairwise labelers: P(y1 > y2) = sigmoid(dh/tau + length_bias*dlen + filler_bias*dfill)."""
+
+    tau: float = 0.25
+    flip_rate: float = 0.05
+    length_bias: float = 0.3  # 0 with filler_bias 0: the unbiased control
+    filler_bias: float = 0.6
+
+
+@dataclass
+class DemoConfig:
+    """Mix of SFT demonstration templates (complete answers are also the longer ones)."""
+
+    complete: float = 0.75
+    partial: float = 0.15
+    wrong: float = 0.10
+
+
+@dataclass
+class WorldConfig:
+    n_intents: int = 8
+    n_details: int = 8
+    n_filler: int = 8
+    n_explain: int = 8
+    max_new_tokens: int = 24
+    second_detail_prob: float = 0.5
+    gold: GoldConfig = field(default_factory=GoldConfig)
+    labeler: LabelerConfig = field(default_factory=LabelerConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
+
+
+ARCHS = ("gpt2", "llama")
+
+
+@dataclass
+class ModelConfig:
+    """A tiny causal LM built from a transformers config (no downloads)."""
+
+    arch: str = "gpt2"  # gpt2 | llama
+    n_layer: int = 2
+    n_embd: int = 64
+    n_head: int = 4
+
+
+@dataclass
+class SFTConfig:
+    """Supervised fine-tuning of the frozen reference on template demonstrations."""
+
+    n_demos: int = 16384
+    epochs: int = 6
+    batch_size: int = 256
+    lr: float = 3e-3
+
+
+PAIR_MODES = ("random", "length_matched")
+
+
+@dataclass
+class RMConfig:
+    """Bradley-Terry reward model on labeled pairs of reference samples."""
+
+    n_pairs: int = 10000
+    pairs: str = "random"  # random | length_matched (pick the closest-length pair of 4 samples)
+    n_eval_pairs: int = 2000
+    epochs: int = 4
+    batch_size: int = 256
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    center_coef: float = 0.0  # coef * mean((r_chosen + r_rejected)^2); 0.01 in the literature
+    length_decorr: float = 0.0  # coef * |corr(r, length)| within the batch (ODIN-style)
+
+
+KL_ESTIMATORS = ("k1", "k3", "exact")
+KL_IN = ("reward", "loss")
+
+
+@dataclass
+class PPOConfig:
+    """PPO with a clipped surrogate and a KL penalty to the frozen reference."""
+
+    iterations: int = 150
+    batch_size: int = 64  # prompts (one completion each) per iteration
+    epochs: int = 4
+    minibatches: int = 2
+    lr: float = 1e-4
+    max_grad_norm: float = 1.0
+    beta: float = 0.03  # KL coefficient (initial value when adaptive_kl)
+    kl_estimator: str = "k1"  # k1 | k3 | exact: what the penalty uses per token
+    kl_in: str = "reward"  # reward (per-token penalty, InstructGPT) | loss (GRPO-style)
+    adaptive_kl: bool = False  # Ziegler et al. 2019 proportional controller
+    target_kl: float = 6.0  # sequence nats, for adaptive_kl
+    horizon: int = 10000  # episodes, for adaptive_kl
+    clip_eps: float = 0.2
+    vf_clip: float = 0.2  # value clipping range; 0 turns it off
+    vf_coef: float = 0.5
+    ent_coef: float = 0.0
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_advantages: bool = True
+    length_bonus: float = 0.0  # signed reward per content token; 0 = nothing rewards length
+    reward_norm: bool = False  # running mean/std normalisation of RM scores
+    reward_clip: float = 0.0  # clip normalised scores to [-c, c]; 0 turns it off
+    early_stop_kl: float = 0.0  # stop an iteration's epochs once approx_kl exceeds it; 0 = off
+    temperature: float = 1.0
+
+
+@dataclass
+class EvalConfig:
+    n_prompts: int = 512
+    confidence: float = 0.95
+    trend_window: float = 0.5  # the later share of iterations tested for a KL trend
+    trend_alpha: float = 0.05
+
+
+@dataclass
+class MLflowConfig:
+    enabled: bool = True
+    tracking_uri: str = "sqlite:///outputs/mlflow.db"
+    experiment: str = "rlhf-sweep"
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    threads: int = 0  # torch threads; 0 = all cores
+    cache_dir: str = "outputs/cache"
+    run_dir: str = ""  # where summary.json goes; set by the CLI or the sweep
+    progress: bool = True
+    world: WorldConfig = field(default_factory=WorldConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    rm: RMConfig = field(default_factory=RMConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    mlflow: MLflowConfig = field(default_factory=MLflowConfig)
+
+
+def _known_keys(node: Any) -> str:
+    if dataclasses.is_dataclass(node):
+        return ", ".join(f.name for f in dataclasses.fields(node))
+    return ""
+
+
+def _node_at(path: str) -> Any:
+    node: Any = Config()
+    for part in [p for p in path.split(".") if p]:
+        if not dataclasses.is_dataclass(node) or not hasattr(node, part):
+            return None
+        node = getattr(node, part)
+    return node
+
+
+def load_config(cfg: DictConfig | dict) -> Config:
+    """Merge a composed config onto the schema and validate it; raise ConfigError."""
+    raw = OmegaConf.create(cfg) if isinstance(cfg, dict) else cfg
+    raw = OmegaConf.masked_copy(raw, [k for k in raw.keys() if k != "hydra"]) if "hydra" in raw else raw
+    schema = OmegaConf.structured(Config)
+    try:
+        merged = OmegaConf.merge(schema, raw)
+        conf: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except ConfigKeyError as e:
+        key = getattr(e, "full_key", None) or str(e)
+        parent = key.rsplit(".", 1)[0] if "." in key else ""
+        known = _known_keys(_node_at(parent))
+        raise ConfigError(f"unknown config key '{key}'; {('known keys under ' + (parent or 'the top level') + ': ' + known) if known else 'check the spelling'}") from None
+    except (ValidationError, OmegaConfBaseException) as e:
+        key = getattr(e, "full_key", None) or "?"
+        msg = str(e).splitlines()[0]
+        raise ConfigError(f"bad value for '{key}': {msg}") from None
+    validate(conf)
+    return conf
+
+
+def _require(ok: bool, key: str, value: Any, accepts: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is invalid: {key} accepts {accepts}")
+
+
+def validate(c: Config) -> None:
+    """Range and choice checks; each failure names the key and what it accepts."""
+    p, r, w, m = c.ppo, c.rm, c.world, c.model
+    _require(c.device in ("auto", "cpu", "cuda") or c.device.startswith("cuda:"), "device", c.device, "auto, cpu, cuda or cuda:N")
+    _require(c.threads >= 0, "threads", c.threads, "an integer >= 0 (0 = all cores)")
+    _require(m.arch in ARCHS, "model.arch", m.arch, " | ".join(ARCHS))
+    _require(m.n_layer >= 1, "model.n_layer", m.n_layer, "an integer >= 1")
+    _require(m.n_embd >= 1 and m.n_head >= 1 and m.n_embd % m.n_head == 0, "model.n_embd", m.n_embd, "a positive multiple of model.n_head")
+    _require(p.beta >= 0, "ppo.beta", p.beta, "a number >= 0")
+    _require(p.clip_eps > 0, "ppo.clip_eps", p.clip_eps, "a number > 0 (0.2 is usual)")
+    _require(p.vf_clip >= 0, "ppo.vf_clip", p.vf_clip, "a number >= 0 (0 turns value clipping off)")
+    _require(p.kl_estimator in KL_ESTIMATORS, "ppo.kl_estimator", p.kl_estimator, " | ".join(KL_ESTIMATORS))
+    _require(p.kl_in in KL_IN, "ppo.kl_in", p.kl_in, " | ".join(KL_IN))
+    _require(p.iterations >= 1, "ppo.iterations", p.iterations, "an integer >= 1")
+    _require(p.batch_size >= 2, "ppo.batch_size", p.batch_size, "an integer >= 2")
+    _require(p.epochs >= 1, "ppo.epochs", p.epochs, "an integer >= 1")
+    _require(1 <= p.minibatches <= p.batch_size, "ppo.minibatches", p.minibatches, f"an integer in [1, ppo.batch_size={p.batch_size}]")
+    _require(p.lr > 0, "ppo.lr", p.lr, "a number > 0")
+    _require(p.target_kl > 0, "ppo.target_kl", p.target_kl, "a number > 0 (sequence nats)")
+    _require(p.horizon > 0, "ppo.horizon", p.horizon, "an integer > 0")
+    _require(0 <= p.gamma <= 1, "ppo.gamma", p.gamma, "a number in [0, 1]")
+    _require(0 <= p.lam <= 1, "ppo.lam", p.lam, "a number in [0, 1]")
+    _require(p.reward_clip >= 0, "ppo.reward_clip", p.reward_clip, "a number >= 0 (0 = off)")
+    _require(p.early_stop_kl >= 0, "ppo.early_stop_kl", p.early_stop_kl, "a number >= 0 (0 = off)")
+    _require(p.temperature > 0, "ppo.temperature", p.temperature, "a number > 0")
+    _require(r.pairs in PAIR_MODES, "rm.pairs", r.pairs, " | ".join(PAIR_MODES))
+    _require(r.n_pairs >= 16, "rm.n_pairs", r.n_pairs, "an integer >= 16")
+    _require(r.n_eval_pairs >= 16, "rm.n_eval_pairs", r.n_eval_pairs, "an integer >= 16")
+    _require(r.center_coef >= 0, "rm.center_coef", r.center_coef, "a number >= 0")
+    _require(r.weight_decay >= 0, "rm.weight_decay", r.weight_decay, "a number >= 0")
+    _require(r.length_decorr >= 0, "rm.length_decorr", r.length_decorr, "a number >= 0")
+    _require(r.lr > 0, "rm.lr", r.lr, "a number > 0")
+    _require(c.sft.lr > 0, "sft.lr", c.sft.lr, "a number > 0")
+    _require(c.sft.n_demos >= 16, "sft.n_demos", c.sft.n_demos, "an integer >= 16")
+    _require(w.n_intents >= 2, "world.n_intents", w.n_intents, "an integer >= 2")
+    _require(w.n_details >= 2, "world.n_details", w.n_details, "an integer >= 2")
+    _require(w.n_filler >= 1, "world.n_filler", w.n_filler, "an integer >= 1")
+    _require(w.n_explain >= 1, "world.n_explain", w.n_explain, "an integer >= 1")
+    _require(4 <= w.max_new_tokens <= 256, "world.max_new_tokens", w.max_new_tokens, "an integer in [4, 256]")
+    _require(0 <= w.second_detail_prob <= 1, "world.second_detail_prob", w.second_detail_prob, "a probability in [0, 1]")
+    _require(w.labeler.tau > 0, "world.labeler.tau", w.labeler.tau, "a number > 0")
+    _require(0 <= w.labeler.flip_rate <= 0.5, "world.labeler.flip_rate", w.labeler.flip_rate, "a probability in [0, 0.5]")
+    _require(0 < w.gold.directness <= 1, "world.gold.directness", w.gold.directness, "a number in (0, 1]")
+    d = w.demo
+    _require(min(d.complete, d.partial, d.wrong) >= 0 and d.complete + d.partial + d.wrong > 0, "world.demo", f"{d.complete}/{d.partial}/{d.wrong}", "non-negative weights complete/partial/wrong with a positive sum")
+    _require(0 < c.eval.confidence < 1, "eval.confidence", c.eval.confidence, "a number in (0, 1)")
+    _require(0 < c.eval.trend_window <= 1, "eval.trend_window", c.eval.trend_window, "a share in (0, 1]")
+    _require(c.eval.n_prompts >= 16, "eval.n_prompts", c.eval.n_prompts, "an integer >= 16")
+
+
+def to_dict(obj: Any) -> dict:
+    return dataclasses.asdict(obj)
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """{'ppo': {'beta': 0.1}} -> {'ppo.beta': 0.1}: the MLflow params and CSV columns."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_hash(*parts: Any) -> str:
+    """A short stable hash of dataclasses/dicts: the cache key of a stage's artefact."""
+    payload = [to_dict(p) if dataclasses.is_dataclass(p) else p for p in parts]
+    return hashlib.sha1(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def _one_line(exc: Exception) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip() and "HYDRA_FULL_ERROR" not in ln]
+    return "; ".join(lines)
+
+
+def compose(overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Compose `conf/` with Hydra overrides (as `rlhf-sweep run` does) and validate it."""
+    import re
+
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+
+    try:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            raw = hydra_compose(config_name="config", overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as e:
+        text = str(e).split("Config search path")[0]
+        m = re.search(r"Could not override '([^']+)'", text)
+        if m and _node_at(m.group(1)) is None:
+            key = m.group(1)
+            parent = key.rsplit(".", 1)[0] if "." in key else ""
+            known = _known_keys(_node_at(parent))
+            raise ConfigError(f"unknown config key '{key}'; known keys under {parent or 'the top level'}: {known}") from None
+        m = re.search(r"Could not find '([^/']+)/([^']+)'", text)
+        if m:
+            group, options = m.group(1), re.findall(r"^\t(\S+)", text, flags=re.M)
+            raise ConfigError(f"{group}={m.group(2)} is not an option of group '{group}'; options: {', '.join(options)}") from None
+        raise ConfigError(_one_line(Exception(text))) from None
+    return load_config(raw)

@@ -1,0 +1,274 @@
+"""Held-out evaluation, the three verdicts and the diagnosis that explains them.
+
+`evaluate` samples the policy and the reference on the same held-out prompts
+and returns the DESIGN §4 metric keys. The verdict functions are pure, so
+they can be tested on synthetic numbers; `diagnose` ties each observation to
+measured evidence (RM length bias, advantages that reward the exploit, a KL
+penalty outrun by the RM's gain).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import kl as klmod
+from .models import response_logits, response_mask, sample, token_logprobs
+from .reward import RewardModel
+from .world import World
+
+
+# ----- statistics ------------------------------------------------------------------------------
+def z_value(confidence: float) -> float:
+    from scipy.stats import norm
+
+    return float(norm.ppf(0.5 + confidence / 2))
+
+
+def mean_ci(x: np.ndarray, confidence: float = 0.95) -> tuple[float, float, float]:
+    """Mean with a normal-approximation interval (n is in the hundreds here)."""
+    x = np.asarray(x, dtype=float)
+    m = float(x.mean())
+    half = z_value(confidence) * float(x.std(ddof=1)) / math.sqrt(len(x)) if len(x) > 1 else 0.0
+    return m, m - half, m + half
+
+
+def win_rate(a: np.ndarray, b: np.ndarray, confidence: float = 0.95) -> tuple[float, float, float]:
+    """P(a > b) on paired samples, ties counted as half a win, with its interval."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    wins = (a > b) + 0.5 * (a == b)
+    return mean_ci(wins, confidence)
+
+
+def mann_kendall(x: np.ndarray) -> dict[str, float]:
+    """Mann-Kendall trend test: S, z and the one-sided p-value for an increasing trend.
+
+    Uses the variance with the tie correction; Sen's slope (median pairwise slope) as the size.
+    """
+    from scipy.stats import norm
+
+    x = np.asarray(x, dtype=float)
+    n = len(x)
+    if n < 3:
+        return {"S": 0.0, "z": 0.0, "p_increasing": 1.0, "sen_slope": 0.0, "n": float(n)}
+    i, j = np.triu_indices(n, 1)
+    diffs = x[j] - x[i]
+    s = float(np.sign(diffs).sum())
+    _, counts = np.unique(x, return_counts=True)
+    var = (n * (n - 1) * (2 * n + 5) - float((counts * (counts - 1) * (2 * counts + 5)).sum())) / 18.0
+    z = 0.0 if s == 0 or var <= 0 else (s - np.sign(s)) / math.sqrt(var)
+    return {
+        "S": s,
+        "z": float(z),
+        "p_increasing": float(1.0 - norm.cdf(z)),
+        "sen_slope": float(np.median(diffs / (j - i))),
+        "n": float(n),
+    }
+
+
+def corr(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if a.std() == 0 or b.std() == 0:
+        return 0.0
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+# ----- verdicts: pure functions of metrics and histories ---------------------------------------
+def verdict_rm_prefers_policy(m: dict[str, float]) -> dict:
+    return {
+        "value": bool(m["rm/win_rate_lo"] > 0.5),
+        "rm/win_rate": m["rm/win_rate"],
+        "ci": [m["rm/win_rate_lo"], m["rm/win_rate_hi"]],
+        "rm/policy": m["rm/policy"],
+        "rm/ref": m["rm/ref"],
+        "rule": "RM win rate of policy over reference > 0.5 with its interval above 0.5",
+    }
+
+
+def verdict_humans_prefer_reference(m: dict[str, float]) -> dict:
+    return {
+        "value": bool(m["gold/win_rate_hi"] < 0.5 and m["len/policy"] > m["len/ref"]),
+        "gold/win_rate": m["gold/win_rate"],
+        "ci": [m["gold/win_rate_lo"], m["gold/win_rate_hi"]],
+        "gold/policy": m["gold/policy"],
+        "gold/ref": m["gold/ref"],
+        "len/policy": m["len/policy"],
+        "len/ref": m["len/ref"],
+        "rule": "gold win rate < 0.5 with its interval below 0.5, and longer policy responses",
+    }
+
+
+def verdict_kl_increasing(kl_history: list[float], beta: float, window: float = 0.5, alpha: float = 0.05) -> dict:
+    """Mann-Kendall on the later `window` share of iterations, never the sign of a raw slope."""
+    x = np.asarray(kl_history, dtype=float)
+    n = len(x)
+    start = int(round(n * (1 - window)))
+    mk = mann_kendall(x[start:])
+    k = max(1, n // 5)
+    middle = x[max(0, n // 2 - k // 2) : max(0, n // 2 - k // 2) + k]
+    return {
+        "value": bool(mk["p_increasing"] < alpha and mk["S"] > 0 and beta > 0),
+        "beta": beta,
+        "mann_kendall_S": mk["S"],
+        "z": mk["z"],
+        "p_value": mk["p_increasing"],
+        "sen_slope_per_iter": mk["sen_slope"],
+        "iterations_tested": [start, n - 1],
+        "kl_middle_20pct": float(middle.mean()) if len(middle) else float("nan"),
+        "kl_last_20pct": float(x[-k:].mean()) if n else float("nan"),
+        "rule": f"Mann-Kendall increasing trend over the last {window:.0%} of iterations, p < {alpha}, with beta > 0",
+    }
+
+
+def observations(metrics: dict[str, float], history: list[dict], beta: float, window: float, alpha: float) -> dict:
+    return {
+        "rm_prefers_policy": verdict_rm_prefers_policy(metrics),
+        "humans_prefer_reference": verdict_humans_prefer_reference(metrics),
+        "kl_increasing": verdict_kl_increasing([h["kl/exact"] for h in history], beta, window, alpha),
+    }
+
+
+# ----- held-out evaluation ---------------------------------------------------------------------
+@torch.no_grad()
+def kl_terms(policy_lm: nn.Module, ref_lm: nn.Module, prompts: torch.Tensor, responses: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-token exact KL, k1 and k3 on policy samples (masked to the response)."""
+    seqs = torch.cat([prompts, responses], 1)
+    logits = response_logits(policy_lm(input_ids=seqs, use_cache=False).logits)
+    ref_logits = response_logits(ref_lm(input_ids=seqs, use_cache=False).logits)
+    lp, rlp = token_logprobs(logits, responses), token_logprobs(ref_logits, responses)
+    mask = response_mask(responses)
+    return {"exact": klmod.exact(logits, ref_logits) * mask, "k1": klmod.k1(lp, rlp) * mask, "k3": klmod.k3(lp, rlp) * mask, "mask": mask}
+
+
+def _side(world: World, rm: RewardModel, prompts: torch.Tensor, responses: torch.Tensor, device: torch.device) -> dict[str, np.ndarray]:
+    from .reward import score
+
+    f = world.features(prompts, responses)
+    out = {k: v.numpy() for k, v in f.items()}
+    out["gold"] = world.gold(prompts, responses, f).numpy()
+    out["rm"] = score(rm, prompts, responses, device).numpy()
+    return out
+
+
+@torch.no_grad()
+def evaluate(
+    policy_lm: nn.Module,
+    ref_lm: nn.Module,
+    rm: RewardModel,
+    world: World,
+    n_prompts: int,
+    confidence: float,
+    rng: np.random.Generator,
+    gen: torch.Generator,
+    device: torch.device,
+) -> tuple[dict[str, float], dict]:
+    """Paired samples from policy and reference on the same held-out prompts."""
+    T = world.cfg.max_new_tokens
+    prompts = world.sample_prompts(n_prompts, rng)
+    pol = sample(policy_lm, prompts.to(device), T, gen).cpu()
+    ref = sample(ref_lm, prompts.to(device), T, gen).cpu()
+    P, R = _side(world, rm, prompts, pol, device), _side(world, rm, prompts, ref, device)
+    kt = {k: v.cpu() for k, v in kl_terms(policy_lm, ref_lm, prompts.to(device), pol.to(device)).items()}
+    m: dict[str, float] = {}
+    for key in ("rm", "gold"):
+        m[f"{key}/policy"], m[f"{key}/policy_lo"], m[f"{key}/policy_hi"] = mean_ci(P[key], confidence)
+        m[f"{key}/ref"], m[f"{key}/ref_lo"], m[f"{key}/ref_hi"] = mean_ci(R[key], confidence)
+        m[f"{key}/win_rate"], m[f"{key}/win_rate_lo"], m[f"{key}/win_rate_hi"] = win_rate(P[key], R[key], confidence)
+    for name, side in (("policy", P), ("ref", R)):
+        m[f"len/{name}"] = float(side["length"].mean())
+        m[f"filler/{name}"] = float(side["filler"].mean())
+        has = side["has_correct"]
+        m[f"directness/{name}"] = float(side["first_correct"][has].mean()) if has.any() else float("nan")
+        m[f"correct/{name}"] = float(has.mean())
+        m[f"wrong/{name}"] = float((side["n_wrong"] > 0).mean())
+        m[f"ended/{name}"] = float(side["ended"].mean())
+    mask = kt["mask"]
+    for est in ("exact", "k1", "k3"):
+        m[f"kl/{est}"] = float(kt[est].sum(1).mean())
+    m["kl/exact_per_token"] = float(kt["exact"].sum() / mask.sum())
+    samples = {"prompts": prompts, "policy": pol, "ref": ref, "P": P, "R": R, "kl": kt}
+    return m, samples
+
+
+# ----- diagnosis: why the observations happen ---------------------------------------------------
+def rm_slopes(rm_score: np.ndarray, gold: np.ndarray, length: np.ndarray, filler: np.ndarray) -> dict[str, float]:
+    """Least squares rm ~ 1 + gold + length + filler: the RM's length and filler slopes holding gold fixed."""
+    X = np.column_stack([np.ones_like(gold), gold, length, filler]).astype(float)
+    coef, *_ = np.linalg.lstsq(X, rm_score.astype(float), rcond=None)
+    resid = rm_score - X @ coef
+    r2 = 1.0 - resid.var() / max(rm_score.var(), 1e-12)
+    return {"gold": float(coef[1]), "length": float(coef[2]), "filler": float(coef[3]), "r2": float(r2)}
+
+
+def diagnose(metrics: dict[str, float], samples: dict, history: list[dict], beta: float) -> dict:
+    P, R, kt = samples["P"], samples["R"], samples["kl"]
+    # (a) the reward model: what it pays for, holding gold fixed, on reference samples
+    slopes = rm_slopes(R["rm"], R["gold"], R["length"], R["filler"])
+    d_rm = metrics["rm/policy"] - metrics["rm/ref"]
+    d_len = metrics["len/policy"] - metrics["len/ref"]
+    d_fill = metrics["filler/policy"] - metrics["filler/ref"]
+    d_gold = metrics["gold/policy"] - metrics["gold/ref"]
+    safe = d_rm if abs(d_rm) > 1e-9 else float("nan")
+    # (b) PPO: how advantages lined up with the exploit over training
+    adv_len = [h["ppo/adv_len_corr"] for h in history if "ppo/adv_len_corr" in h]
+    adv_fill = [h["ppo/adv_filler_corr"] for h in history if "ppo/adv_filler_corr" in h]
+    fill_share = [h["ppo/filler_pos_adv_share"] for h in history if "ppo/filler_pos_adv_share" in h]
+    # (c) the KL term: sequence KL = per-token KL x length; k1 on sampled tokens
+    mask = kt["mask"].bool()
+    k1_tok = kt["k1"][mask].numpy()
+    k1_seq, ex_seq = kt["k1"].sum(1).numpy(), kt["exact"].sum(1).numpy()
+    first, last = history[0], history[-1]
+    return {
+        "reward_model": {
+            "rm_slope_per_token_holding_gold": slopes["length"],
+            "rm_slope_per_filler_holding_gold": slopes["filler"],
+            "rm_slope_per_gold": slopes["gold"],
+            "fit_r2_on_reference": slopes["r2"],
+            "rm_gain": d_rm,
+            "gold_gain": d_gold,
+            "length_gain": d_len,
+            "filler_gain": d_fill,
+            "share_of_rm_gain_from_length": slopes["length"] * d_len / safe,
+            "share_of_rm_gain_from_filler": slopes["filler"] * d_fill / safe,
+            "share_of_rm_gain_from_gold": slopes["gold"] * d_gold / safe,
+        },
+        "ppo": {
+            "adv_length_corr_mean": float(np.mean(adv_len)) if adv_len else float("nan"),
+            "adv_filler_corr_mean": float(np.mean(adv_fill)) if adv_fill else float("nan"),
+            "filler_share_of_positive_adv_tokens": float(np.mean(fill_share)) if fill_share else float("nan"),
+            "filler_share_of_tokens_ref": float(R["filler"].sum() / max(R["length"].sum() + len(R["length"]), 1)),
+            "clipfrac_mean": float(np.mean([h["ppo/clipfrac"] for h in history])),
+        },
+        "kl": {
+            "seq_kl_first": first["kl/exact"],
+            "seq_kl_last": last["kl/exact"],
+            "per_token_kl_first": first["kl/exact_per_token"],
+            "per_token_kl_last": last["kl/exact_per_token"],
+            "len_first": first["len"],
+            "len_last": last["len"],
+            "beta_final": last["ppo/beta"],
+            "beta_times_kl": last["ppo/beta"] * metrics["kl/exact"],
+            "rm_gain": d_rm,
+            "k1_negative_token_share": float((k1_tok < 0).mean()) if len(k1_tok) else float("nan"),
+            "k1_bias_vs_exact": float(k1_seq.mean() - ex_seq.mean()),
+            "k1_seq_std": float(k1_seq.std()),
+            "exact_seq_std": float(ex_seq.std()),
+        },
+    }
+
+
+def advantage_stats(world: World, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+    """How one rollout's advantages line up with length and filler (for the diagnosis)."""
+    m, adv = batch["mask"], batch["advantages"]
+    f = world.features(batch["prompts"], batch["responses"])
+    seq_adv = ((adv * m).sum(1) / m.sum(1).clamp(min=1)).numpy()
+    is_fill = world.vocab.is_filler(batch["responses"]) & m.bool()
+    pos = (adv > 0) & m.bool()
+    return {
+        "ppo/adv_len_corr": corr(seq_adv, f["length"].numpy()),
+        "ppo/adv_filler_corr": corr(seq_adv, f["filler"].numpy()),
+        "ppo/filler_pos_adv_share": float((is_fill & pos).sum() / max(int(pos.sum()), 1)),
+    }
