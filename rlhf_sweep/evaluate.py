@@ -204,7 +204,7 @@ def rm_slopes(rm_score: np.ndarray, gold: np.ndarray, length: np.ndarray, filler
 
 
 def diagnose(metrics: dict[str, float], samples: dict, history: list[dict], beta: float) -> dict:
-    P, R, kt = samples["P"], samples["R"], samples["kl"]
+    R, kt = samples["R"], samples["kl"]
     # (a) the reward model: what it pays for, holding gold fixed, on reference samples
     slopes = rm_slopes(R["rm"], R["gold"], R["length"], R["filler"])
     d_rm = metrics["rm/policy"] - metrics["rm/ref"]

@@ -79,7 +79,7 @@ def last_index(responses: torch.Tensor) -> torch.Tensor:
     return (response_mask(responses).sum(1) - 1).long()
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: its tensors could not index the PPO loss later
 def sample(
     lm: nn.Module,
     prompts: torch.Tensor,

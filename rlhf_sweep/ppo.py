@@ -136,12 +136,13 @@ def rollout(
         scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
     kl_t = kl_exact if cfg.kl_estimator == "exact" else klmod.per_token(cfg.kl_estimator, logprobs, ref_logprobs)
     last = (mask.sum(1) - 1).long()
+    rows = torch.arange(len(last), device=device)
     content = mask.clone()
-    content[torch.arange(len(last)), last] = 0.0  # EOS is not a content token
+    content[rows, last] = 0.0  # EOS is not a content token
     rewards = cfg.length_bonus * content
     if cfg.kl_in == "reward":
         rewards = rewards - beta * kl_t * mask
-    rewards[torch.arange(len(last)), last] += scores
+    rewards[rows, last] += scores
     advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
     if cfg.whiten_advantages:
         advantages = whiten(advantages, mask)

@@ -32,7 +32,7 @@ class RewardModel(nn.Module):
     def raw(self, prompts: torch.Tensor, responses: torch.Tensor) -> torch.Tensor:
         h = hidden_states(self.lm, torch.cat([prompts, responses], 1))
         idx = prompts.shape[1] + last_index(responses)
-        return self.head(h[torch.arange(len(h)), idx]).squeeze(-1)
+        return self.head(h[torch.arange(len(h), device=h.device), idx]).squeeze(-1)
 
     def forward(self, prompts: torch.Tensor, responses: torch.Tensor) -> torch.Tensor:
         """Standardised score: (raw - mean on reference samples) / std on reference samples."""

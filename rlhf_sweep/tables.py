@@ -19,8 +19,8 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], title: s
     widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
     line = "  ".join("-" * w for w in widths)
     out = [title] if title else []
-    out.append("  ".join(h.ljust(w) for h, w in zip(headers, widths)))
+    out.append("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)))
     out.append(line)
     for r in cells:
-        out.append("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))))
+        out.append("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))))
     return "\n".join(out)

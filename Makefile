@@ -1,0 +1,36 @@
+# Two commands for a fresh machine (see README):
+#   make demo   install, then reproduce the puzzle with the default run
+#   make test   install, then run the test suite
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH ?= torch==2.13.0
+
+.PHONY: install demo test test-fast lint bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+# torch first, pinned to the CPU build on this machine's disk: an unpinned torch pulls a multi-GB CUDA build
+install: $(BIN)/python
+	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+
+demo: install
+	$(BIN)/rlhf-sweep run
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not e2e"
+
+lint: install
+	$(BIN)/ruff check rlhf_sweep tests bench
+
+bench: install
+	$(BIN)/python bench/run_time.py
+
+clean:
+	rm -rf outputs .pytest_cache .ruff_cache

@@ -1,0 +1,70 @@
+"""Models built from config: sampling with the KV cache, masks, and the policy's first-step ratio."""
+
+import numpy as np
+import pytest
+import torch
+
+from rlhf_sweep.config import ModelConfig, WorldConfig
+from rlhf_sweep.models import PolicyWithValue, build_lm, last_index, response_logits, response_mask, sample, token_logprobs
+from rlhf_sweep.world import EOS, PAD, PROMPT_LEN, World
+
+W = World(WorldConfig())
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_sampling_ends_rows_at_eos_and_pads_after(arch):
+    torch.manual_seed(0)
+    lm = build_lm(ModelConfig(arch=arch), W.vocab.size, PROMPT_LEN + 24).eval()
+    prompts = W.sample_prompts(32, np.random.default_rng(0))
+    r = sample(lm, prompts, 24, torch.Generator().manual_seed(0))
+    assert r.shape == (32, 24)
+    for row in r.tolist():
+        if EOS in row:
+            assert all(t == PAD for t in row[row.index(EOS) + 1 :])
+
+
+def test_cached_sampling_logprobs_equal_a_full_forward():
+    """The KV-cache loop samples from the same distribution a full forward scores."""
+    torch.manual_seed(0)
+    lm = build_lm(ModelConfig(), W.vocab.size, PROMPT_LEN + 24).eval()
+    prompts = W.sample_prompts(8, np.random.default_rng(1))
+    g = torch.Generator().manual_seed(3)
+    r = sample(lm, prompts, 6, g)
+    # replay the sampler's draws with a full forward at each step
+    g2 = torch.Generator().manual_seed(3)
+    seq = prompts.clone()
+    done = torch.zeros(8, dtype=torch.bool)
+    for t in range(r.shape[1]):
+        logits = lm(input_ids=seq, use_cache=False).logits[:, -1]
+        tok = torch.multinomial(torch.softmax(logits.float(), -1), 1, generator=g2).squeeze(1)
+        tok = torch.where(done, torch.full_like(tok, PAD), tok)
+        assert torch.equal(tok, r[:, t])
+        done |= tok == EOS
+        seq = torch.cat([seq, tok[:, None]], 1)
+        if done.all():
+            break
+
+
+def test_gpt2_has_no_dropout_and_world_token_ids():
+    lm = build_lm(ModelConfig(), W.vocab.size, 29)
+    c = lm.config
+    assert (c.resid_pdrop, c.embd_pdrop, c.attn_pdrop) == (0.0, 0.0, 0.0)
+    assert (c.bos_token_id, c.eos_token_id, c.pad_token_id, c.vocab_size) == (1, EOS, PAD, W.vocab.size)
+
+
+def test_policy_ratio_is_one_before_the_first_update():
+    torch.manual_seed(0)
+    policy = PolicyWithValue(build_lm(ModelConfig(), W.vocab.size, 29), 64).train()
+    prompts = W.sample_prompts(16, np.random.default_rng(0))
+    r = sample(policy.lm, prompts, 24, torch.Generator().manual_seed(0))
+    seq = torch.cat([prompts, r], 1)
+    a, _ = policy(seq)
+    b, _ = policy(seq)  # train mode: any dropout would make these differ
+    lp_a, lp_b = token_logprobs(response_logits(a), r), token_logprobs(response_logits(b), r)
+    assert torch.equal(lp_a, lp_b)
+
+
+def test_masks_and_last_index():
+    r = torch.tensor([[5, 6, EOS, PAD], [5, 6, 7, 8]])
+    assert response_mask(r).tolist() == [[1, 1, 1, 0], [1, 1, 1, 1]]
+    assert last_index(r).tolist() == [2, 3]
