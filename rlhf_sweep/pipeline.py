@@ -67,26 +67,41 @@ class Timer:
         self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - t, 3)
 
 
-def get_reference(cfg: Config, world: World, device: torch.device, say) -> tuple[torch.nn.Module, dict]:
-    max_len = PROMPT_LEN + cfg.world.max_new_tokens
-    torch.manual_seed(cfg.seed)
-    lm = build_lm(cfg.model, world.vocab.size, max_len).to(device)
-    path = Path(cfg.cache_dir) / f"{sft_key(cfg, device)}.pt"
+def load_or_train(path: Path, module: torch.nn.Module, train, device: torch.device) -> dict:
+    """Load `module` from `path` if cached, else `train()` it and save; returns its info dict.
+
+    Saved via a temporary file and an atomic rename, so sweep workers that train the
+    same artefact at once never read a half-written file.
+    """
     if path.exists():
         blob = torch.load(path, map_location=device, weights_only=True)
-        lm.load_state_dict(blob["state"])
-        say(f"SFT reference: cached ({path})")
-        info = {"cached": True, "path": str(path), **blob["info"]}
-    else:
-        rng, _ = streams(cfg.seed, "sft", device)
-        info = train_sft(lm, world, cfg.sft, rng, device, cfg.progress)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"state": lm.state_dict(), "info": info}, path)
-        say(f"SFT reference: trained, loss {info['sft/loss']:.3f} (saved {path})")
-        info = {"cached": False, "path": str(path), **info}
-    lm.eval()
-    for p in lm.parameters():
+        module.load_state_dict(blob["state"])
+        return {"cached": True, "path": str(path), **blob["info"]}
+    info = train()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    torch.save({"state": module.state_dict(), "info": info}, tmp)
+    os.replace(tmp, path)
+    return {"cached": False, "path": str(path), **info}
+
+
+def freeze(module: torch.nn.Module) -> None:
+    module.eval()
+    for p in module.parameters():
         p.requires_grad_(False)
+
+
+def get_reference(cfg: Config, world: World, device: torch.device, say) -> tuple[torch.nn.Module, dict]:
+    torch.manual_seed(cfg.seed)
+    lm = build_lm(cfg.model, world.vocab.size, PROMPT_LEN + cfg.world.max_new_tokens).to(device)
+
+    def train() -> dict:
+        rng, _ = streams(cfg.seed, "sft", device)
+        return train_sft(lm, world, cfg.sft, rng, device, cfg.progress)
+
+    info = load_or_train(Path(cfg.cache_dir) / f"{sft_key(cfg, device)}.pt", lm, train, device)
+    say(f"SFT reference: {'cached' if info['cached'] else 'trained'}, loss {info['sft/loss']:.3f} ({info['path']})")
+    freeze(lm)
     return lm, info
 
 
@@ -94,33 +109,26 @@ def get_reward_model(cfg: Config, world: World, ref: torch.nn.Module, device: to
     lm = build_lm(cfg.model, world.vocab.size, PROMPT_LEN + cfg.world.max_new_tokens).to(device)
     lm.load_state_dict(ref.state_dict())  # the RM starts from the SFT backbone, as in InstructGPT
     rm = RewardModel(lm, cfg.model.n_embd).to(device)
-    path = Path(cfg.cache_dir) / f"{rm_key(cfg, device)}.pt"
-    if path.exists():
-        blob = torch.load(path, map_location=device, weights_only=True)
-        rm.load_state_dict(blob["state"])
-        say(f"reward model: cached ({path}), acc on labels {blob['info']['rm/acc_labels']:.3f}, on gold {blob['info']['rm/acc_gold']:.3f}")
-        info = {"cached": True, "path": str(path), **blob["info"]}
-    else:
+
+    def train() -> dict:
         rng, gen = streams(cfg.seed, "pairs", device)
-        train = collect_pairs(ref, world, cfg.rm.n_pairs, cfg.rm.pairs, rng, gen, device)
+        pairs = collect_pairs(ref, world, cfg.rm.n_pairs, cfg.rm.pairs, rng, gen, device)
         held_out = collect_pairs(ref, world, cfg.rm.n_eval_pairs, "random", rng, gen, device)
         rng_rm, _ = streams(cfg.seed, "rm", device)
         torch.manual_seed(cfg.seed + 1)
         torch.nn.init.normal_(rm.head.weight, std=1.0 / (cfg.model.n_embd + 1) ** 0.5)
         torch.nn.init.zeros_(rm.head.bias)
-        info = train_rm(rm, train, cfg.rm, rng_rm, device, cfg.progress)
-        calibrate(rm, torch.cat([train.prompts, train.prompts]), torch.cat([train.first, train.second]), device)
+        info = train_rm(rm, pairs, cfg.rm, rng_rm, device, cfg.progress)
+        calibrate(rm, torch.cat([pairs.prompts, pairs.prompts]), torch.cat([pairs.first, pairs.second]), device)
         info.update(pair_accuracy(rm, held_out, device))
-        info["rm/label_agreement_with_gold"] = float(
-            (held_out.prefer_first == held_out.gold_first)[held_out.gold_diff.abs() > 1e-6].float().mean()
-        )
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"state": rm.state_dict(), "info": info}, path)
-        say(f"reward model: trained on {cfg.rm.n_pairs} {cfg.rm.pairs} pairs, acc on labels {info['rm/acc_labels']:.3f}, on gold {info['rm/acc_gold']:.3f} (saved {path})")
-        info = {"cached": False, "path": str(path), **info}
-    rm.eval()
-    for p in rm.parameters():
-        p.requires_grad_(False)
+        decided = held_out.gold_diff.abs() > 1e-6
+        info["rm/label_agreement_with_gold"] = float((held_out.prefer_first == held_out.gold_first)[decided].float().mean())
+        return info
+
+    info = load_or_train(Path(cfg.cache_dir) / f"{rm_key(cfg, device)}.pt", rm, train, device)
+    say(f"reward model: {'cached' if info['cached'] else f'trained on {cfg.rm.n_pairs} {cfg.rm.pairs} pairs'}, "
+        f"acc on labels {info['rm/acc_labels']:.3f}, on gold {info['rm/acc_gold']:.3f} ({info['path']})")
+    freeze(rm)
     return rm, info
 
 
