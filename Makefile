@@ -1,5 +1,5 @@
 # Two commands for a fresh machine (see README):
-#   make demo   install, then reproduce the puzzle with the default run
+#   make demo   install, reproduce the puzzle with the default run, then the default study
 #   make test   install, then run the test suite
 PY ?= python3
 VENV ?= .venv
@@ -19,6 +19,7 @@ install: $(BIN)/python
 
 demo: install
 	$(BIN)/rlhf-sweep run
+	$(BIN)/rlhf-sweep sweep beta_clip_frontier --workers 2
 
 test: install
 	$(BIN)/python -m pytest -q

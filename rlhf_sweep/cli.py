@@ -125,7 +125,40 @@ def cmd_run(argv: list[str]) -> None:
     main()
 
 
-COMMANDS = {"run": cmd_run}
+def cmd_sweep(argv: list[str]) -> None:
+    """`rlhf-sweep sweep STUDY ...`: run or resume an Optuna study (rlhf_sweep/sweep.py)."""
+    import argparse
+
+    from . import sweep
+
+    ap = argparse.ArgumentParser(prog="rlhf-sweep sweep", description="Run or resume an Optuna study over config keys; "
+                                 "the same command again resumes it.")
+    ap.add_argument("study", help="a name in studies/ (e.g. beta_clip_frontier) or a path to a study YAML file")
+    ap.add_argument("--n-trials", type=int, help="complete trials to end with (default: the study file's n_trials)")
+    ap.add_argument("--workers", type=int, default=1, help="local worker processes sharing the study (default 1)")
+    ap.add_argument("--storage", help="Optuna RDB URL (sqlite:///..., postgresql://...) or a journal file path "
+                    "(default: OUT/optuna.journal)")
+    ap.add_argument("--name", help="study name (default: the file's stem)")
+    ap.add_argument("--tracking-uri", help="MLflow tracking URI (default: the config's mlflow.tracking_uri)")
+    ap.add_argument("--out", help="the study's output directory (default: outputs/studies/NAME)")
+    a = ap.parse_args(argv)
+    _quiet_libraries()
+    try:
+        res = sweep.sweep(a.study, n_trials=a.n_trials, workers=a.workers, storage=a.storage, name=a.name,
+                          tracking_uri=a.tracking_uri, out=a.out)
+    except sweep.StudyError as e:
+        fail(str(e))
+    print(res.table)
+    print(f"trials: {res.n_complete} complete, {res.n_failed} failed; {os.path.join(res.out_dir, 'trials.csv')}, "
+          f"{os.path.join(res.out_dir, 'pareto.csv')}")
+    if res.interrupted:
+        print("interrupted: run the same command again to resume", file=sys.stderr)
+        sys.exit(130)
+    if res.n_complete < res.n_trials:
+        fail(f"the study has {res.n_complete} of {res.n_trials} complete trials; run the same command again to resume", code=1)
+
+
+COMMANDS = {"run": cmd_run, "sweep": cmd_sweep}
 
 
 def main(argv: list[str] | None = None) -> None:

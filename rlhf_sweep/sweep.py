@@ -1,0 +1,1008 @@
+"""Studies: Optuna searches over config keys, run as in-process pipeline trials.
+
+This module owns `rlhf-sweep sweep STUDY`: reading and checking a study file
+(`studies/NAME.yaml` -> `StudySpec`), the Optuna study and its storage, the
+worker processes that ask for trials and run `pipeline.run` on each, the MLflow
+runs (a parent per study, a nested run per trial, and one per seed under it when
+a trial has several seeds), resuming after a crash, and the end-of-study outputs
+(`trials.csv`, `pareto.csv` and a terminal table of the Pareto-optimal trials).
+
+Concurrency model: K worker processes share one study. Before each trial a
+worker takes a file lock, fails trials whose local owner process is dead, counts
+COMPLETE and RUNNING trials, and only asks for a new trial when that leaves room
+under `n_trials`; so a study ends with exactly `n_trials` complete trials, and
+a rerun of the same command after Ctrl-C or `kill -9` runs only the remainder.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import difflib
+import fcntl
+import json
+import math
+import os
+import re
+import signal
+import socket
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+import yaml
+from optuna.trial import TrialState
+
+from .config import ConfigError, compose
+from .tables import fmt, format_table
+
+STUDIES_DIR = Path(__file__).resolve().parent.parent / "studies"
+SAMPLERS = ("tpe", "nsga2", "random", "grid")
+DIRECTIONS = {"maximize": "maximize", "max": "maximize", "minimize": "minimize", "min": "minimize"}
+PARAM_TYPES = ("float", "int", "categorical")
+
+# The keys of summary["metrics"] (evaluate.evaluate plus what pipeline.run adds);
+# tests/test_sweep.py checks this list against a real trial so that it cannot drift.
+METRIC_KEYS: tuple[str, ...] = (
+    *(f"{k}/{s}" for k in ("rm", "gold") for s in (
+        "policy", "policy_lo", "policy_hi", "ref", "ref_lo", "ref_hi", "win_rate", "win_rate_lo", "win_rate_hi")),
+    *(f"{k}/{side}" for side in ("policy", "ref") for k in ("len", "filler", "directness", "correct", "wrong", "ended")),
+    "kl/exact", "kl/k1", "kl/k3", "kl/exact_per_token",
+    "rm/acc_labels", "rm/acc_gold",
+    "ppo/beta", "ppo/clipfrac", "ppo/approx_kl", "ppo/entropy", "ppo/value_loss",
+)
+
+# Keys the sweep sets itself on every trial's config.
+RESERVED_KEYS = ("seed", "run_dir", "progress", "threads")
+
+# A worker gives up after this many failed trials in one invocation (a study whose
+# every trial fails would otherwise retry forever); the count is over all workers.
+MAX_FAILURES_FACTOR = 1  # times n_trials, at least 3
+
+# A RUNNING trial with no owner recorded is only stale once it is this old: the owner
+# is written right after `ask`, so a younger one may belong to a live worker elsewhere.
+OWNERLESS_GRACE_S = 60.0
+
+
+class StudyError(ValueError):
+    """A bad study file or sweep option; the message is one line that names the problem."""
+
+
+# ----- the study file ---------------------------------------------------------------------------
+@dataclass
+class Param:
+    """One searched config key.
+
+    name: a dotted config key (`ppo.beta`) or a config group (`model`).
+    kind: float | int | categorical.
+    low, high: the range of float and int params (inclusive); taken from `grid` when omitted.
+    log: sample on a log scale (low > 0).
+    step: optional discretisation step of float/int params (not with log).
+    choices: the values of a categorical param.
+    grid: the values the grid sampler visits for a float/int param.
+    """
+
+    name: str
+    kind: str
+    low: float | int | None = None
+    high: float | int | None = None
+    log: bool = False
+    step: float | int | None = None
+    choices: list[Any] = field(default_factory=list)
+    grid: list[Any] = field(default_factory=list)
+
+    def suggest(self, trial) -> Any:
+        if self.kind == "categorical":
+            return trial.suggest_categorical(self.name, self.choices)
+        if self.kind == "int":
+            return trial.suggest_int(self.name, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
+        return trial.suggest_float(self.name, float(self.low), float(self.high), step=self.step, log=self.log)
+
+    def grid_values(self) -> list[Any]:
+        return list(self.choices) if self.kind == "categorical" else list(self.grid)
+
+    def probe_values(self) -> list[Any]:
+        """The values composed at load time: both ends of a range, every choice or grid value."""
+        if self.kind == "categorical":
+            return list(self.choices)
+        return list(dict.fromkeys([self.low, self.high, *self.grid]))
+
+
+@dataclass
+class Objective:
+    """metric: a key of summary["metrics"] (e.g. gold/policy); direction: maximize | minimize."""
+
+    metric: str
+    direction: str
+
+
+@dataclass
+class Constraint:
+    """`metric <= bound` or `metric >= bound` on the seed-averaged metrics (Optuna: feasible when <= 0)."""
+
+    metric: str
+    op: str
+    bound: float
+
+    @property
+    def text(self) -> str:
+        return f"{self.metric} {self.op} {fmt(self.bound)}"
+
+    def violation(self, metrics: dict[str, float]) -> float:
+        v = float(metrics[self.metric])
+        return v - self.bound if self.op == "<=" else self.bound - v
+
+
+@dataclass
+class StudySpec:
+    """A study file, checked.
+
+    name: the study name (default: the file's stem); also names outputs/studies/NAME/.
+    path: where it was read from.
+    description: free text.
+    objectives: metrics and directions, in order (Optuna's `values`).
+    space: the searched config keys.
+    fixed: overrides applied to every trial (`key: value`, as on the `rlhf-sweep run` command line).
+    seeds: the config seeds each trial runs; objectives are averaged over them.
+    n_trials: how many COMPLETE trials the study ends with.
+    sampler: tpe | nsga2 | random | grid.
+    sampler_seed: base seed of the sampler (each worker derives its own from it).
+    sampler_options: extra keyword arguments of the Optuna sampler (e.g. n_startup_trials, population_size).
+    constraints: `metric <= bound` / `metric >= bound`; infeasible trials stay off the Pareto front.
+    """
+
+    name: str
+    path: str
+    description: str
+    objectives: list[Objective]
+    space: list[Param]
+    fixed: dict[str, Any]
+    seeds: list[int]
+    n_trials: int
+    sampler: str = "tpe"
+    sampler_seed: int = 0
+    sampler_options: dict[str, Any] = field(default_factory=dict)
+    constraints: list[Constraint] = field(default_factory=list)
+
+    @property
+    def directions(self) -> list[str]:
+        return [o.direction for o in self.objectives]
+
+    def fixed_overrides(self) -> list[str]:
+        return [f"{k}={override_value(v)}" for k, v in self.fixed.items()]
+
+    def trial_overrides(self, params: dict[str, Any], seed: int) -> list[str]:
+        return [*self.fixed_overrides(), *(f"{k}={override_value(v)}" for k, v in params.items()), f"seed={seed}"]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def override_value(v: Any) -> str:
+    """A Python value as the right-hand side of a Hydra override."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if v is None:
+        return "null"
+    if isinstance(v, float):
+        return repr(v)
+    s = str(v)
+    if re.search(r"[\s,=\[\]{}()'\"\\:]", s):  # Hydra's grammar would split or misread these
+        return "'" + s.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    return s
+
+
+def _number(v: Any, where: str) -> float | int:
+    # PyYAML reads `1e-3` (no dot) as a string; accept it as the number it means.
+    if isinstance(v, bool) or v is None:
+        raise StudyError(f"{where}: expected a number, got {v!r}")
+    if isinstance(v, (int, float)):
+        return v
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        raise StudyError(f"{where}: expected a number, got {v!r}") from None
+
+
+def _scalar(v: Any, where: str) -> Any:
+    if isinstance(v, str):
+        try:
+            return float(v) if re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", v) else v
+        except ValueError:
+            return v
+    if v is None or isinstance(v, (bool, int, float)):
+        return v
+    raise StudyError(f"{where}: choices must be numbers, strings, booleans or null, got {v!r}")
+
+
+def _check_keys(d: dict, allowed: tuple[str, ...], where: str) -> None:
+    for k in d:
+        if k not in allowed:
+            hint = difflib.get_close_matches(str(k), allowed, n=1)
+            raise StudyError(f"{where}: unknown field {k!r}" + (f" (did you mean {hint[0]!r}?)" if hint else f"; fields: {', '.join(allowed)}"))
+
+
+def _metric(name: Any, where: str) -> str:
+    if name not in METRIC_KEYS:
+        hint = difflib.get_close_matches(str(name), METRIC_KEYS, n=1)
+        raise StudyError(f"{where}: unknown metric {name!r}"
+                         + (f" (did you mean {hint[0]!r}?)" if hint else f"; metrics: {', '.join(METRIC_KEYS)}"))
+    return name
+
+
+def _param(name: str, raw: Any, where: str) -> Param:
+    if isinstance(raw, list):  # shorthand: `model: [gpt2, llama]`
+        raw = {"type": "categorical", "choices": raw}
+    if not isinstance(raw, dict):
+        raise StudyError(f"{where}: expected a mapping like {{type: float, low: 0.01, high: 1.0}}, got {raw!r}")
+    _check_keys(raw, ("type", "low", "high", "log", "step", "choices", "grid"), where)
+    kind = raw.get("type", "categorical" if "choices" in raw else "float")
+    if kind not in PARAM_TYPES:
+        raise StudyError(f"{where}: type {kind!r} is not one of {', '.join(PARAM_TYPES)}")
+    if name in RESERVED_KEYS:
+        raise StudyError(f"{where}: {name} is set by the sweep" + (" (use 'seeds')" if name == "seed" else ""))
+    p = Param(name=name, kind=kind, log=bool(raw.get("log", False)))
+    if kind == "categorical":
+        choices = raw.get("choices")
+        if not isinstance(choices, list) or not choices:
+            raise StudyError(f"{where}: a categorical param needs a non-empty list 'choices'")
+        p.choices = [_scalar(c, where) for c in choices]
+        if len({json.dumps(c) for c in p.choices}) < len(p.choices):
+            raise StudyError(f"{where}: choices repeat a value")
+        return p
+    if "choices" in raw:
+        raise StudyError(f"{where}: 'choices' belongs to type categorical; a {kind} param takes low/high")
+    grid = raw.get("grid") or []
+    if not isinstance(grid, list):
+        raise StudyError(f"{where}: grid must be a list of values")
+    cast = int if kind == "int" else float
+    p.grid = [cast(_number(g, where)) for g in grid]
+    if "low" not in raw and "high" not in raw and p.grid:
+        p.low, p.high = min(p.grid), max(p.grid)
+    elif "low" not in raw or "high" not in raw:
+        raise StudyError(f"{where}: a {kind} param needs 'low' and 'high'")
+    else:
+        p.low, p.high = cast(_number(raw["low"], where + ".low")), cast(_number(raw["high"], where + ".high"))
+        if p.low > p.high:
+            raise StudyError(f"{where}: low {fmt(p.low)} > high {fmt(p.high)}")
+        if p.low == p.high:
+            raise StudyError(f"{where}: low == high ({fmt(p.low)}); put a constant under 'fixed'")
+    if kind == "int" and any(isinstance(_number(raw.get(k, 0), where), float) and not float(raw.get(k, 0)).is_integer()
+                             for k in ("low", "high")):
+        raise StudyError(f"{where}: an int param needs integer low/high")
+    if p.log and p.low <= 0:
+        raise StudyError(f"{where}: log scale needs low > 0, got {fmt(p.low)}")
+    if raw.get("step") is not None:
+        p.step = cast(_number(raw["step"], where + ".step"))
+        if p.step <= 0:
+            raise StudyError(f"{where}: step must be > 0")
+        if p.log:
+            raise StudyError(f"{where}: step and log cannot be combined (Optuna)")
+    for g in p.grid:
+        if not p.low <= g <= p.high:
+            raise StudyError(f"{where}: grid value {fmt(g)} is outside [{fmt(p.low)}, {fmt(p.high)}]")
+    return p
+
+
+CONSTRAINT_RE = re.compile(r"^\s*(\S+)\s*(<=|>=)\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*$")
+
+
+def find_study_file(study: str) -> Path:
+    """STUDY is a path to a YAML file or a name in studies/."""
+    p = Path(study)
+    if p.is_file():
+        return p
+    named = STUDIES_DIR / f"{study}.yaml"
+    if named.is_file():
+        return named
+    known = sorted(f.stem for f in STUDIES_DIR.glob("*.yaml"))
+    raise StudyError(f"no study {study!r}: not a file, and not a name in {STUDIES_DIR} (studies: {', '.join(known) or 'none'})")
+
+
+def load_spec(study: str, check_config: bool = True) -> StudySpec:
+    """Read and check a study file; every problem raises StudyError with one line.
+
+    With check_config, every searched value and the fixed overrides are composed
+    against the config schema (Hydra + `config.validate`), so a misspelt key or an
+    out-of-range bound fails here, before any trial runs.
+    """
+    path = find_study_file(study)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise StudyError(f"study {path}: not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
+    name = path.stem
+    where = f"study {name}"
+    if not isinstance(raw, dict):
+        raise StudyError(f"{where}: expected a mapping with objectives, space, n_trials, ...")
+    _check_keys(raw, ("description", "objectives", "space", "fixed", "seeds", "n_trials", "sampler",
+                      "sampler_seed", "sampler_options", "constraints"), where)
+
+    objectives_raw = raw.get("objectives")
+    if isinstance(objectives_raw, str):  # a single metric to maximize? no: make the direction explicit
+        raise StudyError(f"{where}: objectives: give a mapping metric: maximize|minimize, e.g. {{gold/policy: maximize}}")
+    if not isinstance(objectives_raw, dict) or not objectives_raw:
+        raise StudyError(f"{where}: objectives: expected a mapping metric: maximize|minimize (one or several)")
+    objectives = []
+    for metric, direction in objectives_raw.items():
+        _metric(metric, f"{where}: objectives")
+        if str(direction).lower() not in DIRECTIONS:
+            raise StudyError(f"{where}: objectives: {metric}: direction {direction!r} is not maximize or minimize")
+        objectives.append(Objective(metric, DIRECTIONS[str(direction).lower()]))
+
+    space_raw = raw.get("space")
+    if not isinstance(space_raw, dict) or not space_raw:
+        raise StudyError(f"{where}: space: expected a mapping of config keys to {{type, low, high}} or {{choices}}")
+    space = [_param(str(k), v, f"{where}: space: {k}") for k, v in space_raw.items()]
+
+    fixed = raw.get("fixed") or {}
+    if not isinstance(fixed, dict):
+        raise StudyError(f"{where}: fixed: expected a mapping of config keys to values")
+    for k in fixed:
+        if k in RESERVED_KEYS:
+            raise StudyError(f"{where}: fixed: {k} is set by the sweep" + (" (use 'seeds')" if k == "seed" else ""))
+        if k in space_raw:
+            raise StudyError(f"{where}: {k} is both searched (space) and fixed")
+
+    seeds_raw = raw.get("seeds", 1)
+    if isinstance(seeds_raw, int) and not isinstance(seeds_raw, bool) and seeds_raw >= 1:
+        seeds = list(range(seeds_raw))
+    elif isinstance(seeds_raw, list) and seeds_raw and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds_raw):
+        seeds = list(dict.fromkeys(seeds_raw))
+    else:
+        raise StudyError(f"{where}: seeds: expected a count >= 1 or a list of seeds >= 0, got {seeds_raw!r}")
+
+    n_trials = raw.get("n_trials")
+    if not isinstance(n_trials, int) or isinstance(n_trials, bool) or n_trials < 1:
+        raise StudyError(f"{where}: n_trials: expected an integer >= 1, got {n_trials!r}")
+
+    sampler = str(raw.get("sampler", "tpe")).lower()
+    if sampler not in SAMPLERS:
+        raise StudyError(f"{where}: sampler {raw.get('sampler')!r} is not one of {', '.join(SAMPLERS)}")
+    if sampler == "grid":
+        missing = [p.name for p in space if not p.grid_values()]
+        if missing:
+            raise StudyError(f"{where}: the grid sampler needs 'grid' values (or categorical choices) for {', '.join(missing)}")
+    sampler_seed = raw.get("sampler_seed", 0)
+    if not isinstance(sampler_seed, int) or isinstance(sampler_seed, bool):
+        raise StudyError(f"{where}: sampler_seed: expected an integer, got {sampler_seed!r}")
+    options = raw.get("sampler_options") or {}
+    if not isinstance(options, dict):
+        raise StudyError(f"{where}: sampler_options: expected a mapping of keyword arguments")
+
+    constraints = []
+    for c in raw.get("constraints") or []:
+        m = CONSTRAINT_RE.match(str(c))
+        if not m:
+            raise StudyError(f"{where}: constraints: {c!r} is not 'metric <= number' or 'metric >= number'")
+        constraints.append(Constraint(_metric(m.group(1), f"{where}: constraints"), m.group(2), float(m.group(3))))
+
+    spec = StudySpec(name=name, path=str(path), description=str(raw.get("description", "")).strip(), objectives=objectives,
+                     space=space, fixed=dict(fixed), seeds=seeds, n_trials=n_trials, sampler=sampler,
+                     sampler_seed=sampler_seed, sampler_options=dict(options), constraints=constraints)
+    try:
+        make_sampler(spec, seed=0)
+    except (TypeError, ValueError) as e:
+        raise StudyError(f"{where}: sampler_options: {str(e).splitlines()[0]}") from None
+    if check_config:
+        check_against_config(spec)
+    return spec
+
+
+def check_against_config(spec: StudySpec) -> None:
+    """Compose the fixed overrides, then each searched value on top, against the config schema."""
+    where = f"study {spec.name}"
+    try:
+        compose(spec.fixed_overrides())
+    except ConfigError as e:
+        raise StudyError(f"{where}: fixed: {e}") from None
+    base = {p.name: p.probe_values()[0] for p in spec.space}
+    try:
+        compose(spec.trial_overrides(base, spec.seeds[0]))
+    except ConfigError as e:
+        raise StudyError(f"{where}: space: {e}") from None
+    for p in spec.space:
+        for v in p.probe_values()[1:]:
+            try:
+                compose(spec.trial_overrides({**base, p.name: v}, spec.seeds[0]))
+            except ConfigError as e:
+                raise StudyError(f"{where}: space: {p.name}={override_value(v)}: {e}") from None
+
+
+# ----- Optuna ------------------------------------------------------------------------------------
+def make_sampler(spec: StudySpec, seed: int):
+    opts = dict(spec.sampler_options)
+    if spec.sampler == "tpe":
+        # constant_liar: a running trial counts as a bad result, so parallel workers spread out
+        return optuna.samplers.TPESampler(seed=seed, **{"constant_liar": True, **opts})
+    if spec.sampler == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed, **opts)
+    if spec.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed, **opts)
+    # grid ids index a grid shuffled by the seed: every worker must use the same seed
+    return _GridSampler({p.name: p.grid_values() for p in spec.space}, seed=spec.sampler_seed, **opts)
+
+
+class _GridSampler(optuna.samplers.GridSampler):
+    """GridSampler without its after_trial `study.stop()`, which is only legal inside
+    `study.optimize`; the sweep stops by counting trials instead."""
+
+    def after_trial(self, study, trial, state, values) -> None:
+        return None
+
+
+def worker_seed(spec: StudySpec, index: int, n_existing: int) -> int:
+    """A sampler seed per (study seed, worker, resume point): parallel workers and a resumed
+    study must not replay the same random start-up suggestions."""
+    import numpy as np
+
+    if spec.sampler == "grid":
+        return spec.sampler_seed
+    return int(np.random.SeedSequence([spec.sampler_seed, index, n_existing]).generate_state(1)[0])
+
+
+def open_storage(storage: str):
+    """An Optuna storage from a URL (any RDB URL: sqlite:///, postgresql://, mysql://) or a journal file path.
+
+    The default is a journal file: the storage Optuna recommends for several processes on one
+    host (appends under a file lock; bench/sweep_workers.py measures it against SQLite).
+    """
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    try:
+        if "://" in storage:
+            kwargs: dict[str, Any] = {}
+            if storage.startswith("sqlite:///"):
+                Path(storage[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+                # wait for the write lock instead of failing with "database is locked"
+                kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
+            return optuna.storages.RDBStorage(storage, **kwargs)
+        Path(storage).parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(storage))
+    except Exception as e:  # a bad URL or a missing driver: one line, before any trial
+        raise StudyError(f"storage {storage!r}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+
+
+def _lock_path(storage: str, out_dir: Path) -> Path:
+    return Path(storage + ".sweep-lock") if "://" not in storage else out_dir / ".sweep-lock"
+
+
+@contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock shared by the processes on this host (released when a holder dies)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+# ----- who owns a running trial ----------------------------------------------------------------
+def _proc_stat(pid: int) -> list[str] | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def owner_token() -> str:
+    """host:pid:start-time. The start time (from /proc) tells a recycled pid from the owner."""
+    stat = _proc_stat(os.getpid())
+    return f"{socket.gethostname()}:{os.getpid()}:{stat[19] if stat else ''}"
+
+
+def owner_alive(token: str) -> bool | None:
+    """True/False for an owner on this host; None when it ran elsewhere (we cannot tell)."""
+    host, _, rest = token.partition(":")
+    pid_s, _, start = rest.partition(":")
+    if host != socket.gethostname() or not pid_s.isdigit():
+        return None
+    if Path("/proc/self/stat").exists():
+        stat = _proc_stat(int(pid_s))
+        return stat is not None and stat[0] not in ("Z", "X") and (not start or stat[19] == start)
+    try:
+        os.kill(int(pid_s), 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def fail_stale_trials(study, client=None) -> list[int]:
+    """Mark RUNNING trials whose owner process is dead as FAIL (and their MLflow runs FAILED).
+
+    Optuna's own heartbeat only exists for RDB storages inside `study.optimize`; the sweep
+    uses ask/tell on any storage, so it records the owner of each trial and checks it here.
+    """
+    failed = []
+    now = time.time()
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        owner = t.user_attrs.get("worker")
+        if owner:
+            stale = owner_alive(owner) is False
+            why = f"the worker process ({owner}) died while the trial ran (killed?)"
+        else:
+            started = t.datetime_start.timestamp() if t.datetime_start else now
+            stale = now - started > OWNERLESS_GRACE_S
+            why = "the trial's worker died before recording itself"
+        if not stale:
+            continue
+        study._storage.set_trial_user_attr(t._trial_id, "error", f"stale: {why}; marked failed on restart")
+        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        run_id = t.user_attrs.get("mlflow_run_id")
+        if client is not None and run_id:
+            try:
+                client.set_tag(run_id, "error", "worker died")
+                client.set_terminated(run_id, status="FAILED")
+            except Exception:  # a run in another tracking store; the Optuna record is what counts
+                pass
+        failed.append(t.number)
+    return failed
+
+
+# ----- one trial ----------------------------------------------------------------------------------
+@dataclass
+class Job:
+    """What every worker needs (picklable, for spawned processes)."""
+
+    spec: StudySpec
+    study_name: str
+    storage: str
+    out_dir: str
+    n_trials: int
+    threads: int
+    tracking_uri: str | None
+    experiment_id: str | None
+    parent_run_id: str | None
+    workers: int = 1
+
+
+def _mean(values: list[float]) -> float:
+    vals = [float(v) for v in values if isinstance(v, (int, float)) and math.isfinite(float(v))]
+    return sum(vals) / len(vals) if vals else float("nan")
+
+
+def combine_seeds(summaries: list[dict], seeds: list[int]) -> dict:
+    """One summary for a trial: metrics and per-iteration history averaged over its seeds."""
+    if len(summaries) == 1:
+        return summaries[0]
+    metrics = {k: _mean([s["metrics"].get(k) for s in summaries]) for k in summaries[0]["metrics"]}
+    history = []
+    for i in range(min(len(s["history"]) for s in summaries)):
+        entries = [s["history"][i] for s in summaries]
+        history.append({"iteration": entries[0]["iteration"],
+                        **{k: _mean([e.get(k) for e in entries]) for k in entries[0] if k != "iteration"}})
+    # a verdict per seed becomes the share of seeds where it holds
+    observations = {name: {"value": _mean([float(bool(s["observations"][name]["value"])) for s in summaries])}
+                    for name in summaries[0]["observations"]}
+    timing = {k: sum(s["timing"].get(k, 0.0) for s in summaries) for k in summaries[0]["timing"]}
+    config = json.loads(json.dumps(summaries[0]["config"], default=str))
+    config["seed"] = ",".join(map(str, seeds))
+    return {"config": config, "metrics": metrics, "history": history, "observations": observations, "timing": timing}
+
+
+def _clean(v: Any) -> Any:
+    # JSON in every storage: NaN/inf become null
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _clean(x) for k, x in v.items()}
+    return v
+
+
+def ensure_cached(cfg, say: Callable[[str], None]) -> None:
+    """Build the SFT reference and RM this trial needs, one process at a time per artefact.
+
+    pipeline.run caches them but writes the files in place; two cold workers wanting the same
+    artefact would both train it and one could read a half-written file. A lock per cache key
+    makes the first build it and the others load it.
+    """
+    import torch
+
+    from . import pipeline
+    from .world import World
+
+    device = pipeline.pick_device(cfg.device)
+    cache = Path(cfg.cache_dir)
+    sft_path, rm_path = cache / f"{pipeline.sft_key(cfg, device)}.pt", cache / f"{pipeline.rm_key(cfg, device)}.pt"
+    if sft_path.exists() and rm_path.exists():
+        return
+    torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
+    world = World(cfg.world)
+    locks = cache / ".locks"  # beside the artefacts, out of the way
+    with file_lock(locks / f"{sft_path.stem}.lock"):
+        ref, _ = pipeline.get_reference(cfg, world, device, say)
+    with file_lock(locks / f"{rm_path.stem}.lock"):
+        if not rm_path.exists():
+            pipeline.get_reward_model(cfg, world, ref, device, say)
+
+
+def run_trial(job: Job, study, trial, client, say: Callable[[str], None]) -> dict:
+    """Run one asked trial over its seeds, log it, and tell Optuna; returns a short record."""
+    from . import pipeline, tracking
+
+    spec, t0 = job.spec, time.perf_counter()
+    params = {p.name: p.suggest(trial) for p in spec.space}
+    trial_dir = Path(job.out_dir) / "trials" / f"t{trial.number:04d}"
+    trial.set_user_attr("run_dir", str(trial_dir))
+    run_id = None
+    if client is not None:
+        run_id = tracking.start_run(client, job.experiment_id, f"{job.study_name}-t{trial.number:04d}",
+                                    tags={"study": job.study_name, "trial": str(trial.number), "rlhf_sweep.role": "trial"},
+                                    parent_run_id=job.parent_run_id)
+        trial.set_user_attr("mlflow_run_id", run_id)
+    try:
+        summaries = []
+        for seed in spec.seeds:
+            cfg = compose(spec.trial_overrides(params, seed))
+            cfg.run_dir = str(trial_dir / f"seed-{seed}")
+            cfg.progress = False
+            cfg.threads = job.threads
+            ensure_cached(cfg, say)
+            summary = pipeline.run(cfg, say=say)
+            summaries.append(summary)
+            if client is not None and len(spec.seeds) > 1:
+                seed_run = tracking.start_run(client, job.experiment_id, f"{job.study_name}-t{trial.number:04d}-s{seed}",
+                                              tags={"study": job.study_name, "trial": str(trial.number), "seed": str(seed),
+                                                    "rlhf_sweep.role": "seed"}, parent_run_id=run_id)
+                tracking.log_summary(client, seed_run, summary, cfg.run_dir)
+                client.set_terminated(seed_run, status="FINISHED")
+        combined = combine_seeds(summaries, spec.seeds)
+        metrics = combined["metrics"]
+        values = [float(metrics[o.metric]) for o in spec.objectives]
+        bad = [o.metric for o, v in zip(spec.objectives, values, strict=True) if not math.isfinite(v)]
+        bad += [c.metric for c in spec.constraints if not math.isfinite(float(metrics[c.metric]))]
+        if bad:
+            raise ValueError(f"metric {', '.join(dict.fromkeys(bad))} is not finite")
+        trial.set_user_attr("metrics", _clean(metrics))
+        trial.set_user_attr("per_seed", {str(seed): _clean({m: s["metrics"][m] for m in _tracked_metrics(spec)})
+                                         for seed, s in zip(spec.seeds, summaries, strict=True)})
+        for c in spec.constraints:
+            trial.set_constraint(c.text, c.violation(metrics))
+        seconds = round(time.perf_counter() - t0, 2)
+        trial.set_user_attr("seconds", seconds)
+        if client is not None:
+            tracking.log_summary(client, run_id, combined, summaries[0]["config"]["run_dir"] if len(summaries) == 1 else None)
+            client.set_terminated(run_id, status="FINISHED")
+        # tell last: once COMPLETE is visible, its MLflow run is complete too
+        study.tell(trial, values)
+        return {"number": trial.number, "state": "COMPLETE", "values": values, "params": params, "seconds": seconds}
+    except BaseException as e:
+        interrupted = isinstance(e, KeyboardInterrupt)
+        if interrupted:  # a second Ctrl-C must not cut the bookkeeping short
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        msg = "interrupted (Ctrl-C)" if interrupted else f"{type(e).__name__}: {' '.join(str(e).split())}"[:1000]
+        trial.set_user_attr("error", msg)
+        trial_dir.mkdir(parents=True, exist_ok=True)
+        (trial_dir / "error.txt").write_text(traceback.format_exc())
+        if client is not None and run_id:
+            try:
+                client.set_tag(run_id, "error", msg[:5000])
+                client.set_terminated(run_id, status="KILLED" if interrupted else "FAILED")
+            except Exception:
+                pass
+        study.tell(trial, state=TrialState.FAIL)
+        if interrupted or not isinstance(e, Exception):
+            raise
+        return {"number": trial.number, "state": "FAIL", "error": msg, "params": params,
+                "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def _tracked_metrics(spec: StudySpec) -> list[str]:
+    return list(dict.fromkeys([o.metric for o in spec.objectives] + [c.metric for c in spec.constraints]))
+
+
+def _quiet() -> None:
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    warnings.filterwarnings("ignore", message=".*attention_mask.*")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def work(job: Job, index: int, progress=None) -> None:
+    """A worker: ask for trials and run them until the study has n_trials COMPLETE ones."""
+    from . import tracking
+
+    _quiet()
+    storage = open_storage(job.storage)
+    lock = _lock_path(job.storage, Path(job.out_dir))
+    probe = optuna.load_study(study_name=job.study_name, storage=storage)
+    n_existing = len(probe.get_trials(deepcopy=False))
+    study = optuna.load_study(study_name=job.study_name, storage=storage, sampler=make_sampler(job.spec, worker_seed(job.spec, index, n_existing)))
+    client = tracking.client_for(job.tracking_uri) if job.tracking_uri else None
+    failures_at_start = len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
+    max_failures = max(3, MAX_FAILURES_FACTOR * job.n_trials)
+    token = owner_token()
+    tag = f"[worker {index}] " if job.workers > 1 else ""
+
+    def say(msg: str) -> None:
+        if "cached (" in msg:  # every trial loads the cached SFT/RM: only builds are news
+            return
+        if progress is not None:
+            progress.write(f"{tag}{msg}")
+        else:
+            print(f"{tag}{msg}", flush=True)
+
+    while True:
+        with file_lock(lock):
+            for n in fail_stale_trials(study, client):
+                say(f"trial {n}: its worker died; marked failed")
+            trials = study.get_trials(deepcopy=False)
+            done = sum(t.state == TrialState.COMPLETE for t in trials)
+            running = [t for t in trials if t.state == TrialState.RUNNING]
+            failed = sum(t.state == TrialState.FAIL for t in trials) - failures_at_start
+            if done >= job.n_trials:
+                return
+            if failed >= max_failures:
+                say(f"stopping: {failed} trials failed in this run (see trials.csv and the error attribute)")
+                return
+            trial = None
+            if done + len(running) < job.n_trials:
+                trial = study.ask()
+                trial.set_user_attr("worker", token)
+        if trial is None:
+            # the remaining trials are running elsewhere; wait in case one of them fails,
+            # unless they belong to other hosts (whose own sweeps will finish or fail them)
+            if all(owner_alive(t.user_attrs.get("worker", "")) is None for t in running):
+                return
+            time.sleep(1.0)
+            continue
+        rec = run_trial(job, study, trial, client, say)
+        if progress is not None:
+            progress.update(int(rec["state"] == "COMPLETE"))
+        if rec["state"] == "COMPLETE":
+            vals = ", ".join(f"{o.metric}={fmt(v)}" for o, v in zip(job.spec.objectives, rec["values"], strict=True))
+            if progress is not None:
+                progress.set_postfix_str(f"last: trial {rec['number']} {vals}")
+            else:
+                say(f"trial {rec['number']} complete in {rec['seconds']:.1f}s: {vals}")
+        else:
+            say(f"trial {rec['number']} failed: {rec['error']}")
+
+
+def _worker_entry(job: Job, index: int) -> None:
+    # set before torch loads: each worker gets its share of the cores
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(job.threads)
+    try:
+        work(job, index)
+    except KeyboardInterrupt:
+        pass
+
+
+# ----- the study ----------------------------------------------------------------------------------
+@dataclass
+class SweepResult:
+    study_name: str
+    storage: str
+    out_dir: str
+    n_trials: int
+    n_complete: int
+    n_failed: int
+    pareto: list[int]
+    interrupted: bool = False
+    tracking_uri: str | None = None
+    parent_run_id: str | None = None
+    table: str = ""
+
+
+def cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _parent_run(client, exp_id: str, study, spec: StudySpec, name: str, uri: str, storage: str) -> str:
+    """One MLflow parent run per study, reused when the study resumes on the same tracking URI."""
+    from . import tracking
+    from .config import flatten
+
+    attrs = study.user_attrs
+    if attrs.get("mlflow_tracking_uri") == uri and attrs.get("mlflow_parent_run_id"):
+        try:
+            run_id = attrs["mlflow_parent_run_id"]
+            client.get_run(run_id)
+            client.update_run(run_id, status="RUNNING")
+            return run_id
+        except Exception:  # deleted or another store: start a new parent
+            pass
+    run_id = tracking.start_run(client, exp_id, name, tags={"study": name, "rlhf_sweep.role": "study"})
+    from mlflow.entities import Param as MLParam
+
+    params = {"study.file": spec.path, "study.sampler": spec.sampler, "study.n_trials": spec.n_trials,
+              "study.seeds": ",".join(map(str, spec.seeds)), "study.storage": storage,
+              "study.objectives": ", ".join(f"{o.metric} {o.direction}" for o in spec.objectives),
+              "study.constraints": "; ".join(c.text for c in spec.constraints),
+              **{f"space.{p.name}": json.dumps({k: v for k, v in dataclasses.asdict(p).items() if v not in (None, [], False) and k != "name"})
+                 for p in spec.space},
+              **{f"fixed.{k}": v for k, v in flatten(spec.fixed).items()}}
+    client.log_batch(run_id, params=[MLParam(k, str(v)[:6000]) for k, v in params.items()])
+    study.set_user_attr("mlflow_parent_run_id", run_id)
+    study.set_user_attr("mlflow_tracking_uri", uri)
+    return run_id
+
+
+def sweep(study: str | StudySpec, n_trials: int | None = None, workers: int = 1, storage: str | None = None,
+          name: str | None = None, tracking_uri: str | None = None, out: str | None = None, progress: bool = True) -> SweepResult:
+    """Run (or resume) a study until it has n_trials COMPLETE trials; write the CSVs; return a summary.
+
+    Everything that can be wrong with the inputs raises StudyError before any trial runs.
+    """
+    import multiprocessing as mp
+
+    from . import tracking
+
+    _quiet()
+    spec = study if isinstance(study, StudySpec) else load_spec(study)
+    if n_trials is not None:
+        if n_trials < 1:
+            raise StudyError(f"--n-trials must be >= 1, got {n_trials}")
+        spec = dataclasses.replace(spec, n_trials=n_trials)
+    if workers < 1:
+        raise StudyError(f"--workers must be >= 1, got {workers}")
+    if spec.sampler == "grid":
+        size = math.prod(len(p.grid_values()) for p in spec.space)
+        if spec.n_trials > size:
+            print(f"grid has {size} points: running {size} trials, not {spec.n_trials}")
+            spec = dataclasses.replace(spec, n_trials=size)
+    name = name or spec.name
+    out_dir = Path(out or Path("outputs") / "studies" / name)
+    storage = storage or str(out_dir / "optuna.journal")
+    base = compose(spec.fixed_overrides())
+    uri = tracking_uri or (base.mlflow.tracking_uri if base.mlflow.enabled else None)
+
+    store = open_storage(storage)
+    directions = spec.directions
+    ostudy = optuna.create_study(study_name=name, storage=store, directions=directions, load_if_exists=True)
+    if [d.name.lower() for d in ostudy.directions] != directions:
+        have = ", ".join(d.name.lower() for d in ostudy.directions)
+        raise StudyError(f"study {name!r} in {storage} has directions [{have}], the file asks for [{', '.join(directions)}]; "
+                         "pass --name for a new study")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if "spec" not in ostudy.user_attrs:
+        ostudy.set_user_attr("spec", _clean(json.loads(json.dumps(spec.to_dict(), default=str))))
+
+    # MLflow: the store is created (migrated) here, once, before any worker opens it
+    client = exp_id = parent = None
+    if uri:
+        client = tracking.client_for(uri)
+        exp_id = tracking.experiment_id(client, base.mlflow.experiment, uri)
+        parent = _parent_run(client, exp_id, ostudy, spec, name, uri, storage)
+
+    with file_lock(_lock_path(storage, out_dir)):
+        stale = fail_stale_trials(ostudy, client)
+    if stale:
+        print(f"marked {len(stale)} stale RUNNING trial(s) from a dead process as failed: {', '.join(map(str, stale))}")
+    done = len(ostudy.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    remaining = max(0, spec.n_trials - done)
+    workers = max(1, min(workers, remaining or 1))
+    threads = max(1, cores() // workers)
+    job = Job(spec=spec, study_name=name, storage=storage, out_dir=str(out_dir), n_trials=spec.n_trials, threads=threads,
+              tracking_uri=uri, experiment_id=exp_id, parent_run_id=parent, workers=workers)
+    print(f"study {name}: {done} of {spec.n_trials} trials complete; {remaining} to run with {workers} worker(s) x {threads} thread(s)"
+          f"\n  storage: {storage}\n  outputs: {out_dir}" + (f"\n  MLflow:  {uri} (parent run {parent})" if uri else ""), flush=True)
+
+    interrupted = False
+    if remaining:
+        # workers 1..K-1 are spawned (a fresh interpreter each: no forked torch, thread pools or
+        # database connections); the parent is worker 0, so it starts trials while they import
+        ctx = mp.get_context("spawn")
+        procs = [ctx.Process(target=_worker_entry, args=(job, i), name=f"sweep-worker-{i}") for i in range(1, workers)]
+        for p in procs:
+            p.start()
+        bar = None
+        if progress and workers == 1:
+            from tqdm import tqdm
+
+            bar = tqdm(total=spec.n_trials, initial=done, unit="trial", desc=name, dynamic_ncols=True)
+        try:
+            try:
+                work(job, 0, bar)
+            finally:
+                if bar is not None:
+                    bar.close()
+            for p in procs:
+                p.join()
+        except KeyboardInterrupt:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            interrupted = True
+            # Ctrl-C in a terminal reaches the workers too; a `kill -INT` of the parent alone does not
+            for p in procs:
+                if p.is_alive():
+                    os.kill(p.pid, signal.SIGINT)
+            for p in procs:
+                p.join(timeout=30)
+                if p.is_alive():
+                    p.terminate()
+    return finish(spec, name, storage, out_dir, client, parent, uri, interrupted)
+
+
+# ----- outputs ------------------------------------------------------------------------------------
+def trial_rows(spec: StudySpec, trials) -> tuple[list[str], list[list[Any]]]:
+    """trials.csv / pareto.csv: objectives, params, constraints, per-seed objectives, bookkeeping."""
+    names = [p.name for p in spec.space]
+    tracked = _tracked_metrics(spec)
+    header = ["number", "state", *[o.metric for o in spec.objectives], *names]
+    # constraint metrics that are not objectives get a column of their own
+    extra = [c.metric for c in spec.constraints if c.metric not in {o.metric for o in spec.objectives}]
+    if spec.constraints:
+        header += ["feasible", *dict.fromkeys(extra)]
+    if len(spec.seeds) > 1:
+        header += [f"{m}[seed={s}]" for s in spec.seeds for m in tracked]
+    header += ["seconds", "datetime_start", "datetime_complete", "run_dir", "mlflow_run_id", "error"]
+    rows = []
+    for t in trials:
+        row: list[Any] = [t.number, t.state.name, *(t.values or [None] * len(spec.objectives)), *(t.params.get(n) for n in names)]
+        if spec.constraints:
+            cons = t.constraints
+            row += [all(v <= 0 for v in cons.values()) if cons else None,
+                    *((t.user_attrs.get("metrics") or {}).get(m) for m in dict.fromkeys(extra))]
+        if len(spec.seeds) > 1:
+            per = t.user_attrs.get("per_seed") or {}
+            row += [(per.get(str(s)) or {}).get(m) for s in spec.seeds for m in tracked]
+        row += [t.user_attrs.get("seconds"), t.datetime_start, t.datetime_complete, t.user_attrs.get("run_dir"),
+                t.user_attrs.get("mlflow_run_id"), t.user_attrs.get("error")]
+        rows.append(row)
+    return header, rows
+
+
+def write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows([["" if v is None else v for v in r] for r in rows])
+
+
+def pareto_table(spec: StudySpec, best, n_complete: int) -> str:
+    names = [p.name for p in spec.space]
+    first = spec.objectives[0]
+    best = sorted(best, key=lambda t: t.values[0], reverse=first.direction == "maximize")
+    headers = ["trial", *names, *[f"{o.metric} ({o.direction[:3]})" for o in spec.objectives]]
+    rows = [[t.number, *(t.params.get(n) for n in names), *t.values] for t in best]
+    feas = f" satisfying {'; '.join(c.text for c in spec.constraints)}" if spec.constraints else ""
+    title = f"Pareto-optimal trials{feas}: {len(best)} of {n_complete} complete"
+    return format_table(headers, rows, title=title)
+
+
+def finish(spec: StudySpec, name: str, storage: str, out_dir: Path, client, parent: str | None, uri: str | None,
+           interrupted: bool) -> SweepResult:
+    study = optuna.load_study(study_name=name, storage=open_storage(storage))
+    trials = study.get_trials(deepcopy=False)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    best = study.best_trials if complete else []
+    header, rows = trial_rows(spec, trials)
+    write_csv(out_dir / "trials.csv", header, rows)
+    write_csv(out_dir / "pareto.csv", *trial_rows(spec, best))
+    table = pareto_table(spec, best, len(complete)) if best else "no Pareto-optimal trials yet" + (
+        " (no complete trial satisfies the constraints)" if complete else "")
+    n_failed = sum(t.state == TrialState.FAIL for t in trials)
+    if client is not None and parent:
+        try:
+            client.log_artifact(parent, str(out_dir / "trials.csv"))
+            client.log_artifact(parent, str(out_dir / "pareto.csv"))
+            from mlflow.entities import Metric
+
+            now = int(time.time() * 1000)
+            client.log_batch(parent, metrics=[Metric("study/complete", len(complete), now, 0), Metric("study/failed", n_failed, now, 0),
+                                              Metric("study/pareto", len(best), now, 0)])
+            client.set_terminated(parent, status="FINISHED" if len(complete) >= spec.n_trials else "KILLED" if interrupted else "FAILED")
+        except Exception as e:  # the study is in Optuna either way
+            print(f"MLflow: could not finish the parent run: {type(e).__name__}: {e}")
+    return SweepResult(study_name=name, storage=storage, out_dir=str(out_dir), n_trials=spec.n_trials, n_complete=len(complete),
+                       n_failed=n_failed, pareto=[t.number for t in best], interrupted=interrupted, tracking_uri=uri,
+                       parent_run_id=parent, table=table)

@@ -1,0 +1,211 @@
+"""`rlhf-sweep sweep` on the smoke study: workers sharing a study, what another process can read back
+(Optuna and MLflow), resuming after SIGKILL, and bad study files failing before any trial runs.
+
+Sweeps run as subprocesses from a scratch working directory, so their `outputs/cache` (SFT/RM)
+is shared by the tests in this module and nothing is written into the repository.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import TrialState
+
+from rlhf_sweep import cli, sweep
+
+ROOT = Path(__file__).resolve().parent.parent
+SMOKE = ROOT / "studies" / "smoke.yaml"
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("sweep-cwd")
+
+
+def sweep_cmd(study: str, tmp: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "rlhf_sweep.cli", "sweep", study, "--out", str(tmp / "out"), "--storage", str(tmp / "study.journal"),
+            "--tracking-uri", f"sqlite:///{tmp / 'mlflow.db'}", *extra]
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+
+
+def load(tmp: Path, name: str) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=JournalStorage(JournalFileBackend(str(tmp / "study.journal"))))
+
+
+def test_two_workers_and_another_process_reads_everything_back(workdir, tmp_path):
+    r = subprocess.run(sweep_cmd("smoke", tmp_path, "--workers", "2", "--n-trials", "4"), cwd=workdir, env=env(),
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "2 worker(s) x 1 thread(s)" in r.stdout
+    assert "Pareto-optimal trials" in r.stdout
+
+    # Optuna, from this (separate) process: every trial, its values, metrics, seeds and MLflow run
+    study = load(tmp_path, "smoke")
+    trials = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(trials) == 4 and len(study.trials) == 4
+    for t in trials:
+        assert len(t.values) == 2 and all(math.isfinite(v) for v in t.values)
+        assert t.values[0] == pytest.approx(t.user_attrs["metrics"]["gold/policy"])
+        assert set(t.user_attrs["per_seed"]) == {"0", "1"}
+        mean = sum(s["kl/exact"] for s in t.user_attrs["per_seed"].values()) / 2
+        assert t.values[1] == pytest.approx(mean)  # objectives are averaged over the seeds
+        assert set(t.params) == {"ppo.beta", "ppo.clip_eps"}
+        assert set(t.constraints) == {"kl/exact <= 20.000"}
+
+    # the metric names a study file may use are exactly those a trial produces
+    import json
+
+    summary = json.loads((tmp_path / "out" / "trials" / "t0000" / "seed-0" / "summary.json").read_text())
+    assert set(sweep.METRIC_KEYS) == set(summary["metrics"])
+
+    # MLflow: one nested run per trial under the study's parent, one per seed under each trial
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    parent = study.user_attrs["mlflow_parent_run_id"]
+    runs = mlflow.search_runs(experiment_names=["rlhf-sweep"], filter_string=f"tags.mlflow.parentRunId = '{parent}'")
+    assert sorted(runs["tags.trial"].astype(int)) == [0, 1, 2, 3]
+    assert set(runs["tags.study"]) == {"smoke"}
+    assert set(runs["run_id"]) == {t.user_attrs["mlflow_run_id"] for t in trials}
+    assert set(runs["status"]) == {"FINISHED"}
+    client = MlflowClient(uri)
+    iterations = 3  # smoke: ppo.iterations=3
+    for run_id in runs["run_id"]:
+        history = client.get_metric_history(run_id, "kl/exact")
+        assert [m.step for m in sorted(history, key=lambda m: m.step)] == list(range(iterations + 1))  # per iteration, then held-out
+        seed_runs = mlflow.search_runs(experiment_names=["rlhf-sweep"], filter_string=f"tags.mlflow.parentRunId = '{run_id}'")
+        assert sorted(seed_runs["tags.seed"]) == ["0", "1"]
+        assert len(client.get_metric_history(seed_runs["run_id"][0], "rm")) == iterations
+
+    # the files at the end
+    trials_csv = (tmp_path / "out" / "trials.csv").read_text().splitlines()
+    pareto_csv = (tmp_path / "out" / "pareto.csv").read_text().splitlines()
+    assert len(trials_csv) == 5 and len(pareto_csv) == 1 + len(study.best_trials) >= 2
+    assert trials_csv[0].startswith("number,state,gold/policy,kl/exact,ppo.beta,ppo.clip_eps,feasible")
+
+
+def test_sigkill_mid_trial_then_resume(workdir, tmp_path):
+    # the smoke study with longer PPO, so that the kill lands inside a trial
+    spec = yaml.safe_load(SMOKE.read_text())
+    spec["fixed"]["ppo.iterations"] = 12
+    spec["seeds"] = 1
+    study_file = tmp_path / "smoke_kill.yaml"
+    study_file.write_text(yaml.safe_dump(spec, sort_keys=False))
+    cmd = sweep_cmd(str(study_file), tmp_path, "--n-trials", "3")
+
+    proc = subprocess.Popen(cmd, cwd=workdir, env=env(), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline, killed_number = time.monotonic() + 300, None
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (tmp_path / "study.journal").exists():
+                try:
+                    trials = load(tmp_path, "smoke_kill").get_trials(deepcopy=False)
+                except KeyError:  # the study is not created yet
+                    trials = []
+                # a trial that has started its MLflow run is inside the pipeline
+                running = [t for t in trials if t.state == TrialState.RUNNING and "mlflow_run_id" in t.user_attrs]
+                if any(t.state == TrialState.COMPLETE for t in trials) and running:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    killed_number = running[0].number
+                    break
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert killed_number is not None, proc.stderr.read().decode()[-2000:]
+    before = {t.number: t.state for t in load(tmp_path, "smoke_kill").trials}
+    assert before[killed_number] == TrialState.RUNNING  # the storage still thinks it runs
+
+    r = subprocess.run(cmd, cwd=workdir, env=env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"marked 1 stale RUNNING trial(s) from a dead process as failed: {killed_number}" in r.stdout
+
+    study = load(tmp_path, "smoke_kill")
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(complete) == 3
+    killed = study.trials[killed_number]
+    assert killed.state == TrialState.FAIL and "died" in killed.user_attrs["error"]
+    assert [t.state for t in study.trials].count(TrialState.FAIL) == 1
+    # nothing redone or duplicated: the trials complete before the kill kept their numbers,
+    # and every complete trial has its own parameters and run directory
+    assert all(study.trials[n].state == TrialState.COMPLETE for n, s in before.items() if s == TrialState.COMPLETE)
+    assert len({tuple(sorted(t.params.items())) for t in complete}) == 3
+    assert len({t.user_attrs["run_dir"] for t in complete}) == 3
+    from mlflow.tracking import MlflowClient
+
+    assert MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(killed.user_attrs["mlflow_run_id"]).info.status == "FAILED"
+
+    # once complete, the same command again runs nothing
+    r = subprocess.run(cmd, cwd=workdir, env=env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "3 of 3 trials complete; 0 to run" in r.stdout
+    assert len(load(tmp_path, "smoke_kill").trials) == 4
+
+
+BAD = {
+    "unknown_key": (("space", "ppo.betta", {"type": "float", "low": 0.01, "high": 1.0}), "unknown config key 'ppo.betta'"),
+    "low_above_high": (("space", "ppo.beta", {"type": "float", "low": 1.0, "high": 0.01, "log": True}), "space: ppo.beta: low 1.000 > high 0.010"),
+    "unknown_metric": (("objectives", "gold/polcy", "maximize"), "unknown metric 'gold/polcy' (did you mean 'gold/policy'?)"),
+    "unknown_sampler": (("sampler", None, "cmaes"), "sampler 'cmaes' is not one of tpe, nsga2, random, grid"),
+    "out_of_range_bound": (("space", "ppo.clip_eps", {"type": "float", "low": -0.1, "high": 0.3}), "ppo.clip_eps=-0.1 is invalid"),
+    "bad_constraint": (("constraints", None, ["kl/exact < 20"]), "is not 'metric <= number'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_study_file_fails_before_any_trial(case, tmp_path, capsys):
+    (section, key, value), expected = BAD[case]
+    spec = yaml.safe_load(SMOKE.read_text())
+    if key is None:
+        spec[section] = value
+    else:
+        spec[section][key] = value
+    path = tmp_path / f"{case}.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["sweep", str(path), "--out", str(tmp_path / "out"), "--storage", str(tmp_path / "study.journal"),
+                  "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("rlhf-sweep: error: study "), err
+    assert expected in err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "study.journal").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_unknown_study_name_and_shipped_studies_load(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["sweep", "no_such_study"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no study 'no_such_study'" in err and "smoke" in err
+    for name in ("smoke", "beta_clip_frontier", "length_and_rm_reg", "full"):
+        spec = sweep.load_spec(name)  # composes every bound and choice against the config schema
+        assert spec.n_trials >= 1 and spec.objectives
+
+
+def test_override_values_and_seed_combination():
+    assert sweep.override_value(True) == "true" and sweep.override_value(None) == "null"
+    assert sweep.override_value(1e-5) == "1e-05" and sweep.override_value("length_matched") == "length_matched"
+    s = [{"metrics": {"m": 1.0, "n": float("nan")}, "history": [{"iteration": 0, "kl": 1.0}], "observations": {"o": {"value": True}},
+          "timing": {"ppo": 1.0}, "config": {"seed": 0}},
+         {"metrics": {"m": 3.0, "n": 2.0}, "history": [{"iteration": 0, "kl": 3.0}], "observations": {"o": {"value": False}},
+          "timing": {"ppo": 2.0}, "config": {"seed": 1}}]
+    c = sweep.combine_seeds(s, [0, 1])
+    assert c["metrics"] == {"m": 2.0, "n": 2.0} and c["history"] == [{"iteration": 0, "kl": 2.0}]
+    assert c["observations"]["o"]["value"] == 0.5 and c["timing"]["ppo"] == 3.0 and c["config"]["seed"] == "0,1"
