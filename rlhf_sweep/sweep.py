@@ -260,25 +260,27 @@ def _param(name: str, raw: Any, where: str) -> Param:
     grid = raw.get("grid") or []
     if not isinstance(grid, list):
         raise StudyError(f"{where}: grid must be a list of values")
-    cast = int if kind == "int" else float
-    p.grid = [cast(_number(g, where)) for g in grid]
+    def cast(v: Any, at: str) -> float | int:
+        x = _number(v, at)
+        if kind == "int" and float(x) != int(x):
+            raise StudyError(f"{at}: an int param takes integers, got {v!r}")
+        return int(x) if kind == "int" else float(x)
+
+    p.grid = [cast(g, where + ".grid") for g in grid]
     if "low" not in raw and "high" not in raw and p.grid:
         p.low, p.high = min(p.grid), max(p.grid)
     elif "low" not in raw or "high" not in raw:
         raise StudyError(f"{where}: a {kind} param needs 'low' and 'high'")
     else:
-        p.low, p.high = cast(_number(raw["low"], where + ".low")), cast(_number(raw["high"], where + ".high"))
+        p.low, p.high = cast(raw["low"], where + ".low"), cast(raw["high"], where + ".high")
         if p.low > p.high:
             raise StudyError(f"{where}: low {fmt(p.low)} > high {fmt(p.high)}")
         if p.low == p.high:
             raise StudyError(f"{where}: low == high ({fmt(p.low)}); put a constant under 'fixed'")
-    if kind == "int" and any(isinstance(_number(raw.get(k, 0), where), float) and not float(raw.get(k, 0)).is_integer()
-                             for k in ("low", "high")):
-        raise StudyError(f"{where}: an int param needs integer low/high")
     if p.log and p.low <= 0:
         raise StudyError(f"{where}: log scale needs low > 0, got {fmt(p.low)}")
     if raw.get("step") is not None:
-        p.step = cast(_number(raw["step"], where + ".step"))
+        p.step = cast(raw["step"], where + ".step")
         if p.step <= 0:
             raise StudyError(f"{where}: step must be > 0")
         if p.log:
@@ -604,9 +606,9 @@ def _clean(v: Any) -> Any:
 def ensure_cached(cfg, say: Callable[[str], None]) -> None:
     """Build the SFT reference and RM this trial needs, one process at a time per artefact.
 
-    pipeline.run caches them but writes the files in place; two cold workers wanting the same
-    artefact would both train it and one could read a half-written file. A lock per cache key
-    makes the first build it and the others load it.
+    pipeline.run caches them (atomically), but two cold workers wanting the same artefact
+    would both train it, each at half speed. A lock per cache key makes the first worker
+    build it and the others wait, then load it.
     """
     import torch
 
@@ -633,16 +635,17 @@ def run_trial(job: Job, study, trial, client, say: Callable[[str], None]) -> dic
     from . import pipeline, tracking
 
     spec, t0 = job.spec, time.perf_counter()
-    params = {p.name: p.suggest(trial) for p in spec.space}
     trial_dir = Path(job.out_dir) / "trials" / f"t{trial.number:04d}"
-    trial.set_user_attr("run_dir", str(trial_dir))
+    params: dict[str, Any] = {}
     run_id = None
-    if client is not None:
-        run_id = tracking.start_run(client, job.experiment_id, f"{job.study_name}-t{trial.number:04d}",
-                                    tags={"study": job.study_name, "trial": str(trial.number), "rlhf_sweep.role": "trial"},
-                                    parent_run_id=job.parent_run_id)
-        trial.set_user_attr("mlflow_run_id", run_id)
     try:
+        params = {p.name: p.suggest(trial) for p in spec.space}
+        trial.set_user_attr("run_dir", str(trial_dir))
+        if client is not None:
+            run_id = tracking.start_run(client, job.experiment_id, f"{job.study_name}-t{trial.number:04d}",
+                                        tags={"study": job.study_name, "trial": str(trial.number), "rlhf_sweep.role": "trial"},
+                                        parent_run_id=job.parent_run_id)
+            trial.set_user_attr("mlflow_run_id", run_id)
         summaries = []
         for seed in spec.seeds:
             cfg = compose(spec.trial_overrides(params, seed))
@@ -711,6 +714,8 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore", message=".*attention_mask.*")
     warnings.filterwarnings("ignore", category=FutureWarning)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # read when mlflow is imported: hides "Creating initial MLflow database tables..." and the like
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 
 
 def work(job: Job, index: int, progress=None) -> None:
@@ -720,9 +725,8 @@ def work(job: Job, index: int, progress=None) -> None:
     _quiet()
     storage = open_storage(job.storage)
     lock = _lock_path(job.storage, Path(job.out_dir))
-    probe = optuna.load_study(study_name=job.study_name, storage=storage)
-    n_existing = len(probe.get_trials(deepcopy=False))
-    study = optuna.load_study(study_name=job.study_name, storage=storage, sampler=make_sampler(job.spec, worker_seed(job.spec, index, n_existing)))
+    study = optuna.load_study(study_name=job.study_name, storage=storage)
+    study.sampler = make_sampler(job.spec, worker_seed(job.spec, index, len(study.get_trials(deepcopy=False))))
     client = tracking.client_for(job.tracking_uri) if job.tracking_uri else None
     failures_at_start = len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
     max_failures = max(3, MAX_FAILURES_FACTOR * job.n_trials)
@@ -730,7 +734,7 @@ def work(job: Job, index: int, progress=None) -> None:
     tag = f"[worker {index}] " if job.workers > 1 else ""
 
     def say(msg: str) -> None:
-        if "cached (" in msg:  # every trial loads the cached SFT/RM: only builds are news
+        if ": cached" in msg:  # every trial loads the cached SFT/RM: only builds are news
             return
         if progress is not None:
             progress.write(f"{tag}{msg}")
@@ -809,6 +813,8 @@ def cores() -> int:
 
 def _parent_run(client, exp_id: str, study, spec: StudySpec, name: str, uri: str, storage: str) -> str:
     """One MLflow parent run per study, reused when the study resumes on the same tracking URI."""
+    from mlflow.entities import Param as MLParam
+
     from . import tracking
     from .config import flatten
 
@@ -822,8 +828,6 @@ def _parent_run(client, exp_id: str, study, spec: StudySpec, name: str, uri: str
         except Exception:  # deleted or another store: start a new parent
             pass
     run_id = tracking.start_run(client, exp_id, name, tags={"study": name, "rlhf_sweep.role": "study"})
-    from mlflow.entities import Param as MLParam
-
     params = {"study.file": spec.path, "study.sampler": spec.sampler, "study.n_trials": spec.n_trials,
               "study.seeds": ",".join(map(str, spec.seeds)), "study.storage": storage,
               "study.objectives": ", ".join(f"{o.metric} {o.direction}" for o in spec.objectives),

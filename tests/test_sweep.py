@@ -158,6 +158,34 @@ def test_sigkill_mid_trial_then_resume(workdir, tmp_path):
     assert len(load(tmp_path, "smoke_kill").trials) == 4
 
 
+def test_a_failing_trial_is_recorded_and_the_study_goes_on(workdir, tmp_path, monkeypatch):
+    from rlhf_sweep import pipeline
+
+    monkeypatch.chdir(workdir)  # the module's SFT/RM cache
+    real, calls = pipeline.run, []
+
+    def flaky(cfg, say=print):
+        calls.append(cfg.seed)
+        if len(calls) == 1:
+            raise RuntimeError("boom\nsecond line")
+        return real(cfg, say=say)
+
+    monkeypatch.setattr(pipeline, "run", flaky)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    res = sweep.sweep("smoke", n_trials=2, storage=str(tmp_path / "study.journal"), tracking_uri=uri, out=str(tmp_path / "out"), progress=False)
+    assert (res.n_complete, res.n_failed) == (2, 1)
+    study = load(tmp_path, "smoke")
+    failed = study.trials[0]
+    assert failed.state == TrialState.FAIL and failed.user_attrs["error"] == "RuntimeError: boom second line"
+    assert "RuntimeError: boom" in (tmp_path / "out" / "trials" / "t0000" / "error.txt").read_text()
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(uri).get_run(failed.user_attrs["mlflow_run_id"])
+    assert run.info.status == "FAILED" and run.data.tags["error"].startswith("RuntimeError: boom")
+    assert [t.state for t in study.trials[1:]] == [TrialState.COMPLETE] * 2
+    assert "RuntimeError: boom second line" in (tmp_path / "out" / "trials.csv").read_text()
+
+
 BAD = {
     "unknown_key": (("space", "ppo.betta", {"type": "float", "low": 0.01, "high": 1.0}), "unknown config key 'ppo.betta'"),
     "low_above_high": (("space", "ppo.beta", {"type": "float", "low": 1.0, "high": 0.01, "log": True}), "space: ppo.beta: low 1.000 > high 0.010"),
