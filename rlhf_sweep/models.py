@@ -25,13 +25,13 @@ def build_lm(cfg: ModelConfig, vocab_size: int, max_len: int) -> nn.Module:
     if cfg.arch == "gpt2":
         conf = GPT2Config(
             n_positions=max_len, n_embd=cfg.n_embd, n_layer=cfg.n_layer, n_head=cfg.n_head,
-            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **ids,
+            activation_function=cfg.activation, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **ids,
         )
         return GPT2LMHeadModel(conf)
     if cfg.arch == "llama":
         conf = LlamaConfig(
             hidden_size=cfg.n_embd, intermediate_size=4 * cfg.n_embd, num_hidden_layers=cfg.n_layer,
-            num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_head,
+            num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_head, hidden_act=cfg.activation,
             max_position_embeddings=max_len, attention_dropout=0.0, tie_word_embeddings=True, **ids,
         )
         return LlamaForCausalLM(conf)

@@ -80,8 +80,8 @@ def clipped_value_loss(
     return 0.5 * masked_mean(err, mask)
 
 
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    logp = torch.log_softmax(logits.float(), -1)
+def entropy_from_logprobs(logp: torch.Tensor) -> torch.Tensor:
+    """Per-token entropy from full-vocabulary log-probabilities."""
     return -(logp.exp() * logp).sum(-1)
 
 
@@ -168,10 +168,12 @@ def update(
             m = batch["mask"][idx]
             logits, values = policy(batch["seqs"][idx])
             logits, values = response_logits(logits), values[:, PROMPT_LEN - 1 : -1]
-            logprobs = token_logprobs(logits, batch["responses"][idx])
+            logp = torch.log_softmax(logits.float(), -1)  # once, for the log-probs and the entropy
+            logprobs = logp.gather(-1, batch["responses"][idx].unsqueeze(-1)).squeeze(-1)
             pg_loss, clipfrac = clipped_surrogate(logprobs, batch["logprobs"][idx], batch["advantages"][idx], m, cfg.clip_eps)
             vf_loss = clipped_value_loss(values, batch["values"][idx], batch["returns"][idx], m, cfg.vf_clip)
-            entropy = masked_mean(entropy_from_logits(logits), m)
+            with torch.set_grad_enabled(cfg.ent_coef != 0):  # a logged statistic unless it is in the loss
+                entropy = masked_mean(entropy_from_logprobs(logp), m)
             loss = pg_loss + cfg.vf_coef * vf_loss - cfg.ent_coef * entropy
             if cfg.kl_in == "loss":
                 kl_t = klmod.per_token(cfg.kl_estimator, logprobs, batch["ref_logprobs"][idx], logits, batch["ref_logits"][idx])
