@@ -37,6 +37,33 @@ def client_for(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
+def unreachable(uri: str, timeout: float = 5.0) -> str | None:
+    """Why an http(s) tracking server cannot be reached (None when it answers, or for a local store).
+
+    MLflow's client retries a dead server with backoff for minutes; one probe of its /health
+    endpoint fails in seconds instead. Any HTTP answer counts as reachable.
+    """
+    import urllib.error
+    import urllib.request
+
+    if not uri.startswith(("http://", "https://")):
+        return None
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
+            return None
+    except urllib.error.HTTPError:  # it answered (e.g. 401 behind a proxy): reachable
+        return None
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        if isinstance(reason, ConnectionRefusedError):
+            return "connection refused"
+        if isinstance(reason, TimeoutError) or "timed out" in str(reason):
+            return f"no answer within {timeout:g} s"
+        if "Name or service not known" in str(reason) or "nodename nor servname" in str(reason):
+            return "unknown host"
+        return str(reason)
+
+
 def experiment_id(client, name: str, uri: str) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
