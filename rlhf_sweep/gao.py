@@ -1,0 +1,148 @@
+"""Over-optimization maths of Gao, Schulman & Hilton (2022): best-of-n KL, the unbiased
+best-of-n estimator, and the two functional forms of gold reward against d = sqrt(KL).
+
+Pure numpy/scipy, no models: the report (`report.py`) feeds it reference samples and
+per-iteration PPO histories; tests check it against hand-computed values.
+
+    best-of-n   R(d) = d (a - b d)      peak at d* = a / (2 b)
+    RL (PPO)    R(d) = d (a - b ln d)   peak at d* = exp(a / b - 1)
+
+R is the gold gain over the initial policy (R(0) = 0), d = sqrt(KL(pi || pi_init)) in nats^0.5.
+Both forms are linear in (a, b), so a least-squares fit without intercept is exact.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.special import gammaln
+
+
+def bon_kl(n: int | np.ndarray) -> float | np.ndarray:
+    """KL(best-of-n || base) = log n - (n - 1) / n, in nats.
+
+    Exact for continuous outcomes; an upper bound otherwise (with K distinct outcomes
+    the true KL saturates at log K).
+    """
+    n_arr = np.asarray(n, dtype=float)
+    if np.any(n_arr < 1):
+        raise ValueError(f"best-of-n needs n >= 1, got {n}")
+    out = np.log(n_arr) - (n_arr - 1.0) / n_arr
+    return float(out) if out.ndim == 0 else out
+
+
+def bon_weights(N: int, n: int) -> np.ndarray:
+    """Weights w_i (i = 1..N, samples sorted ascending by proxy) of the unbiased best-of-n estimator.
+
+    w_i = C(i-1, n-1) / C(N, n): the probability that the i-th smallest of N samples is the
+    maximum of n samples drawn from them without replacement (Nakano et al. 2021). They sum to 1.
+    """
+    if not 1 <= n <= N:
+        raise ValueError(f"best-of-{n} needs 1 <= n <= N samples, got N={N}")
+    i = np.arange(1, N + 1, dtype=float)
+    w = np.zeros(N)
+    ok = i >= n
+    # log-gamma keeps C(256, 128) ~ 1e75 and its ratios exact enough in float64
+    log_c_i = gammaln(i[ok]) - gammaln(n) - gammaln(i[ok] - n + 1)  # log C(i-1, n-1)
+    log_c_N = gammaln(N + 1) - gammaln(n + 1) - gammaln(N - n + 1)  # log C(N, n)
+    w[ok] = np.exp(log_c_i - log_c_N)
+    return w
+
+
+def bon_estimate(proxy: np.ndarray, value: np.ndarray, n: int) -> float | np.ndarray:
+    """Unbiased estimate of E[value of the best-of-n sample], best by `proxy`, from N >= n samples.
+
+    proxy, value: shape (N,) for one prompt, or (P, N) for P prompts with N samples each.
+    Returns a float for (N,), an array of P per-prompt estimates for (P, N). Uses every
+    subset of size n at once: sum_{i=n..N} C(i-1, n-1) / C(N, n) * value_(i), with the
+    samples sorted ascending by proxy. Much less noisy than drawing N/n disjoint groups.
+    """
+    proxy, value = np.asarray(proxy, dtype=float), np.asarray(value, dtype=float)
+    if proxy.shape != value.shape or proxy.ndim not in (1, 2):
+        raise ValueError(f"proxy and value must have the same shape (N,) or (P, N), got {proxy.shape} and {value.shape}")
+    order = np.argsort(proxy, axis=-1, kind="stable")
+    sorted_values = np.take_along_axis(value, order, axis=-1)
+    est = sorted_values @ bon_weights(proxy.shape[-1], n)
+    return float(est) if proxy.ndim == 1 else est
+
+
+@dataclass
+class GaoFit:
+    """A fitted Gao et al. form: R(d) = d (a - b d) ("bon") or d (a - b ln d) ("rl").
+
+    r2 is the coefficient of determination on the fitted points (NaN when it cannot be
+    computed); n the number of points used.
+    """
+
+    form: str
+    a: float
+    b: float
+    r2: float
+    n: int
+
+    def predict(self, d: np.ndarray) -> np.ndarray:
+        """The fitted gold gain R(d) at the given d = sqrt(KL)."""
+        d = np.asarray(d, dtype=float)
+        return d * (self.a - self.b * _shape(self.form, d))
+
+    @property
+    def peak_d(self) -> float:
+        """d at which the fitted gold gain peaks (inf when the form never turns down, b <= 0)."""
+        if not (math.isfinite(self.a) and math.isfinite(self.b)) or self.b <= 0:
+            return math.inf
+        return self.a / (2 * self.b) if self.form == "bon" else math.exp(self.a / self.b - 1)
+
+    @property
+    def ok(self) -> bool:
+        """Whether the fit produced coefficients (it needs three points with d > 0)."""
+        return math.isfinite(self.a) and math.isfinite(self.b)
+
+    def label(self) -> str:
+        """A short legend entry: the coefficients and R²."""
+        return f"a={self.a:.3g}, b={self.b:.3g}, R²={self.r2:.2f}" if self.ok else "fit: too few points"
+
+
+def _shape(form: str, d: np.ndarray) -> np.ndarray:
+    """What b multiplies, divided by d: d for best-of-n, ln d for RL."""
+    if form == "bon":
+        return d
+    # d ln d -> 0 as d -> 0; np.log(0) would give 0 * -inf = nan
+    return np.log(np.where(d > 0, d, 1.0))
+
+
+def r_squared(y: np.ndarray, y_hat: np.ndarray) -> float:
+    """1 - SS_res / SS_tot (around the mean of y); NaN when y is constant."""
+    y, y_hat = np.asarray(y, dtype=float), np.asarray(y_hat, dtype=float)
+    ss_tot = float(((y - y.mean()) ** 2).sum())
+    if ss_tot <= 0:
+        return math.nan
+    return 1.0 - float(((y - y_hat) ** 2).sum()) / ss_tot
+
+
+def _fit(form: str, d: np.ndarray, r: np.ndarray) -> GaoFit:
+    """Linear least squares of r on [d, -d * shape(d)] (no intercept: R(0) = 0), with R²."""
+    d, r = np.asarray(d, dtype=float).ravel(), np.asarray(r, dtype=float).ravel()
+    if d.shape != r.shape:
+        raise ValueError(f"d and R must have the same length, got {d.shape} and {r.shape}")
+    keep = np.isfinite(d) & np.isfinite(r) & (d >= 0)
+    d, r = d[keep], r[keep]
+    # two coefficients need at least three points away from d = 0 (where every form is 0)
+    if int((d > 0).sum()) < 3:
+        return GaoFit(form, math.nan, math.nan, math.nan, int(len(d)))
+    X = np.column_stack([d, -d * _shape(form, d)])
+    (a, b), *_ = np.linalg.lstsq(X, r, rcond=None)
+    fit = GaoFit(form, float(a), float(b), math.nan, int(len(d)))
+    fit.r2 = r_squared(r, fit.predict(d))
+    return fit
+
+
+def fit_rl(d: np.ndarray, r: np.ndarray) -> GaoFit:
+    """Least-squares fit of the RL form R(d) = d (a - b ln d) to gold gains r at d = sqrt(KL)."""
+    return _fit("rl", d, r)
+
+
+def fit_bon(d: np.ndarray, r: np.ndarray) -> GaoFit:
+    """Least-squares fit of the best-of-n form R(d) = d (a - b d) to gold gains r at d = sqrt(KL)."""
+    return _fit("bon", d, r)
