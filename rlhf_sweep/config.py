@@ -98,6 +98,7 @@ class SFTConfig:
 
 
 PAIR_MODES = ("random", "length_matched")
+ENSEMBLE_AGGS = ("mean_std", "min", "mean")
 
 
 @dataclass
@@ -113,6 +114,10 @@ class RMConfig:
     weight_decay: float = 0.0
     center_coef: float = 0.0  # coef * mean((r_chosen + r_rejected)^2); 0.01 in the literature
     length_decorr: float = 0.0  # coef * |corr(r, length)| within the batch (ODIN-style)
+    # conservative ensemble (Coste et al. 2023): K RMs from different seeds; 1 = a single RM
+    ensemble_size: int = 1
+    ensemble_agg: str = "mean_std"  # mean_std (mean - lambda * std across members) | min | mean
+    ensemble_lambda: float = 1.0  # lambda of mean_std
 
 
 KL_ESTIMATORS = ("k1", "k3", "exact")
@@ -255,6 +260,9 @@ def validate(c: Config) -> None:
     _require(r.weight_decay >= 0, "rm.weight_decay", r.weight_decay, "a number >= 0")
     _require(r.length_decorr >= 0, "rm.length_decorr", r.length_decorr, "a number >= 0")
     _require(r.lr > 0, "rm.lr", r.lr, "a number > 0")
+    _require(r.ensemble_size >= 1, "rm.ensemble_size", r.ensemble_size, "an integer >= 1 (1 = a single reward model)")
+    _require(r.ensemble_agg in ENSEMBLE_AGGS, "rm.ensemble_agg", r.ensemble_agg, " | ".join(ENSEMBLE_AGGS))
+    _require(r.ensemble_lambda >= 0, "rm.ensemble_lambda", r.ensemble_lambda, "a number >= 0")
     _require(c.sft.lr > 0, "sft.lr", c.sft.lr, "a number > 0")
     _require(c.sft.n_demos >= 16, "sft.n_demos", c.sft.n_demos, "an integer >= 16")
     _require(w.n_intents >= 2, "world.n_intents", w.n_intents, "an integer >= 2")

@@ -18,7 +18,7 @@ from torch import nn
 from . import kl as klmod
 from .models import response_logits, response_mask, sample, token_logprobs
 from .reward import RewardModel
-from .world import World
+from .world import EOS, World
 
 
 # ----- statistics ------------------------------------------------------------------------------
@@ -203,7 +203,80 @@ def rm_slopes(rm_score: np.ndarray, gold: np.ndarray, length: np.ndarray, filler
     return {"gold": float(coef[1]), "length": float(coef[2]), "filler": float(coef[3]), "r2": float(r2)}
 
 
-def diagnose(metrics: dict[str, float], samples: dict, history: list[dict], beta: float) -> dict:
+def _kl_at(h: dict) -> dict[str, float]:
+    """Sequence KL = per-token KL x tokens per sequence, at one iteration."""
+    seq, per_tok = h["kl/exact"], h["kl/exact_per_token"]
+    return {"iteration": int(h["iteration"]), "seq_kl": seq, "per_token_kl": per_tok,
+            "tokens_per_seq": seq / per_tok if per_tok > 0 else float("nan"), "len": h["len"]}
+
+
+def kl_growth(history: list[dict]) -> dict:
+    """Split the growth of sequence KL into per-token KL and length (log scale, so the parts add up).
+
+    Iteration 0 has KL 0 (the policy is the reference), so growth is read from the first
+    iteration at 10% of training (at least 1) to the last.
+    """
+    n = len(history)
+    early = _kl_at(history[min(max(1, n // 10), n - 1)])
+    last = _kl_at(history[-1])
+    ok = early["seq_kl"] > 0 and last["seq_kl"] > 0 and early["per_token_kl"] > 0
+    log_growth = math.log(last["seq_kl"] / early["seq_kl"]) if ok else float("nan")
+    from_len = math.log(last["tokens_per_seq"] / early["tokens_per_seq"]) if ok else float("nan")
+    marks = sorted({int(round(x)) for x in np.linspace(0, n - 1, min(n, 6))})
+    return {
+        "early": early,
+        "last": last,
+        "log_growth": log_growth,
+        "share_of_growth_from_length": from_len / log_growth if ok and abs(log_growth) > 1e-9 else float("nan"),
+        "series": [_kl_at(history[i]) for i in marks],
+    }
+
+
+@torch.no_grad()
+def rm_filler_curve(rm: nn.Module, world: World, prompts: torch.Tensor, responses: torch.Tensor, device: torch.device,
+                    max_extra: int = 10) -> dict:
+    """The RM's out-of-distribution shape: append k filler tokens (before EOS) to reference answers.
+
+    Uses the reference answers that ended and have room for the largest k (90% of them or more),
+    so every k scores the same answers. Returns mean RM and gold per k, and where the reference's own filler
+    counts lie (how far k goes beyond them). No randomness: the fillers cycle F0, F1, ...
+    """
+    from .reward import score
+
+    T = world.cfg.max_new_tokens
+    f = world.features(prompts, responses)
+    length = f["length"]
+    if bool(f["ended"].any()):  # room for k more tokens in 90% of the answers that ended
+        p90 = int(torch.quantile(length[f["ended"]].float(), 0.9).ceil())
+        max_extra = max(0, min(max_extra, T - 1 - p90))
+    else:
+        max_extra = 0
+    keep = f["ended"] & (length + 1 + max_extra <= T)
+    p, r, length = prompts[keep], responses[keep], length[keep]
+    out = {"k": [], "rm": [], "gold": [], "filler": [], "n": int(keep.sum())}
+    rows = torch.arange(len(r))
+    for k in range(max_extra + 1):
+        y = r.clone()
+        for j in range(k):
+            y[rows, length + j] = world.vocab.filler0 + j % world.cfg.n_filler
+        y[rows, length + k] = EOS
+        fk = world.features(p, y)
+        out["k"].append(k)
+        out["rm"].append(float(score(rm, p, y, device).mean()))
+        out["gold"].append(float(world.gold(p, y, fk).mean()))
+        out["filler"].append(float(fk["filler"].float().mean()))
+    ref_fill = f["filler"].float()
+    out["ref_filler_mean"] = float(ref_fill.mean())
+    out["ref_filler_p95"] = float(torch.quantile(ref_fill, 0.95))
+    out["ref_filler_max"] = float(ref_fill.max())
+    if out["rm"]:
+        out["rm_peak_k"] = int(np.argmax(out["rm"]))
+        out["rm_gain_at_peak"] = out["rm"][out["rm_peak_k"]] - out["rm"][0]
+        out["gold_change_at_peak"] = out["gold"][out["rm_peak_k"]] - out["gold"][0]
+    return out
+
+
+def diagnose(metrics: dict[str, float], samples: dict, history: list[dict], beta: float, ood: dict | None = None) -> dict:
     R, kt = samples["R"], samples["kl"]
     # (a) the reward model: what it pays for, holding gold fixed, on reference samples
     slopes = rm_slopes(R["rm"], R["gold"], R["length"], R["filler"])
@@ -221,7 +294,7 @@ def diagnose(metrics: dict[str, float], samples: dict, history: list[dict], beta
     k1_tok = kt["k1"][mask].numpy()
     k1_seq, ex_seq = kt["k1"].sum(1).numpy(), kt["exact"].sum(1).numpy()
     first, last = history[0], history[-1]
-    return {
+    out = {
         "reward_model": {
             "rm_slope_per_token_holding_gold": slopes["length"],
             "rm_slope_per_filler_holding_gold": slopes["filler"],
@@ -241,6 +314,7 @@ def diagnose(metrics: dict[str, float], samples: dict, history: list[dict], beta
             "filler_share_of_positive_adv_tokens": float(np.mean(fill_share)) if fill_share else float("nan"),
             "filler_share_of_tokens_ref": float(R["filler"].sum() / max(R["length"].sum() + len(R["length"]), 1)),
             "clipfrac_mean": float(np.mean([h["ppo/clipfrac"] for h in history])),
+            "clipfrac_last": float(last["ppo/clipfrac"]),
         },
         "kl": {
             "seq_kl_first": first["kl/exact"],
@@ -249,6 +323,7 @@ def diagnose(metrics: dict[str, float], samples: dict, history: list[dict], beta
             "per_token_kl_last": last["kl/exact_per_token"],
             "len_first": first["len"],
             "len_last": last["len"],
+            "growth": kl_growth(history),
             "beta_final": last["ppo/beta"],
             "beta_times_kl": last["ppo/beta"] * metrics["kl/exact"],
             "rm_gain": d_rm,
@@ -258,17 +333,35 @@ def diagnose(metrics: dict[str, float], samples: dict, history: list[dict], beta
             "exact_seq_std": float(ex_seq.std()),
         },
     }
+    if ood is not None:
+        out["reward_model"]["filler_curve"] = ood
+    return out
+
+
+def advantage_record(world: World, batch: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """One rollout's raw numbers behind advantage_stats (kept in samples.pt, so tests can recompute)."""
+    m, adv = batch["mask"], batch["advantages"]
+    f = world.features(batch["prompts"], batch["responses"])
+    is_fill = world.vocab.is_filler(batch["responses"]) & m.bool()
+    pos = (adv > 0) & m.bool()
+    return {
+        "seq_adv": ((adv * m).sum(1) / m.sum(1).clamp(min=1)).numpy(),
+        "length": f["length"].numpy(),
+        "filler": f["filler"].numpy(),
+        "pos_tokens": np.int64(pos.sum()),
+        "pos_filler_tokens": np.int64((is_fill & pos).sum()),
+    }
+
+
+def advantage_stats_from(rec: dict[str, np.ndarray]) -> dict[str, float]:
+    return {
+        "ppo/adv_len_corr": corr(rec["seq_adv"], rec["length"]),
+        "ppo/adv_filler_corr": corr(rec["seq_adv"], rec["filler"]),
+        # a torch division, as the history has always been computed (float32)
+        "ppo/filler_pos_adv_share": float(torch.tensor(rec["pos_filler_tokens"]) / max(int(rec["pos_tokens"]), 1)),
+    }
 
 
 def advantage_stats(world: World, batch: dict[str, torch.Tensor]) -> dict[str, float]:
     """How one rollout's advantages line up with length and filler (for the diagnosis)."""
-    m, adv = batch["mask"], batch["advantages"]
-    f = world.features(batch["prompts"], batch["responses"])
-    seq_adv = ((adv * m).sum(1) / m.sum(1).clamp(min=1)).numpy()
-    is_fill = world.vocab.is_filler(batch["responses"]) & m.bool()
-    pos = (adv > 0) & m.bool()
-    return {
-        "ppo/adv_len_corr": corr(seq_adv, f["length"].numpy()),
-        "ppo/adv_filler_corr": corr(seq_adv, f["filler"].numpy()),
-        "ppo/filler_pos_adv_share": float((is_fill & pos).sum() / max(int(pos.sum()), 1)),
-    }
+    return advantage_stats_from(advantage_record(world, batch))

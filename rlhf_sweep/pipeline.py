@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -18,10 +18,10 @@ import torch
 
 from . import __version__
 from .config import Config, config_hash, to_dict
-from .evaluate import advantage_stats, diagnose, evaluate, observations
+from .evaluate import advantage_record, advantage_stats_from, diagnose, evaluate, observations, rm_filler_curve
 from .models import PolicyWithValue, build_lm, train_sft
 from .ppo import train_ppo
-from .reward import RewardModel, calibrate, collect_pairs, pair_accuracy, train_rm
+from .reward import EnsembleRM, RewardModel, calibrate, collect_pairs, pair_accuracy, train_rm
 from .world import PROMPT_LEN, World
 
 # bump when the code of the world, SFT or RM changes what a cached artefact would hold
@@ -52,8 +52,23 @@ def sft_key(cfg: Config, device: torch.device) -> str:
     return "sft-" + config_hash(CACHE_VERSION, w, cfg.model, cfg.sft, cfg.seed, device.type)
 
 
-def rm_key(cfg: Config, device: torch.device) -> str:
-    return "rm-" + config_hash(sft_key(cfg, device), cfg.world, cfg.rm, cfg.seed)
+ENSEMBLE_KEYS = ("ensemble_size", "ensemble_agg", "ensemble_lambda")
+
+
+def rm_key(cfg: Config, device: torch.device, member: int = 0) -> str:
+    """One reward model's cache key. Member 0 is the single RM (the ensemble fields are left out,
+    so an ensemble reuses it); members 1.. of an ensemble differ only by their index."""
+    r = to_dict(cfg.rm)
+    for k in ENSEMBLE_KEYS:
+        r.pop(k)
+    parts = [sft_key(cfg, device), cfg.world, r, cfg.seed] + ([{"member": member}] if member else [])
+    return "rm-" + config_hash(*parts)
+
+
+def ensemble_key(cfg: Config, device: torch.device) -> str:
+    """The cache key of an ensemble's calibration (the members cache under their own keys)."""
+    r = cfg.rm
+    return "rmens-" + config_hash(rm_key(cfg, device), r.ensemble_size, r.ensemble_agg, r.ensemble_lambda)
 
 
 class Timer:
@@ -105,37 +120,120 @@ def get_reference(cfg: Config, world: World, device: torch.device, say) -> tuple
     return lm, info
 
 
-def get_reward_model(cfg: Config, world: World, ref: torch.nn.Module, device: torch.device, say) -> tuple[RewardModel, dict]:
+def labeled_pairs(cfg: Config, world: World, ref: torch.nn.Module, device: torch.device):
+    """The RM's training pairs and held-out pairs: the same for every member of an ensemble."""
+    rng, gen = streams(cfg.seed, "pairs", device)
+    pairs = collect_pairs(ref, world, cfg.rm.n_pairs, cfg.rm.pairs, rng, gen, device)
+    held_out = collect_pairs(ref, world, cfg.rm.n_eval_pairs, "random", rng, gen, device)
+    return pairs, held_out
+
+
+def get_rm_member(cfg: Config, world: World, ref: torch.nn.Module, device: torch.device, say, member: int = 0,
+                  data=None) -> tuple[RewardModel, dict]:
+    """Reward model number `member` (0 = the single RM), trained or loaded from its cache file.
+
+    Members 1.. use another seed for the head and the batch order, and a bootstrap resample of
+    the same labeled pairs (bagging): without new labels, that is where members disagree.
+    `data` is a zero-argument function returning (pairs, held_out), so they are drawn only if needed.
+    """
     lm = build_lm(cfg.model, world.vocab.size, PROMPT_LEN + cfg.world.max_new_tokens).to(device)
     lm.load_state_dict(ref.state_dict())  # the RM starts from the SFT backbone, as in InstructGPT
     rm = RewardModel(lm, cfg.model.n_embd).to(device)
+    data = data or (lambda: labeled_pairs(cfg, world, ref, device))
 
     def train() -> dict:
-        rng, gen = streams(cfg.seed, "pairs", device)
-        pairs = collect_pairs(ref, world, cfg.rm.n_pairs, cfg.rm.pairs, rng, gen, device)
-        held_out = collect_pairs(ref, world, cfg.rm.n_eval_pairs, "random", rng, gen, device)
-        rng_rm, _ = streams(cfg.seed, "rm", device)
-        torch.manual_seed(cfg.seed + 1)
+        t0 = time.perf_counter()
+        pairs, held_out = data()
+        train_pairs = pairs
+        if member == 0:
+            rng_rm, _ = streams(cfg.seed, "rm", device)
+            torch.manual_seed(cfg.seed + 1)
+        else:
+            rng_rm = np.random.default_rng([cfg.seed, STREAMS["rm"], member])
+            torch.manual_seed(cfg.seed + 1 + 1000 * member)
+            n = len(pairs.prompts)
+            train_pairs = pairs.subset(torch.from_numpy(rng_rm.integers(0, n, n)))
         torch.nn.init.normal_(rm.head.weight, std=1.0 / (cfg.model.n_embd + 1) ** 0.5)
         torch.nn.init.zeros_(rm.head.bias)
-        info = train_rm(rm, pairs, cfg.rm, rng_rm, device, cfg.progress)
+        info = train_rm(rm, train_pairs, cfg.rm, rng_rm, device, cfg.progress)
         calibrate(rm, torch.cat([pairs.prompts, pairs.prompts]), torch.cat([pairs.first, pairs.second]), device)
         info.update(pair_accuracy(rm, held_out, device))
         decided = held_out.gold_diff.abs() > 1e-6
         info["rm/label_agreement_with_gold"] = float((held_out.prefer_first == held_out.gold_first)[decided].float().mean())
+        info["rm/train_seconds"] = round(time.perf_counter() - t0, 3)
         return info
 
-    info = load_or_train(Path(cfg.cache_dir) / f"{rm_key(cfg, device)}.pt", rm, train, device)
-    say(f"reward model: {'cached' if info['cached'] else f'trained on {cfg.rm.n_pairs} {cfg.rm.pairs} pairs'}, "
+    info = load_or_train(Path(cfg.cache_dir) / f"{rm_key(cfg, device, member)}.pt", rm, train, device)
+    what = f"reward model{f' member {member}' if member else ''}"
+    say(f"{what}: {'cached' if info['cached'] else f'trained on {cfg.rm.n_pairs} {cfg.rm.pairs} pairs'}, "
         f"acc on labels {info['rm/acc_labels']:.3f}, on gold {info['rm/acc_gold']:.3f} ({info['path']})")
     freeze(rm)
     return rm, info
+
+
+def get_reward_model(cfg: Config, world: World, ref: torch.nn.Module, device: torch.device, say,
+                     lock=None) -> tuple[RewardModel | EnsembleRM, dict]:
+    """The RM that PPO optimizes: one model, or an ensemble of cfg.rm.ensemble_size members.
+
+    `lock(path)` (a context manager) guards each cached artefact when parallel workers may
+    want it at once; by default nothing is locked.
+    """
+    lock = lock or (lambda _path: nullcontext())
+    memo: dict = {}
+
+    def data():
+        if "d" not in memo:
+            memo["d"] = labeled_pairs(cfg, world, ref, device)
+        return memo["d"]
+
+    K = cfg.rm.ensemble_size
+    members, infos = [], []
+    for m in range(K):
+        with lock(Path(cfg.cache_dir) / f"{rm_key(cfg, device, m)}.pt"):
+            rm, info = get_rm_member(cfg, world, ref, device, say, m, data)
+        members.append(rm)
+        infos.append(info)
+    if K == 1:
+        return members[0], {**infos[0], "rm/train_seconds": infos[0].get("rm/train_seconds", float("nan"))}
+    ens = EnsembleRM(members, cfg.rm.ensemble_agg, cfg.rm.ensemble_lambda).to(device)
+
+    def train() -> dict:
+        pairs, held_out = data()
+        calibrate(ens, torch.cat([pairs.prompts, pairs.prompts]), torch.cat([pairs.first, pairs.second]), device)
+        return pair_accuracy(ens, held_out, device)
+
+    path = Path(cfg.cache_dir) / f"{ensemble_key(cfg, device)}.pt"
+    with lock(path):
+        info = load_or_train(path, ens.norm, train, device)
+    info["rm/train_seconds"] = float(sum(i.get("rm/train_seconds", float("nan")) for i in infos))
+    info["rm/extra_member_seconds"] = float(sum(i.get("rm/train_seconds", float("nan")) for i in infos[1:]))
+    info["members"] = [{k: v for k, v in i.items() if k.startswith("rm/")} for i in infos]
+    say(f"reward ensemble: {K} members, {cfg.rm.ensemble_agg}"
+        f"{f' (lambda {cfg.rm.ensemble_lambda})' if cfg.rm.ensemble_agg == 'mean_std' else ''}, "
+        f"acc on labels {info['rm/acc_labels']:.3f}, on gold {info['rm/acc_gold']:.3f}")
+    freeze(ens)
+    return ens, info
+
+
+def save_samples(path: Path, samples: dict, adv_records: list[dict], ood: dict) -> None:
+    """The raw held-out numbers the diagnosis reads (~0.5 MB), so `explain` and tests can recompute it."""
+    side = ("rm", "gold", "length", "filler")
+    torch.save({
+        "P": {k: torch.as_tensor(samples["P"][k]) for k in side},
+        "R": {k: torch.as_tensor(samples["R"][k]) for k in side},
+        "kl": {k: v.clone() for k, v in samples["kl"].items()},
+        "adv": [{k: torch.as_tensor(v) for k, v in rec.items()} for rec in adv_records],
+        "filler_curve": ood,
+    }, path)
 
 
 def run(cfg: Config, say=print) -> dict:
     """Run one trial and return its summary (also written to cfg.run_dir/summary.json)."""
     torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
     device = pick_device(cfg.device)
+    if device.type == "cuda":  # same seed, same metrics: CUDA's atomics-based kernels (embedding backward) are not
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
     world = World(cfg.world)
     timer = Timer()
 
@@ -150,8 +248,11 @@ def run(cfg: Config, say=print) -> dict:
         policy = PolicyWithValue(policy_lm, cfg.model.n_embd).to(device)
         rng, gen = streams(cfg.seed, "ppo", device)
 
+        adv_records = []  # raw per-iteration numbers behind the advantage diagnosis (samples.pt)
+
         def on_iteration(_i: int, entry: dict, batch: dict) -> None:
-            entry.update(advantage_stats(world, batch))
+            adv_records.append(advantage_record(world, batch))
+            entry.update(advantage_stats_from(adv_records[-1]))
 
         history = train_ppo(policy, ref, rm, world, cfg.ppo, rng, gen, device, cfg.progress, on_iteration)
     with timer.stage("eval"):
@@ -163,7 +264,9 @@ def run(cfg: Config, say=print) -> dict:
             metrics[k] = history[-1][k]
         final_beta = history[-1]["ppo/beta"]
         obs = observations(metrics, history, final_beta, cfg.eval.trend_window, cfg.eval.trend_alpha)
-        diag = diagnose(metrics, samples, history, final_beta)
+        # the RM's shape beyond the reference's filler counts; deterministic, draws no random numbers
+        ood = rm_filler_curve(rm, world, samples["prompts"], samples["ref"], device)
+        diag = diagnose(metrics, samples, history, final_beta, ood)
     timer.seconds["total"] = round(sum(timer.seconds.values()), 3)
 
     examples = [
@@ -180,11 +283,15 @@ def run(cfg: Config, say=print) -> dict:
         "diagnosis": diag,
         "timing": timer.seconds,
         "cache": {"sft": sft_info, "rm": rm_info},
+        "cost": {"rm_train_seconds": rm_info.get("rm/train_seconds", float("nan")),
+                 "rm_extra_member_seconds": rm_info.get("rm/extra_member_seconds", 0.0),
+                 "ppo_eval_seconds": round(timer.seconds["ppo"] + timer.seconds["eval"], 3)},
         "examples": examples,
     }
     if cfg.run_dir:
         out = Path(cfg.run_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+        save_samples(out / "samples.pt", samples, adv_records, ood)
     return summary
 

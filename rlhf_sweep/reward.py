@@ -4,11 +4,16 @@ a Bradley-Terry ranking loss with optional centering and length decorrelation.
 The RM is the SFT backbone with a scalar head read at the EOS position (as in
 InstructGPT). Its scores are standardised by their mean and spread on reference
 samples, so `rm/ref` is about 0 and PPO sees rewards of unit scale.
+
+`EnsembleRM` puts K such models behind the same scoring interface and combines
+them conservatively (Coste et al. 2023): mean - lambda * std across members, or
+the worst case min; the combined score is standardised again on reference
+samples, so it stays in the same std units as a single RM.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -67,6 +72,9 @@ class Pairs:
     gold_diff: torch.Tensor
     len_first: torch.Tensor
     len_second: torch.Tensor
+
+    def subset(self, idx: torch.Tensor) -> Pairs:
+        return Pairs(*(getattr(self, f.name)[idx] for f in fields(self)))
 
     def chosen_rejected(self) -> tuple[torch.Tensor, torch.Tensor]:
         pf = self.prefer_first.bool()[:, None]
@@ -183,3 +191,55 @@ def calibrate(rm: RewardModel, prompts: torch.Tensor, responses: torch.Tensor, d
     s = score(rm, prompts, responses, device)
     rm.shift.fill_(s.mean().item())
     rm.scale.fill_(max(s.std().item(), 1e-6))
+
+
+# ----- conservative ensembles -------------------------------------------------------------------
+def aggregate(scores: torch.Tensor, agg: str, lam: float) -> torch.Tensor:
+    """Combine member scores of shape (K, B): mean - lam * std (population std over members), min, or mean.
+
+    Where members disagree (off the data they were trained on) the combined score drops,
+    so PPO gains less from behaviour that only some members like.
+    """
+    if agg == "mean_std":
+        return scores.mean(0) - lam * scores.std(0, unbiased=False)
+    if agg == "min":
+        return scores.min(0).values
+    if agg == "mean":
+        return scores.mean(0)
+    raise ValueError(f"rm.ensemble_agg={agg!r} is invalid: rm.ensemble_agg accepts mean_std | min | mean")
+
+
+class Standardiser(nn.Module):
+    """Shift and scale of a combined score (its own module, so it caches apart from the members)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("shift", torch.zeros(()))
+        self.register_buffer("scale", torch.ones(()))
+
+
+class EnsembleRM(nn.Module):
+    """K reward models with RewardModel's interface: `rm(prompts, responses)` -> standardised score."""
+
+    def __init__(self, members: list[RewardModel], agg: str, lam: float):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.agg, self.lam = agg, lam
+        self.norm = Standardiser()
+
+    @property
+    def shift(self) -> torch.Tensor:
+        return self.norm.shift
+
+    @property
+    def scale(self) -> torch.Tensor:
+        return self.norm.scale
+
+    def member_scores(self, prompts: torch.Tensor, responses: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m(prompts, responses) for m in self.members])
+
+    def raw(self, prompts: torch.Tensor, responses: torch.Tensor) -> torch.Tensor:
+        return aggregate(self.member_scores(prompts, responses), self.agg, self.lam)
+
+    def forward(self, prompts: torch.Tensor, responses: torch.Tensor) -> torch.Tensor:
+        return (self.raw(prompts, responses) - self.norm.shift) / self.norm.scale
