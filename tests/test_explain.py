@@ -1,0 +1,114 @@
+"""The diagnosis and `explain`: every number in summary.json["diagnosis"] recomputed here from the
+raw samples of a small run (samples.pt), the RM's filler curve on a hand-made RM, and explain.md."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from rlhf_sweep import explain, pipeline
+from rlhf_sweep.config import WorldConfig, compose
+from rlhf_sweep.evaluate import rm_filler_curve
+from rlhf_sweep.models import response_mask
+from rlhf_sweep.world import EOS, PAD, World
+
+from .conftest import TINY
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    d = tmp_path_factory.mktemp("run")
+    cfg = compose([*TINY, "ppo.iterations=6", "mlflow.enabled=false", f"cache_dir={d}/cache"])
+    cfg.run_dir = str(d / "run")
+    summary = pipeline.run(cfg, say=lambda *_: None)
+    return d / "run", summary
+
+
+def test_diagnosis_recomputed_from_raw_samples(small_run):
+    run_dir, _ = small_run
+    s = json.loads((run_dir / "summary.json").read_text())
+    raw = torch.load(run_dir / "samples.pt", weights_only=False)
+    P = {k: v.double().numpy() for k, v in raw["P"].items()}
+    R = {k: v.double().numpy() for k, v in raw["R"].items()}
+    m, diag = s["metrics"], s["diagnosis"]
+    # the metrics the diagnosis reads are the raw samples' means
+    for key, side, col in (("rm/policy", P, "rm"), ("rm/ref", R, "rm"), ("len/policy", P, "length"), ("len/ref", R, "length"),
+                           ("filler/policy", P, "filler"), ("gold/ref", R, "gold")):
+        assert m[key] == pytest.approx(side[col].mean(), abs=1e-5), key
+    # (a) slopes by least squares rm ~ 1 + gold + length + filler on reference samples, and the share of the gain
+    X = np.column_stack([np.ones(len(R["rm"])), R["gold"], R["length"], R["filler"]])
+    coef = np.linalg.lstsq(X, R["rm"], rcond=None)[0]
+    a = diag["reward_model"]
+    assert a["rm_slope_per_token_holding_gold"] == pytest.approx(coef[2], rel=1e-4, abs=1e-6)
+    assert a["rm_slope_per_filler_holding_gold"] == pytest.approx(coef[3], rel=1e-4, abs=1e-6)
+    d_rm = P["rm"].mean() - R["rm"].mean()
+    assert a["share_of_rm_gain_from_length"] == pytest.approx(coef[2] * (P["length"].mean() - R["length"].mean()) / d_rm, rel=1e-3)
+    assert a["filler_curve"] == raw["filler_curve"]
+    # (b) advantages: per-iteration correlations and filler share from the raw rollout records, averaged
+    recs = raw["adv"]
+    assert len(recs) == s["config"]["ppo"]["iterations"]
+    len_corr = [np.corrcoef(r["seq_adv"].double(), r["length"].double())[0, 1] for r in recs]
+    fill_corr = [np.corrcoef(r["seq_adv"].double(), r["filler"].double())[0, 1] if r["filler"].double().std() > 0 else 0.0 for r in recs]
+    share = [int(r["pos_filler_tokens"]) / max(int(r["pos_tokens"]), 1) for r in recs]
+    b = diag["ppo"]
+    assert b["adv_length_corr_mean"] == pytest.approx(np.mean(len_corr), abs=1e-6)
+    assert b["adv_filler_corr_mean"] == pytest.approx(np.mean(fill_corr), abs=1e-6)
+    assert b["filler_share_of_positive_adv_tokens"] == pytest.approx(np.mean(share), abs=1e-6)
+    assert b["clipfrac_mean"] == pytest.approx(np.mean([h["ppo/clipfrac"] for h in s["history"]]))
+    # (c) KL: k1's negative share and bias against exact KL from the per-token terms
+    kl = raw["kl"]
+    mask = kl["mask"].bool()
+    c = diag["kl"]
+    assert c["k1_negative_token_share"] == pytest.approx((kl["k1"][mask] < 0).double().mean().item())
+    assert c["k1_bias_vs_exact"] == pytest.approx((kl["k1"].sum(1) - kl["exact"].sum(1)).double().mean().item(), abs=1e-5)
+    assert m["kl/exact"] == pytest.approx(kl["exact"].sum(1).double().mean().item(), abs=1e-5)
+    assert c["beta_times_kl"] == pytest.approx(s["config"]["ppo"]["beta"] * m["kl/exact"])
+    # sequence KL = per-token KL x tokens per sequence, at every iteration reported
+    for row in c["growth"]["series"]:
+        h = s["history"][row["iteration"]]
+        assert row["seq_kl"] == h["kl/exact"] and row["per_token_kl"] * row["tokens_per_seq"] == pytest.approx(h["kl/exact"]) or h["kl/exact"] == 0
+
+
+class FillerCounter(nn.Module):
+    """A hand-made 'RM': the number of filler tokens in the response, so its curve is known exactly."""
+
+    def __init__(self, world):
+        super().__init__()
+        self.world = world
+
+    def forward(self, prompts, responses):
+        return (self.world.vocab.is_filler(responses) & response_mask(responses).bool()).sum(1).float()
+
+
+def test_rm_filler_curve_on_a_hand_made_rm():
+    world = World(WorldConfig(max_new_tokens=8))
+    f0, e0 = world.vocab.filler0, world.vocab.explain0
+    prompts = world.sample_prompts(3, np.random.default_rng(0))
+    responses = torch.tensor([[f0, e0, EOS, PAD, PAD, PAD, PAD, PAD],
+                              [e0, EOS, PAD, PAD, PAD, PAD, PAD, PAD],
+                              [e0] * 8])  # never ended: left out
+    c = rm_filler_curve(FillerCounter(world), world, prompts, responses, torch.device("cpu"), max_extra=10)
+    assert c["n"] == 2 and c["k"] == list(range(6))  # room for 5 more tokens after the length-2 answer
+    assert c["rm"] == pytest.approx([0.5 + k for k in range(6)])  # one filler token more per k
+    assert c["rm_peak_k"] == 5 and c["ref_filler_max"] == 1.0
+
+
+def test_explain_writes_the_three_parts(small_run):
+    run_dir, summary = small_run
+    path = explain.explain(run_dir)
+    text = path.read_text()
+    for head in ("## (a) The reward model", "## (b) PPO", "## (c) The KL term"):
+        assert head in text
+    d = summary["diagnosis"]
+    assert f"{d['reward_model']['rm_slope_per_token_holding_gold']:.3f} std units per token" in text
+    assert f"{d['ppo']['adv_length_corr_mean']:.2f}" in text and f"{d['kl']['k1_negative_token_share']:.0%}" in text
+
+
+def test_cli_explain_missing_run_is_one_line(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "rlhf_sweep.cli", "explain", str(tmp_path / "nope")], capture_output=True, text=True, timeout=120)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and "summary.json" in lines[0]
