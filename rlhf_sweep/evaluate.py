@@ -223,11 +223,18 @@ def kl_growth(history: list[dict]) -> dict:
     log_growth = math.log(last["seq_kl"] / early["seq_kl"]) if ok else float("nan")
     from_len = math.log(last["tokens_per_seq"] / early["tokens_per_seq"]) if ok else float("nan")
     marks = sorted({int(round(x)) for x in np.linspace(0, n - 1, min(n, 6))})
+    # the final per-token KL charged over the starting length (content tokens + EOS): what the
+    # sequence KL would be had the policy not grown longer
+    start_tokens = history[0]["len"] + 1.0
+    at_start_len = last["per_token_kl"] * start_tokens
     return {
         "early": early,
         "last": last,
         "log_growth": log_growth,
         "share_of_growth_from_length": from_len / log_growth if ok and abs(log_growth) > 1e-9 else float("nan"),
+        "start_tokens": start_tokens,
+        "kl_at_start_length": at_start_len,
+        "share_of_final_kl_from_added_tokens": 1.0 - at_start_len / last["seq_kl"] if last["seq_kl"] > 0 else float("nan"),
         "series": [_kl_at(history[i]) for i in marks],
     }
 

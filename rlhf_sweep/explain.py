@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .evaluate import kl_growth
 from .tables import fmt
 
 
@@ -70,7 +71,7 @@ def part_reward_model(s: dict, samples: dict | None) -> list[str]:
                      + ("The RM keeps paying for filler well beyond anything it was trained on, which is the direction PPO follows."
                         if peak > c["ref_filler_p95"] else
                         "The RM's reward for filler peaks within the reference's range and then falls, which bounds how much filler PPO adds."))
-        rows = [[str(k), str(int(round(f))), _f(r - rm0, 3), _f(g, 3)] for k, f, r, g in zip(c["k"], c["filler"], c["rm"], c["gold"], strict=True)]
+        rows = [[str(k), _f(f), _f(r - rm0, 3), _f(g, 3)] for k, f, r, g in zip(c["k"], c["filler"], c["rm"], c["gold"], strict=True)]
         lines += ["", *_md_table(["extra filler k", "mean filler", "RM score - RM at k=0", "gold"], rows)]
     if samples is not None:
         rows = length_buckets(samples)
@@ -103,14 +104,20 @@ def part_ppo(s: dict) -> list[str]:
 
 def part_kl(s: dict) -> list[str]:
     d, m = s["diagnosis"]["kl"], s["metrics"]
-    g = d["growth"]
+    g = kl_growth(s["history"])  # the same function the diagnosis uses, on the run's history
     lines = ["## (c) The KL term: what the penalty actually charges", ""]
     e, last = g["early"], g["last"]
     lines.append(f"- **Sequence KL = per-token KL x tokens: {_f(e['seq_kl'])} = {_f(e['per_token_kl'], 3)} x {_f(e['tokens_per_seq'])} "
                  f"at iteration {e['iteration']}, {_f(last['seq_kl'])} = {_f(last['per_token_kl'], 3)} x {_f(last['tokens_per_seq'])} "
-                 f"at iteration {last['iteration']}; length accounts for {_pct(g['share_of_growth_from_length'])} of the growth** "
-                 "(log scale). The penalty is a sum over tokens, so every extra token adds to the sequence KL even at a "
-                 "constant per-token divergence.")
+                 f"at iteration {last['iteration']}; length accounts for {_pct(g['share_of_growth_from_length'])} of the growth "
+                 f"between them (log scale)**. The penalty is a sum over tokens, so every extra token adds to the sequence KL "
+                 "even at a constant per-token divergence.")
+    lines.append(f"- **At the starting length ({_f(g['start_tokens'])} tokens with EOS) the final per-token KL would sum to "
+                 f"{_f(g['kl_at_start_length'])} nats, not {_f(last['seq_kl'])}: {_pct(g['share_of_final_kl_from_added_tokens'])} "
+                 "of the final sequence KL is charged on tokens the policy added.** "
+                 + ("The KL grows mostly because the policy moves further from the reference on every token; the added length "
+                    "multiplies that." if g["share_of_final_kl_from_added_tokens"] < 0.5 else
+                    "Most of the KL the penalty charges comes from the policy being longer, not from each token being stranger."))
     rows = [[str(r["iteration"]), _f(r["seq_kl"]), _f(r["per_token_kl"], 3), _f(r["tokens_per_seq"]), _f(r["len"])] for r in g["series"]]
     lines += ["", *_md_table(["iteration", "sequence KL", "per-token KL", "tokens/seq (incl. EOS)", "length"], rows), ""]
     lines.append(f"- **beta x KL = {_f(d['beta_times_kl'])} against an RM gain of {_f(d['rm_gain'])}** (beta {fmt(d['beta_final'])}, "
@@ -133,7 +140,7 @@ def explain(run_dir: str | Path) -> Path:
     if not path.exists():
         raise ExplainError(f"{path} not found; give the directory of a finished run (rlhf-sweep run prints it)")
     s = json.loads(path.read_text())
-    if "diagnosis" not in s or "growth" not in s["diagnosis"].get("kl", {}):
+    if "diagnosis" not in s or "filler_curve" not in s["diagnosis"].get("reward_model", {}):
         raise ExplainError(f"{path} has no current diagnosis; rerun it with this version (rlhf-sweep run ...)")
     samples = None
     if (run / "samples.pt").exists():

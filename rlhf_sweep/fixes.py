@@ -7,8 +7,9 @@ bootstrap intervals of each arm against the baseline, each fix's cost, the two r
 fixes, and the outputs: a terminal table, `fixes.md`, `fixes.json`, a figure and MLflow runs
 (a parent run, one nested run per arm x seed).
 
-A run whose `OUT/runs/ARM/seed-N/summary.json` exists is not run again, so an interrupted
-comparison resumes where it stopped.
+A run whose `OUT/runs/ARM/seed-N/summary.json` exists with the config its arm composes to is
+not run again, so an interrupted comparison resumes where it stopped (and an edited overlay,
+such as `combined` after a new measurement, reruns its arm).
 """
 
 from __future__ import annotations
@@ -182,11 +183,26 @@ def run_one(arm: str, seed: int, out: str, extra: tuple[str, ...] = (), threads:
     return str(Path(cfg.run_dir) / "summary.json")
 
 
+RUN_ONLY_KEYS = ("run_dir", "threads", "progress", "mlflow")  # config keys that do not change a run's result
+
+
+def is_done(out: Path, arm: str, seed: int, extra: tuple[str, ...] = ()) -> bool:
+    """A finished run with the config this arm composes to now (an edited overlay runs again)."""
+    import dataclasses
+
+    path = run_dir(out, arm, seed) / "summary.json"
+    if not path.exists():
+        return False
+    want = dataclasses.asdict(compose([*arm_overrides(arm), f"seed={seed}", *extra]))
+    have = json.loads(path.read_text())["config"]
+    return all(have.get(k) == v for k, v in want.items() if k not in RUN_ONLY_KEYS)
+
+
 def run_all(spec: FixesSpec, out: Path, extra: tuple[str, ...] = (), progress: bool = True) -> tuple[dict[str, dict[int, dict]], int]:
     """Every arm x seed not yet done, on `spec.workers` processes; returns all summaries and how many ran now."""
     from tqdm.auto import tqdm
 
-    todo = [(a, s) for a in spec.arms for s in spec.seeds if not (run_dir(out, a, s) / "summary.json").exists()]
+    todo = [(a, s) for a in spec.arms for s in spec.seeds if not is_done(out, a, s, extra)]
     done = len(spec.arms) * len(spec.seeds) - len(todo)
     bar = tqdm(total=len(spec.arms) * len(spec.seeds), initial=done, desc="arm x seed", disable=not progress)
     if todo and spec.workers > 1:
@@ -239,9 +255,10 @@ def compare(spec: FixesSpec, summaries: dict[str, dict[int, dict]]) -> dict:
             if arm != spec.baseline:
                 m, lo, hi = paired_bootstrap_ci(a, b, spec.n_boot, spec.confidence)
                 row["diff"][key] = {"mean": m, "lo": lo, "hi": hi, "excludes_zero": excludes_zero(lo, hi)}
-        # cost: compute per run (PPO + evaluation, paired) and RM training (nan where a cached RM predates timing)
-        ppo_s = _values(runs, seeds, lambda s: s["cost"]["ppo_eval_seconds"])
-        rm_s = _values(runs, seeds, lambda s: s["cost"]["rm_train_seconds"])
+        # cost in CPU seconds (workers use one thread, so other processes on the cores do not inflate it):
+        # PPO + evaluation per run, and RM training (nan where a cached RM predates this record)
+        ppo_s = _values(runs, seeds, lambda s: s["cost"]["ppo_eval_cpu_seconds"])
+        rm_s = _values(runs, seeds, lambda s: s["cost"].get("rm_train_cpu_seconds", float("nan")))
         row["ppo_eval_seconds"] = float(ppo_s.mean())
         row["rm_train_seconds"] = _nanmean(rm_s)
         first = runs[seeds[0]]
@@ -283,7 +300,7 @@ def diff_table(spec: FixesSpec, result: dict) -> tuple[list[str], list[list[str]
 
 
 def cost_table(spec: FixesSpec, result: dict) -> tuple[list[str], list[list[str]]]:
-    headers = ["arm", "side", "d RM acc labels", "d RM acc gold", "proxy given up", "extra s/run"]
+    headers = ["arm", "side", "d RM acc labels", "d RM acc gold", "proxy given up", "extra CPU s/run"]
     rows = []
     for arm, row in result["arms"].items():
         if arm == spec.baseline:
@@ -332,9 +349,9 @@ def trade_off(spec: FixesSpec, result: dict, arm: str) -> str:
     else:
         parts.append(f"the proxy (RM) score it gives up: {-d['rm/policy']['mean']:.3f} std units "
                      f"({b['mean']['rm/policy']:.3f} -> {r['mean']['rm/policy']:.3f})")
-    extra = f"extra compute {r['extra_seconds_per_run']:+.1f} s per run"
+    extra = f"extra compute {r['extra_seconds_per_run']:+.1f} CPU s per run"
     if r["rm_side"] and math.isfinite(r["extra_rm_seconds"]):
-        extra += f" (of which RM training {r['extra_rm_seconds']:+.1f} s, paid once per RM and cached)"
+        extra += f" (of which RM training {r['extra_rm_seconds']:+.1f} CPU s, paid once per RM and cached)"
     parts.append(extra)
     return "; ".join(parts) + "."
 
@@ -364,8 +381,8 @@ def write_markdown(path: Path, spec: FixesSpec, result: dict, wall_s: float, fig
         "## Costs",
         "",
         "RM accuracy is on held-out labeled pairs; 'proxy given up' is the drop in the arm's own RM score "
-        "(for RM-side arms that is another RM's scale); extra seconds per run are PPO + evaluation against the "
-        "baseline, plus RM training for RM-side arms.",
+        "(for RM-side arms that is another RM's scale); extra CPU seconds per run are PPO + evaluation against the "
+        "baseline, plus RM training for RM-side arms (CPU time, so other processes sharing the cores do not inflate it).",
         "",
         md_table(h2, r2),
         "",

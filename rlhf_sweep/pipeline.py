@@ -72,14 +72,19 @@ def ensemble_key(cfg: Config, device: torch.device) -> str:
 
 
 class Timer:
+    """Wall seconds per stage, and CPU seconds of this process (the compute a stage costs, even
+    when other processes share the cores)."""
+
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
 
     @contextmanager
     def stage(self, name: str):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         yield
         self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - t, 3)
+        self.cpu[name] = round(self.cpu.get(name, 0.0) + time.process_time() - c, 3)
 
 
 def load_or_train(path: Path, module: torch.nn.Module, train, device: torch.device) -> dict:
@@ -142,7 +147,7 @@ def get_rm_member(cfg: Config, world: World, ref: torch.nn.Module, device: torch
     data = data or (lambda: labeled_pairs(cfg, world, ref, device))
 
     def train() -> dict:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         pairs, held_out = data()
         train_pairs = pairs
         if member == 0:
@@ -161,6 +166,7 @@ def get_rm_member(cfg: Config, world: World, ref: torch.nn.Module, device: torch
         decided = held_out.gold_diff.abs() > 1e-6
         info["rm/label_agreement_with_gold"] = float((held_out.prefer_first == held_out.gold_first)[decided].float().mean())
         info["rm/train_seconds"] = round(time.perf_counter() - t0, 3)
+        info["rm/train_cpu_seconds"] = round(time.process_time() - c0, 3)
         return info
 
     info = load_or_train(Path(cfg.cache_dir) / f"{rm_key(cfg, device, member)}.pt", rm, train, device)
@@ -194,7 +200,8 @@ def get_reward_model(cfg: Config, world: World, ref: torch.nn.Module, device: to
         members.append(rm)
         infos.append(info)
     if K == 1:
-        return members[0], {**infos[0], "rm/train_seconds": infos[0].get("rm/train_seconds", float("nan"))}
+        return members[0], {**infos[0], "rm/train_seconds": infos[0].get("rm/train_seconds", float("nan")),
+                            "rm/train_cpu_seconds": infos[0].get("rm/train_cpu_seconds", float("nan"))}
     ens = EnsembleRM(members, cfg.rm.ensemble_agg, cfg.rm.ensemble_lambda).to(device)
 
     def train() -> dict:
@@ -206,7 +213,7 @@ def get_reward_model(cfg: Config, world: World, ref: torch.nn.Module, device: to
     with lock(path):
         info = load_or_train(path, ens.norm, train, device)
     info["rm/train_seconds"] = float(sum(i.get("rm/train_seconds", float("nan")) for i in infos))
-    info["rm/extra_member_seconds"] = float(sum(i.get("rm/train_seconds", float("nan")) for i in infos[1:]))
+    info["rm/train_cpu_seconds"] = float(sum(i.get("rm/train_cpu_seconds", float("nan")) for i in infos))
     info["members"] = [{k: v for k, v in i.items() if k.startswith("rm/")} for i in infos]
     say(f"reward ensemble: {K} members, {cfg.rm.ensemble_agg}"
         f"{f' (lambda {cfg.rm.ensemble_lambda})' if cfg.rm.ensemble_agg == 'mean_std' else ''}, "
@@ -283,9 +290,12 @@ def run(cfg: Config, say=print) -> dict:
         "diagnosis": diag,
         "timing": timer.seconds,
         "cache": {"sft": sft_info, "rm": rm_info},
+        # what the run's RM(s) cost to train (when they were trained; nan for artefacts cached before
+        # timing was recorded) and what PPO + evaluation cost now, in wall and CPU seconds
         "cost": {"rm_train_seconds": rm_info.get("rm/train_seconds", float("nan")),
-                 "rm_extra_member_seconds": rm_info.get("rm/extra_member_seconds", 0.0),
-                 "ppo_eval_seconds": round(timer.seconds["ppo"] + timer.seconds["eval"], 3)},
+                 "rm_train_cpu_seconds": rm_info.get("rm/train_cpu_seconds", float("nan")),
+                 "ppo_eval_seconds": round(timer.seconds["ppo"] + timer.seconds["eval"], 3),
+                 "ppo_eval_cpu_seconds": round(timer.cpu["ppo"] + timer.cpu["eval"], 3)},
         "examples": examples,
     }
     if cfg.run_dir:

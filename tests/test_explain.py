@@ -67,6 +67,8 @@ def test_diagnosis_recomputed_from_raw_samples(small_run):
     assert c["k1_bias_vs_exact"] == pytest.approx((kl["k1"].sum(1) - kl["exact"].sum(1)).double().mean().item(), abs=1e-5)
     assert m["kl/exact"] == pytest.approx(kl["exact"].sum(1).double().mean().item(), abs=1e-5)
     assert c["beta_times_kl"] == pytest.approx(s["config"]["ppo"]["beta"] * m["kl/exact"])
+    g = c["growth"]
+    assert g["kl_at_start_length"] == pytest.approx(g["last"]["per_token_kl"] * (s["history"][0]["len"] + 1))
     # sequence KL = per-token KL x tokens per sequence, at every iteration reported
     for row in c["growth"]["series"]:
         h = s["history"][row["iteration"]]

@@ -139,3 +139,6 @@ def test_compare_fixes_end_to_end(tmp_path):
     again = fixes.compare_fixes(arms=arms, seeds=2, out=str(out), extra=(*extra, "mlflow.enabled=false"), workers=2, progress=False)
     assert (out / "runs" / arm / "seed-1" / "summary.json").stat().st_mtime == mtime
     assert again.result["arms"][arm]["diff"]["gold/policy"] == pytest.approx(saved["arms"][arm]["diff"]["gold/policy"])
+    assert again.result["runs_this_invocation"] == 0
+    # a run made with another config than its arm composes to now is not reused
+    assert fixes.is_done(out, arm, 1, extra) and not fixes.is_done(out, arm, 1, (*extra, "ppo.beta=0.5"))
