@@ -96,27 +96,28 @@ def time_ppo(cfg, world: World, ref, rm, device: torch.device, iterations: int, 
 
 
 def time_floor(cfg, world: World, ref, rm, device: torch.device, run: dict) -> float:
-    """The framework's unavoidable work on the same batches: sampling steps, three scoring forwards,
-    epochs x minibatches of forward/backward/step. Nothing else."""
+    """The framework's unavoidable work on the same batches: the sampling steps, the reference's and
+    the RM's forwards, epochs x minibatches of forward/backward/step. Nothing else."""
     policy = policy_from(ref, cfg, world, device)
     policy.load_state_dict(run["start"])
     opt = torch.optim.Adam(policy.parameters(), lr=cfg.ppo.lr, eps=1e-5)
     gen = torch.Generator(device=device)
     gen.manual_seed(0)
     p = cfg.ppo
+    backbone, head = policy.lm.base_model, policy.lm.get_output_embeddings()
     sync(device)
     t = time.perf_counter()
     for prompts, responses, adv in run["batches"]:
         prompts, responses, adv = prompts.to(device), responses.to(device), adv.to(device)
         seqs = torch.cat([prompts, responses], 1)
         with torch.no_grad():  # sampling: the same cached steps and draws, the recorded tokens fed back
-            res = policy.lm(input_ids=prompts, use_cache=True)
+            res = backbone(input_ids=prompts, use_cache=True)
             for step in range(responses.shape[1]):
-                torch.multinomial(torch.softmax(res.logits[:, -1].float(), -1), 1, generator=gen)
+                logits = head(res.last_hidden_state[:, -1]).float()
+                torch.multinomial(torch.softmax(logits, -1), 1, generator=gen)
                 if step == responses.shape[1] - 1:
                     break
-                res = policy.lm(input_ids=responses[:, step : step + 1], cache=res.cache, use_cache=True)
-            policy(seqs)
+                res = backbone(input_ids=responses[:, step : step + 1], cache=res.cache, use_cache=True)
             ref(input_ids=seqs, use_cache=False)
             rm(prompts, responses)
         mb = len(seqs) // p.minibatches
@@ -245,18 +246,20 @@ def bench_growth(device: torch.device, threads: int, quick: bool) -> list[dict]:
 def bench_sweep(quick: bool) -> dict:
     import sweep_workers as sw
 
-    trials, iterations = (4, 20) if quick else (8, 40)
+    # full: trials the size of a shipped study's (default PPO: 150 iterations of 64); quick: small ones,
+    # where each worker's start-up (a fresh interpreter importing torch) weighs more
+    trials, iterations, batch = (4, 40, 32) if quick else (8, 150, 64)
     study = sw.OUT / "bench_grid.yaml"
     if sw.OUT.exists():
         import shutil
 
         shutil.rmtree(sw.OUT)
     sw.OUT.mkdir(parents=True)
-    sw.write_study(study, trials, iterations, 32)
+    sw.write_study(study, trials, iterations, batch)
     sw.sweep(study, "warm", 1, n_trials=1)  # SFT and RM into the cache: both timed sweeps start warm
     t1 = sw.sweep(study, "workers1", 1)
     t2 = sw.sweep(study, "workers2", 2)
-    return {"trials": trials, "iterations": iterations, "wall_1": t1, "wall_2": t2,
+    return {"trials": trials, "iterations": iterations, "batch_size": batch, "wall_1": t1, "wall_2": t2,
             "trials_per_hour_1": 3600 * trials / t1, "trials_per_hour_2": 3600 * trials / t2, "workers_speedup": t1 / t2}
 
 
@@ -311,7 +314,7 @@ def main() -> None:
             ("wall seconds", f"{sw['wall_1']:.1f}", f"{sw['wall_2']:.1f}"),
             ("trials/hour", f"{sw['trials_per_hour_1']:.0f}", f"{sw['trials_per_hour_2']:.0f}"),
             ("workers_speedup (>= 1.8)", "", f"{sw['workers_speedup']:.2f}"),
-        ], title=f"\n{sw['trials']} trials of {sw['iterations']} iterations, warm cache"))
+        ], title=f"\n{sw['trials']} trials of {sw['iterations']} PPO iterations x {sw['batch_size']}, warm cache"))
         out.update({"workers_speedup": round(sw["workers_speedup"], 3), "trials_per_hour_1": round(sw["trials_per_hour_1"], 1),
                     "trials_per_hour_2": round(sw["trials_per_hour_2"], 1)})
 

@@ -86,27 +86,40 @@ def sample(
     max_new_tokens: int,
     generator: torch.Generator,
     temperature: float = 1.0,
-) -> torch.Tensor:
+    with_states: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Ancestral sampling with the KV cache; stops as soon as every row has emitted EOS.
 
     Returns (B, max_new_tokens) responses, PAD after each row's EOS. Hand-written
-    because it beats `generate` here and the cache argument is explicit (`cache`
-    in transformers 5).
+    because it beats `generate` here and the cache argument is explicit (`cache` in
+    transformers 5). with_states=True trims the responses to the steps taken (the longest
+    response) and also returns, for every step, the logits (at
+    temperature 1) and the last hidden state that chose the token: the same numbers a second
+    forward pass over prompt+response would give, so a PPO rollout takes its log-probs,
+    exact KL and values from here instead of running the policy again.
     """
     B = prompts.shape[0]
+    backbone, head = lm.base_model, lm.get_output_embeddings()
     out = torch.full((B, max_new_tokens), PAD, dtype=torch.long, device=prompts.device)
     done = torch.zeros(B, dtype=torch.bool, device=prompts.device)
-    res = lm(input_ids=prompts, use_cache=True)
+    logits_seq, hidden_seq = [], []
+    res = backbone(input_ids=prompts, use_cache=True)
     for t in range(max_new_tokens):
-        logits = res.logits[:, -1].float() / temperature
-        tok = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(1)
+        h = res.last_hidden_state[:, -1]
+        logits = head(h).float()
+        if with_states:
+            logits_seq.append(logits)
+            hidden_seq.append(h)
+        tok = torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=generator).squeeze(1)
         tok = torch.where(done, torch.full_like(tok, PAD), tok)
         out[:, t] = tok
         done |= tok == EOS
         if bool(done.all()) or t == max_new_tokens - 1:
             break
-        res = lm(input_ids=tok[:, None], cache=res.cache, use_cache=True)
-    return out
+        res = backbone(input_ids=tok[:, None], cache=res.cache, use_cache=True)
+    if not with_states:
+        return out
+    return out[:, : t + 1], torch.stack(logits_seq, 1), torch.stack(hidden_seq, 1)
 
 
 def train_sft(

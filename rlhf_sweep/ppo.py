@@ -114,15 +114,13 @@ def rollout(
 ) -> dict[str, torch.Tensor]:
     """Sample, score and turn into per-token rewards, advantages and returns."""
     prompts = world.sample_prompts(cfg.batch_size, rng).to(device)
-    responses = sample(policy.lm, prompts, world.cfg.max_new_tokens, gen, cfg.temperature)
-    # trim columns after the longest response: every later op costs less
-    width = int(response_mask(responses).sum(1).max())
-    responses = responses[:, :width]
+    # the sampling pass already computed the policy's logits and hidden states for every response
+    # token: log-probs, exact KL and values come from it, with no second policy forward
+    responses, logits, hidden = sample(policy.lm, prompts, world.cfg.max_new_tokens, gen, cfg.temperature, with_states=True)
     seqs = torch.cat([prompts, responses], 1)
     mask = response_mask(responses)
     with torch.no_grad():
-        logits, values = policy(seqs)
-        logits, values = response_logits(logits), values[:, PROMPT_LEN - 1 : -1]
+        values = policy.v_head(hidden).squeeze(-1)
         ref_logits = response_logits(ref(input_ids=seqs, use_cache=False).logits)
         logprobs = token_logprobs(logits, responses)
         ref_logprobs = token_logprobs(ref_logits, responses)

@@ -64,6 +64,25 @@ def test_policy_ratio_is_one_before_the_first_update():
     assert torch.equal(lp_a, lp_b)
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_sampling_states_equal_a_second_forward_pass(arch):
+    """The rollout takes log-probs, exact KL and values from the sampling pass: they must be what a
+    full forward over prompt+response gives (up to float rounding), and the tokens the same."""
+    torch.manual_seed(0)
+    policy = PolicyWithValue(build_lm(ModelConfig(arch=arch, activation="silu" if arch == "llama" else "gelu_pytorch_tanh"),
+                                      W.vocab.size, 29), 64)
+    torch.nn.init.normal_(policy.v_head.weight, std=0.5)
+    prompts = W.sample_prompts(16, np.random.default_rng(0))
+    plain = sample(policy.lm, prompts, 24, torch.Generator().manual_seed(3))
+    r, logits, hidden = sample(policy.lm, prompts, 24, torch.Generator().manual_seed(3), with_states=True)
+    assert torch.equal(r, plain[:, : r.shape[1]]) and (plain[:, r.shape[1]:] == PAD).all()
+    assert logits.shape[:2] == r.shape == hidden.shape[:2]
+    with torch.no_grad():
+        full_logits, full_values = policy(torch.cat([prompts, r], 1))
+    torch.testing.assert_close(logits, response_logits(full_logits), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(policy.v_head(hidden).squeeze(-1), full_values[:, PROMPT_LEN - 1 : -1], atol=1e-4, rtol=1e-4)
+
+
 def test_masks_and_last_index():
     r = torch.tensor([[5, 6, EOS, PAD], [5, 6, 7, 8]])
     assert response_mask(r).tolist() == [[1, 1, 1, 0], [1, 1, 1, 1]]
