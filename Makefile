@@ -30,7 +30,10 @@ test-fast: install
 lint: install
 	$(BIN)/ruff check rlhf_sweep tests bench
 
+# PPO vs its compute floor and TRL (the bench extra), sweep workers, cost growth; then the default run's wall time
 bench: install
+	$(BIN)/python -m pip install -q -e ".[bench]"
+	$(BIN)/python bench/run.py
 	$(BIN)/python bench/run_time.py
 
 clean:
