@@ -1,0 +1,534 @@
+"""Study reports: `rlhf-sweep report STUDY`, also run at the end of every sweep.
+
+This module owns gathering what a study's figures need and writing `report.md`:
+- the trials from the Optuna storage (objectives, params, the seed-averaged metrics each
+  trial stored), and each trial's per-iteration history from its nested MLflow run
+  (falling back to the trials' summary.json files when MLflow is off or elsewhere);
+- the best-of-n baseline: reference samples on held-out prompts (the cached SFT reference
+  and RM of the study's fixed config, via rlhf_sweep.pipeline), scored by the RM and by gold,
+  turned into best-of-n curves with the unbiased estimator of `gao.py`;
+- Gao et al. fits (RL form per trial, best-of-n form on the baseline), PED-ANOVA importances;
+- the figures (drawn by `plots.py`), `report.md`, and their upload as artifacts of the
+  study's MLflow parent run.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+import pandas as pd
+from optuna.trial import TrialState
+
+from . import gao
+from .sweep import Constraint, Objective, Param, StudyError, StudySpec, load_spec, open_storage
+from .tables import fmt
+
+BON_NS = tuple(2**k for k in range(9))  # 1, 2, 4, ..., 256
+BON_PROMPTS = 64  # held-out prompts at most (split over the seeds); each gets max(BON_NS) reference samples
+BON_STREAM = 6  # a random stream of its own (pipeline.STREAMS uses 1-5), so the prompts are not the eval's
+SAMPLE_CHUNK = 4096  # sequences per sampling call
+MAX_CURVES = 6  # trials drawn in the over-optimization figure
+MIN_IMPORTANCE_TRIALS = 10  # PED-ANOVA compares the top 10% of trials with all: fewer is noise
+
+# keys whose change alters the reference or the RM: the best-of-n baseline cannot follow them
+MODEL_KEYS = ("world.", "model", "sft.", "rm.")
+
+HISTORY_KEYS = ("gold", "rm", "kl/exact", "len", "filler")
+
+FIGURES = {
+    "pareto": "Pareto frontier: gold and RM score against exact KL, every trial colored by β, the non-dominated front "
+              "as a line, and the best-of-n baseline from reference samples",
+    "overoptimization": "Over-optimization: per-iteration gold and RM gain against d = √KL for chosen trials, "
+                        "with Gao et al.'s RL form fitted to gold and the best-of-n form fitted to the best-of-n curve",
+    "length_filler": "Length and filler tokens against KL: held-out values per trial, per-iteration paths of the chosen "
+                     "trials, and what best-of-n selection does to them",
+    "importance": "Hyperparameter importances per objective (Optuna's PED-ANOVA)",
+    "slices": "Slices: each objective against each searched knob, one point per complete trial",
+}
+
+
+@dataclass
+class StudyData:
+    """Everything the figures and report.md are made of."""
+
+    name: str
+    spec: StudySpec
+    storage: str
+    out_dir: Path
+    study: Any
+    trials: pd.DataFrame  # one row per complete trial
+    histories: dict[int, pd.DataFrame]  # trial number -> iteration, gold, rm, kl/exact, len, filler
+    history_source: str
+    tracking_uri: str | None
+    parent_run_id: str | None
+    counts: dict[str, int]
+    bon: pd.DataFrame | None = None
+    bon_info: str = ""
+    notes: list[str] = field(default_factory=list)
+
+
+# ----- where the study is --------------------------------------------------------------------------
+def study_name(study: str) -> str:
+    """STUDY as the sweep names it: a YAML path's stem, else the name itself (studies/NAME.yaml or --name)."""
+    p = Path(study)
+    return p.stem if p.suffix in (".yaml", ".yml") else study
+
+
+def load_study(study: str, storage: str | None = None, out: str | None = None) -> tuple[Any, str, str, Path]:
+    """Open a study the way `sweep` stored it; returns (optuna study, name, storage, output directory)."""
+    name = study_name(study)
+    out_dir = Path(out or Path("outputs") / "studies" / name)
+    storage = storage or str(out_dir / "optuna.journal")
+    # a journal path that does not exist would be created empty by open_storage: check first
+    if "://" not in storage and not Path(storage).is_file():
+        raise StudyError(f"no study named {name!r} in {storage}; run `rlhf-sweep sweep {study}` first "
+                         "(or pass --storage / --out where it ran)")
+    try:
+        ostudy = optuna.load_study(study_name=name, storage=open_storage(storage))
+    except KeyError:
+        raise StudyError(f"no study named {name!r} in {storage}; run `rlhf-sweep sweep {study}` first") from None
+    return ostudy, name, storage, out_dir
+
+
+def spec_of(ostudy, study: str) -> StudySpec:
+    """The study's settings as the sweep stored them (so the report matches what ran), else its file."""
+    d = ostudy.user_attrs.get("spec")
+    if not d:
+        return load_spec(study, check_config=False)
+    return StudySpec(name=d["name"], path=d["path"], description=d.get("description", ""),
+                     objectives=[Objective(**o) for o in d["objectives"]], space=[Param(**p) for p in d["space"]],
+                     fixed=dict(d.get("fixed") or {}), seeds=list(d["seeds"]), n_trials=int(d["n_trials"]),
+                     sampler=d.get("sampler", "tpe"), sampler_seed=int(d.get("sampler_seed", 0)),
+                     sampler_options=dict(d.get("sampler_options") or {}),
+                     constraints=[Constraint(**c) for c in d.get("constraints") or []])
+
+
+# ----- the trials ------------------------------------------------------------------------------------
+def non_dominated(kl: np.ndarray, value: np.ndarray) -> np.ndarray:
+    """Mask of points not dominated in (value up, KL down): no other point has KL <= and value >=, one strictly."""
+    kl, value = np.asarray(kl, dtype=float), np.asarray(value, dtype=float)
+    out = np.ones(len(kl), dtype=bool)
+    for i in range(len(kl)):
+        better = (kl <= kl[i]) & (value >= value[i]) & ((kl < kl[i]) | (value > value[i]))
+        out[i] = not better.any()
+    return out
+
+
+def _beta(t) -> float:
+    if "ppo.beta" in t.params:
+        return float(t.params["ppo.beta"])
+    return float((t.user_attrs.get("metrics") or {}).get("ppo/beta", math.nan))
+
+
+def trial_frame(spec: StudySpec, ostudy) -> pd.DataFrame:
+    """One row per complete trial: number, params, objective values, beta and the held-out metrics."""
+    complete = ostudy.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    pareto = {t.number for t in ostudy.best_trials} if complete else set()
+    rows = []
+    for t in complete:
+        m = t.user_attrs.get("metrics") or {}
+        cons = t.constraints
+        row = {"number": t.number, "beta": _beta(t), "pareto": t.number in pareto,
+               "feasible": all(v <= 0 for v in cons.values()) if cons else True,
+               "kl": m.get("kl/exact"), "gold": m.get("gold/policy"), "rm": m.get("rm/policy"),
+               "len": m.get("len/policy"), "filler": m.get("filler/policy"),
+               "gold_ref": m.get("gold/ref"), "rm_ref": m.get("rm/ref"), "len_ref": m.get("len/ref"),
+               "filler_ref": m.get("filler/ref"), "run_id": t.user_attrs.get("mlflow_run_id"),
+               "run_dir": t.user_attrs.get("run_dir")}
+        row.update({p.name: t.params.get(p.name) for p in spec.space})
+        row.update({o.metric: v for o, v in zip(spec.objectives, t.values, strict=True)})
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    if len(df):
+        for c in ("kl", "gold", "rm", "len", "filler", "gold_ref", "rm_ref", "len_ref", "filler_ref"):
+            df[c] = df[c].astype(float)
+        feas = df["feasible"].to_numpy()
+        for key in ("gold", "rm"):
+            mask = np.zeros(len(df), dtype=bool)
+            mask[feas] = non_dominated(df.loc[feas, "kl"].to_numpy(), df.loc[feas, key].to_numpy())
+            df[f"front_{key}"] = mask
+    return df
+
+
+def _history_from_mlflow(client, run_id: str) -> pd.DataFrame | None:
+    cols = {}
+    for key in HISTORY_KEYS:
+        hist = client.get_metric_history(run_id, key)
+        if not hist and key != "filler":
+            return None
+        cols[key] = {m.step: m.value for m in hist}
+    steps = sorted(cols["gold"])  # per-iteration keys; kl/exact also has the held-out value one step later
+    return pd.DataFrame({"iteration": steps, **{k: [v.get(s, math.nan) for s in steps] for k, v in cols.items()}})
+
+
+def _history_from_files(spec: StudySpec, run_dir: str | None) -> pd.DataFrame | None:
+    import json
+
+    from .sweep import combine_seeds
+
+    if not run_dir:
+        return None
+    paths = [Path(run_dir) / f"seed-{s}" / "summary.json" for s in spec.seeds]
+    if not all(p.is_file() for p in paths):
+        return None
+    combined = combine_seeds([json.loads(p.read_text()) for p in paths], spec.seeds)
+    df = pd.DataFrame(combined["history"])
+    return df[["iteration", *[k for k in HISTORY_KEYS if k in df]]]
+
+
+def histories(spec: StudySpec, trials: pd.DataFrame, tracking_uri: str | None) -> tuple[dict[int, pd.DataFrame], str, list[str]]:
+    """Per-iteration history of every complete trial: its nested MLflow run, else its summary.json files."""
+    notes: list[str] = []
+    client = None
+    if tracking_uri:
+        try:
+            from . import tracking
+
+            client = tracking.client_for(tracking_uri)
+        except Exception as e:
+            notes.append(f"MLflow at {tracking_uri} could not be opened ({type(e).__name__}); histories read from summary.json")
+    out, sources = {}, set()
+    for _, r in trials.iterrows():
+        h = None
+        if client is not None and r["run_id"]:
+            try:
+                h = _history_from_mlflow(client, r["run_id"])
+            except Exception:  # a run id of another tracking store
+                h = None
+            if h is not None:
+                sources.add("MLflow")
+        if h is None:
+            h = _history_from_files(spec, r["run_dir"])
+            if h is not None:
+                sources.add("summary.json")
+        if h is None:
+            notes.append(f"trial {int(r['number'])}: no per-iteration history found (neither in MLflow nor in {r['run_dir']})")
+            continue
+        out[int(r["number"])] = h
+    return out, " and ".join(sorted(sources)) or "nowhere", notes
+
+
+# ----- the best-of-n baseline ------------------------------------------------------------------------
+def bon_frontier(spec: StudySpec, n_prompts: int = BON_PROMPTS, say=print) -> tuple[pd.DataFrame, str]:
+    """Best-of-n from reference samples: for n in BON_NS, the RM-chosen sample's gold, RM, length, filler.
+
+    Loads (or, when not cached, trains) the study's reference and RM through the pipeline, samples
+    max(BON_NS) responses per held-out prompt, and applies the unbiased estimator to all of them.
+    KL is log n - (n-1)/n, an upper bound (exact only for continuous outcomes).
+    """
+    import torch
+
+    from . import pipeline
+    from .config import compose
+    from .models import sample
+    from .reward import score
+    from .world import World
+
+    N = max(BON_NS)
+    # no more prompts than the trials' own evaluation uses (a smoke study evaluates on a few dozen)
+    n_prompts = min(n_prompts, compose(spec.fixed_overrides()).eval.n_prompts)
+    per_seed = max(1, math.ceil(n_prompts / len(spec.seeds)))
+    cols: dict[str, list[np.ndarray]] = {k: [] for k in ("rm", "gold", "len", "filler")}
+    for seed in spec.seeds:
+        cfg = compose([*spec.fixed_overrides(), f"seed={seed}"])
+        cfg.progress = False
+        device = pipeline.pick_device(cfg.device)
+        world = World(cfg.world)
+        ref, _ = pipeline.get_reference(cfg, world, device, say)
+        rm, _ = pipeline.get_reward_model(cfg, world, ref, device, say)
+        rng = np.random.default_rng([seed, BON_STREAM])
+        gen = torch.Generator(device=device)
+        gen.manual_seed(seed * 1000 + BON_STREAM)
+        prompts = world.sample_prompts(per_seed, rng).repeat_interleave(N, dim=0)
+        responses = torch.cat([sample(ref, prompts[s : s + SAMPLE_CHUNK].to(device), cfg.world.max_new_tokens, gen).cpu()
+                               for s in range(0, len(prompts), SAMPLE_CHUNK)])
+        feats = world.features(prompts, responses)
+        values = {"rm": score(rm, prompts, responses, device), "gold": world.gold(prompts, responses, feats),
+                  "len": feats["length"], "filler": feats["filler"]}
+        for k, v in values.items():
+            cols[k].append(v.float().numpy().reshape(per_seed, N))
+    arr = {k: np.concatenate(v) for k, v in cols.items()}
+    rows = []
+    for n in BON_NS:
+        row = {"n": n, "kl": gao.bon_kl(n)}
+        for k in ("rm", "gold", "len", "filler"):
+            row[k] = float(gao.bon_estimate(arr["rm"], arr[k], n).mean())
+        rows.append(row)
+    info = (f"{per_seed * len(spec.seeds)} held-out prompts x {N} reference samples"
+            + (f" (seeds {', '.join(map(str, spec.seeds))})" if len(spec.seeds) > 1 else f" (seed {spec.seeds[0]})"))
+    return pd.DataFrame(rows), info
+
+
+# ----- fits and importances ---------------------------------------------------------------------------
+def rl_fit(h: pd.DataFrame, gold_ref: float) -> gao.GaoFit:
+    """The RL form fitted to one trial's per-iteration gold gain against d = sqrt(kl/exact)."""
+    d = np.sqrt(np.clip(h["kl/exact"].to_numpy(dtype=float), 0, None))
+    return gao.fit_rl(d, h["gold"].to_numpy(dtype=float) - gold_ref)
+
+
+def choose_trials(df: pd.DataFrame, have: set[int]) -> list[int]:
+    """Trials for the over-optimization figure: front members spread over KL, plus the lowest and highest beta."""
+    df = df[df["number"].isin(have)]
+    if not len(df):
+        return []
+    front = df[df["front_gold"]].sort_values("kl")
+    picks = []
+    if len(front):
+        idx = np.unique(np.linspace(0, len(front) - 1, min(len(front), MAX_CURVES - 2)).round().astype(int))
+        picks += [int(front.iloc[i]["number"]) for i in idx]
+    by_beta = df.dropna(subset=["beta"]).sort_values("beta")
+    if len(by_beta):
+        picks += [int(by_beta.iloc[0]["number"]), int(by_beta.iloc[-1]["number"])]
+    picks = list(dict.fromkeys(picks))[:MAX_CURVES]
+    beta = dict(zip(df["number"], df["beta"], strict=True))
+    return sorted(picks, key=lambda n: (beta.get(n, math.nan), n))
+
+
+def param_importances(ostudy, spec: StudySpec, n_complete: int) -> tuple[dict[str, dict[str, float]], list[str]]:
+    """PED-ANOVA importances of the searched knobs per objective, or notes saying why not."""
+    if len(spec.space) < 2:
+        return {}, [f"importances: only one knob ({spec.space[0].name}) is searched, so its importance is trivially 1"]
+    if n_complete < MIN_IMPORTANCE_TRIALS:
+        return {}, [f"importances: not computed, {n_complete} complete trials (PED-ANOVA needs at least "
+                    f"{MIN_IMPORTANCE_TRIALS}; run the study with more trials, e.g. `--n-trials {MIN_IMPORTANCE_TRIALS}`)"]
+    out, notes = {}, []
+    for i, o in enumerate(spec.objectives):
+        sign = -1.0 if o.direction == "maximize" else 1.0  # PED-ANOVA scores the importance of reaching LOW targets
+
+        def target(t, i=i, sign=sign) -> float:
+            return sign * t.values[i]
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                out[o.metric] = dict(optuna.importance.get_param_importances(
+                    ostudy, evaluator=optuna.importance.PedAnovaImportanceEvaluator(), target=target))
+            except Exception as e:
+                notes.append(f"importances of {o.metric}: not computed ({type(e).__name__}: {e})")
+        for w in caught:
+            if "too small" in str(w.message):
+                notes.append(f"importances of {o.metric}: Optuna says {str(w.message).split('.')[0].lower()}; read them as rough")
+    return out, notes
+
+
+# ----- report.md ---------------------------------------------------------------------------------------
+def md_table(headers: list[str], rows: list[list[Any]]) -> str:
+    """A GitHub markdown table; numbers formatted like the terminal tables."""
+    def cell(v: Any) -> str:
+        if isinstance(v, bool):
+            return "yes" if v else "no"
+        if isinstance(v, (float, np.floating)):
+            return "n/a" if not math.isfinite(float(v)) else fmt(float(v))
+        return str(v).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _figure(files: dict[str, str], key: str, number: int) -> str:
+    if key not in files:
+        return ""
+    name = Path(files[key]).name
+    return f"**Figure {number}, `{name}`**: {FIGURES[key]}.\n\n![{FIGURES[key].split(':')[0]}]({name})\n"
+
+
+def write_markdown(data: StudyData, files: dict[str, str], fits: dict[int, gao.GaoFit], bon_fit: gao.GaoFit | None,
+                   study_fit: gao.GaoFit, imps: dict[str, dict[str, float]]) -> str:
+    s, df = data.spec, data.trials
+    knobs = [p.name for p in s.space]
+    out = [f"# Study report: {data.name}", ""]
+    if s.description:
+        out += [s.description, ""]
+    settings = [
+        ["objectives", ", ".join(f"{o.metric} ({o.direction})" for o in s.objectives)],
+        ["search space", "; ".join(f"{p.name}: " + (f"{p.choices}" if p.kind == "categorical" else
+                                                    f"{p.kind} [{fmt(p.low)}, {fmt(p.high)}]" + (" log" if p.log else ""))
+                                   for p in s.space)],
+        ["fixed", ", ".join(f"{k}={v}" for k, v in s.fixed.items()) or "none"],
+        ["constraints", "; ".join(c.text for c in s.constraints) or "none"],
+        ["seeds per trial", ", ".join(map(str, s.seeds))],
+        ["sampler", f"{s.sampler} (seed {s.sampler_seed}" + (f", {s.sampler_options}" if s.sampler_options else "") + ")"],
+        ["trials", f"{data.counts['complete']} complete of {s.n_trials} asked, {data.counts['failed']} failed, "
+                   f"{data.counts['running']} running"],
+        ["study file", s.path],
+        ["Optuna storage", data.storage],
+        ["MLflow", f"{data.tracking_uri} (parent run {data.parent_run_id})" if data.tracking_uri else "off"],
+        ["per-iteration histories from", data.history_source],
+        ["best-of-n baseline", data.bon_info or "not computed"],
+        ["written", time.strftime("%Y-%m-%d %H:%M:%S %Z")],
+    ]
+    out += ["## Settings", "", md_table(["setting", "value"], settings), ""]
+
+    # 1. the front
+    out += ["## 1. Pareto frontier", "", _figure(files, "pareto", 1)]
+    best = df[df["pareto"]].sort_values(s.objectives[0].metric, ascending=s.objectives[0].direction == "minimize")
+    obj_cols = [o.metric for o in s.objectives]
+    # the objectives, then the headline metrics that are not objectives
+    headline = {"gold/policy": "gold", "rm/policy": "rm", "kl/exact": "kl", "len/policy": "len"}
+    shown = list(dict.fromkeys([*obj_cols, *headline]))
+    cols = ["number", *knobs, *[headline.get(m, m) for m in shown]]
+    heads = ["trial", *knobs, *[m + (" (nats)" if m == "kl/exact" else "") for m in shown]]
+    feas = f", satisfying {'; '.join(c.text for c in s.constraints)}" if s.constraints else ""
+    out += [f"Pareto-optimal trials (Optuna's `best_trials`{feas}): {len(best)} of {len(df)} complete.", ""]
+    out += [md_table(heads, [[int(r["number"]), *[r[c] for c in cols[1:]]] for _, r in best.iterrows()]) if len(best) else "_none_", ""]
+    out += ["Best trial per objective:", ""]
+    rows = []
+    for o in s.objectives:
+        cand = df[df["feasible"]] if df["feasible"].any() else df
+        r = cand.loc[cand[o.metric].idxmax() if o.direction == "maximize" else cand[o.metric].idxmin()]
+        rows.append([f"{o.metric} ({o.direction})", int(r["number"]), *[r[k] for k in knobs], *[r[m] for m in obj_cols]])
+    out += [md_table(["objective", "trial", *knobs, *obj_cols], rows), ""]
+    if data.bon is not None:
+        ref = df[["gold_ref", "rm_ref", "len_ref"]].mean()
+        out += [f"Best-of-n baseline ({data.bon_info}; the RM picks, gold judges; KL = log n − (n−1)/n, an upper bound). "
+                f"The trials' reference on their evaluation prompts: gold {fmt(ref['gold_ref'])}, RM {fmt(ref['rm_ref'])}, "
+                f"length {fmt(ref['len_ref'])}.", ""]
+        out += [md_table(["n", "KL (nats)", "gold", "RM", "length", "filler"],
+                         [[int(r.n), r.kl, r.gold, r.rm, r.len, r.filler] for r in data.bon.itertuples()]), ""]
+
+    # 2. Gao fits
+    out += ["## 2. Over-optimization and Gao et al. fits", "", _figure(files, "overoptimization", 2)]
+    out += ["Gold gain Δh = gold − gold/ref against d = √KL (KL: exact, nats). RL form d(a − b ln d) per trial on its "
+            "per-iteration points (and across trials on their held-out end points), peak at d* = exp(a/b − 1); best-of-n "
+            "form d(a − b d) on the best-of-n curve, peak at d* = a/(2b). \"peak inside\" says whether d* lies within the "
+            "KL the curve reached, i.e. whether the fitted gold rises and then falls; \"fitted peak Δh\" is how much it rises "
+            "first (a tiny peak at a tiny KL means gold only fell).", ""]
+    def fit_row(label: str, knob_values: list, kl_max: float, f: gao.GaoFit) -> list:
+        peak = f.peak_d if f.ok else math.nan
+        inside = f.ok and peak < math.sqrt(kl_max)
+        return [label, *knob_values, kl_max, f.a, f.b, f.r2, peak**2, float(f.predict(np.array([peak]))[0]) if inside else math.nan,
+                inside if f.ok else "n/a"]
+
+    blank = [""] * len(knobs)
+    rows = []
+    if bon_fit is not None:
+        rows.append(fit_row("best-of-n (n = 1…256)", blank, float(data.bon["kl"].max()), bon_fit))
+    rows.append(fit_row("all trials, held-out end points", blank, float(df["kl"].max()), study_fit))
+    for _, r in df.sort_values("beta").iterrows():
+        f = fits.get(int(r["number"]))
+        if f is not None:
+            reach = float(np.nanmax(data.histories[int(r["number"])]["kl/exact"]))
+            rows.append(fit_row(f"trial {int(r['number'])}", [r[k] for k in knobs], reach, f))
+    out += [md_table(["curve", *knobs, "max KL (nats)", "a", "b", "R²", "peak KL = d*² (nats)", "fitted peak Δh", "peak inside"],
+                     rows), ""]
+
+    # 3. length and filler
+    out += ["## 3. Length and filler", "", _figure(files, "length_filler", 3)]
+
+    # 4. knobs
+    out += ["## 4. Hyperparameters", ""]
+    if imps:
+        params = list(dict.fromkeys(p for v in imps.values() for p in v))
+        out += [md_table(["objective", *params], [[o, *[v.get(p, math.nan) for p in params]] for o, v in imps.items()]), ""]
+    out += [_figure(files, "importance", 4), _figure(files, "slices", 5 if "importance" in files else 4)]
+
+    if data.notes:
+        out += ["## Notes", "", *[f"- {n}" for n in data.notes], ""]
+    return "\n".join(x for x in out if x is not None) + "\n"
+
+
+# ----- the report ---------------------------------------------------------------------------------------
+def report(study: str, storage: str | None = None, tracking_uri: str | None = None, out: str | None = None,
+           bon_prompts: int = BON_PROMPTS, say=print) -> str:
+    """Write the figures and report.md of a study into its output directory; returns report.md's path.
+
+    study: a name in studies/, a study YAML path, or the --name a sweep used. storage and out
+    default as in `sweep` (OUT/optuna.journal, outputs/studies/NAME). tracking_uri defaults to
+    the one the sweep logged to. The files are also logged to the study's MLflow parent run.
+    """
+    from . import plots
+
+    ostudy, name, storage, out_dir = load_study(study, storage, out)
+    spec = spec_of(ostudy, study)
+    all_trials = ostudy.get_trials(deepcopy=False)
+    counts = {k: sum(t.state == state for t in all_trials)
+              for k, state in (("complete", TrialState.COMPLETE), ("failed", TrialState.FAIL), ("running", TrialState.RUNNING))}
+    if not counts["complete"]:
+        raise StudyError(f"study {name!r} in {storage} has no complete trial yet; run `rlhf-sweep sweep {study}` first")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stored_uri = ostudy.user_attrs.get("mlflow_tracking_uri")
+    uri = tracking_uri or stored_uri
+    parent = ostudy.user_attrs.get("mlflow_parent_run_id") if uri and uri == stored_uri else None
+
+    df = trial_frame(spec, ostudy)
+    hist, source, notes = histories(spec, df, uri)
+    data = StudyData(name=name, spec=spec, storage=storage, out_dir=out_dir, study=ostudy, trials=df, histories=hist,
+                     history_source=source, tracking_uri=uri, parent_run_id=parent, counts=counts, notes=notes)
+    if any(p.name.startswith(MODEL_KEYS) for p in spec.space):
+        data.notes.append("the study searches knobs that change the reference or the RM; the best-of-n baseline uses the "
+                          "study's fixed config with those knobs at their defaults")
+
+    quiet = lambda msg: None if ": cached" in msg else say(f"report: {msg}")  # noqa: E731 (only builds are news)
+    say(f"report: best-of-n baseline from reference samples (up to {bon_prompts} prompts x {max(BON_NS)})")
+    try:
+        data.bon, data.bon_info = bon_frontier(spec, bon_prompts, quiet)
+    except Exception as e:  # the trials' figures are still worth having
+        data.notes.append(f"best-of-n baseline not computed: {type(e).__name__}: {e}")
+
+    ref = {"gold": float(df["gold_ref"].mean()), "rm": float(df["rm_ref"].mean()),
+           "len": float(df["len_ref"].mean()), "filler": float(df["filler_ref"].mean())}
+    title = f"study {name}: {len(df)} complete trials"
+    files: dict[str, str] = {}
+    files["pareto"] = plots.pareto(df, data.bon, out_dir / "pareto.png", ref=ref, title=title)
+
+    # over-optimization: fits per trial, curves for a few
+    fits = {n: rl_fit(h, float(df.loc[df["number"] == n, "gold_ref"].iloc[0])) for n, h in hist.items()}
+    chosen = choose_trials(df, set(hist))
+    colors = plots.trial_colors(len(chosen))
+    curves = []
+    for n, color in zip(chosen, colors, strict=True):
+        r, h = df[df["number"] == n].iloc[0], hist[n]
+        d = np.sqrt(np.clip(h["kl/exact"].to_numpy(dtype=float), 0, None))
+        role = "front" if r["front_gold"] else "β extreme"
+        curves.append({"label": f"t{n} β={r['beta']:.3g} ({role})", "color": color, "d": d, "kl": d**2,
+                       "gold_gain": h["gold"].to_numpy(dtype=float) - r["gold_ref"],
+                       "rm_gain": h["rm"].to_numpy(dtype=float) - r["rm_ref"],
+                       "len": h["len"].to_numpy(dtype=float), "filler": h["filler"].to_numpy(dtype=float), "fit": fits[n]})
+    bon_fit, bon_curve = None, None
+    if data.bon is not None:
+        d_bon = np.sqrt(data.bon["kl"].to_numpy())
+        g0, r0 = data.bon["gold"].iloc[0], data.bon["rm"].iloc[0]  # n = 1 is the reference itself
+        bon_fit = gao.fit_bon(d_bon, data.bon["gold"].to_numpy() - g0)
+        bon_curve = {"d": d_bon, "gold_gain": data.bon["gold"].to_numpy() - g0, "rm_gain": data.bon["rm"].to_numpy() - r0,
+                     "fit": bon_fit}
+    study_d = np.sqrt(np.clip(df["kl"].to_numpy(), 0, None))
+    study_fit = gao.fit_rl(study_d, (df["gold"] - df["gold_ref"]).to_numpy())
+    study_points = {"d": study_d, "gold_gain": (df["gold"] - df["gold_ref"]).to_numpy(),
+                    "rm_gain": (df["rm"] - df["rm_ref"]).to_numpy(), "fit": study_fit}
+    files["overoptimization"] = plots.overoptimization(curves, bon_curve, out_dir / "overoptimization.png", title=title,
+                                                       trials=study_points)
+    files["length_filler"] = plots.length_filler(df, curves, data.bon, out_dir / "length_filler.png", ref=ref, title=title)
+
+    imps, imp_notes = param_importances(ostudy, spec, len(df))
+    data.notes += imp_notes
+    if imps:
+        files["importance"] = plots.importances(imps, out_dir / "importance.png", title=title)
+    params = [(p.name, p.log, p.kind == "categorical") for p in spec.space]
+    files["slices"] = plots.slices(df, [(o.metric, o.direction) for o in spec.objectives], params, out_dir / "slices.png",
+                                   title=title)
+    # figures of an earlier report that this one did not draw would be stale
+    for key in FIGURES:
+        stale = out_dir / f"{key}.png"
+        if key not in files and stale.exists():
+            stale.unlink()
+
+    md = out_dir / "report.md"
+    md.write_text(write_markdown(data, files, fits, bon_fit, study_fit, imps))
+    if uri and parent:
+        try:
+            from . import tracking
+
+            client = tracking.client_for(uri)
+            for path in [*files.values(), str(md)]:
+                client.log_artifact(parent, path, artifact_path="report")
+        except Exception as e:
+            say(f"report: could not log the report to MLflow run {parent}: {type(e).__name__}: {e}")
+    return str(md)
