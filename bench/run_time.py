@@ -1,6 +1,6 @@
 """Wall time of the default `rlhf-sweep run`, cold (empty cache) then with SFT and RM cached.
 
-Prints time per stage and each total as a ratio of its target (cold 120 s, cached 45 s);
+Prints time per stage and each total as a ratio of its target (cold 60 s, cached 45 s);
 the last line is one JSON object. Usage: python bench/run_time.py [extra overrides...]
 """
 
@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-TARGETS = {"cold": 120.0, "cached": 45.0}
+TARGETS = {"cold": 60.0, "cached": 45.0}  # issue 7: the default run in at most 60 s from a cold cache
 
 
 def one_run(tmp: Path, name: str, extra: list[str]) -> dict:
