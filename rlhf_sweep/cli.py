@@ -1,7 +1,16 @@
 """The `rlhf-sweep` command.
 
   rlhf-sweep run [key=value ...] [--cfg job] [--multirun] [hydra.run.dir=...]
-      one trial with Hydra semantics; prints policy vs reference and the three verdicts.
+      one trial with Hydra semantics; prints policy vs reference and the three verdicts;
+      writes summary.json and trajectory.png into the run directory.
+  rlhf-sweep sweep STUDY [--n-trials N] [--workers K] [--storage URL] [--name NAME] [--tracking-uri URI] [--out DIR]
+      run or resume an Optuna study (studies/STUDY.yaml); ends with the Pareto table, CSVs and the report.
+  rlhf-sweep report STUDY [--storage URL] [--tracking-uri URI] [--out DIR]
+      a study's figures and report.md (Pareto front, best-of-n baseline, Gao et al. fits, importances).
+  rlhf-sweep compare-fixes [--seeds N] [--arms a,b,c] [--tracking-uri URI] [--out DIR]
+      every fix arm x seed against the baseline, paired by seed; writes fixes.md and a figure.
+  rlhf-sweep explain RUN_DIR
+      writes RUN_DIR/explain.md: the three observations tied to their mechanisms.
 """
 
 from __future__ import annotations
@@ -77,6 +86,19 @@ def run_table(s: dict) -> str:
     return "\n".join(out)
 
 
+def _trajectory_figure(summary: dict, cfg) -> str | None:
+    """trajectory.png beside summary.json; a plotting problem costs the figure, never the run."""
+    try:
+        from . import plots
+
+        c = cfg.ppo
+        title = f"rlhf-sweep run, seed {cfg.seed}: β={c.beta:g}, clip ε={c.clip_eps:g}, KL estimator {c.kl_estimator}"
+        return plots.trajectory(summary["history"], os.path.join(cfg.run_dir, "trajectory.png"), title=title)
+    except Exception as e:
+        print(f"warning: no trajectory figure ({type(e).__name__}: {e})", file=sys.stderr)
+        return None
+
+
 def _run_trial(raw) -> None:
     """Body of `rlhf-sweep run` under hydra.main: validate, run, log, print."""
     from hydra.core.hydra_config import HydraConfig
@@ -90,9 +112,12 @@ def _run_trial(raw) -> None:
     cfg.run_dir = HydraConfig.get().runtime.output_dir
     print(f"run directory: {cfg.run_dir}")
     summary = pipeline.run(cfg)
+    figure = _trajectory_figure(summary, cfg)
     if cfg.mlflow.enabled:
         run_id = tracking.log_run(cfg.mlflow.tracking_uri, cfg.mlflow.experiment, summary, cfg.run_dir,
                                   name=os.path.basename(cfg.run_dir.rstrip("/")), tags={"seed": str(cfg.seed)})
+        if figure:
+            tracking.client_for(cfg.mlflow.tracking_uri).log_artifact(run_id, figure)
         print(f"MLflow: run {run_id} in {cfg.mlflow.tracking_uri} (experiment {cfg.mlflow.experiment!r})")
     print(run_table(summary))
     print(f"summary: {os.path.join(cfg.run_dir, 'summary.json')}")
@@ -139,13 +164,16 @@ def cmd_sweep(argv: list[str]) -> None:
     ap.add_argument("--storage", help="Optuna RDB URL (sqlite:///..., postgresql://...) or a journal file path "
                     "(default: OUT/optuna.journal)")
     ap.add_argument("--name", help="study name (default: the file's stem)")
-    ap.add_argument("--tracking-uri", help="MLflow tracking URI (default: the config's mlflow.tracking_uri)")
+    ap.add_argument("--tracking-uri", help="MLflow tracking URI, e.g. http://mlflow-host:5000 (default: the config's mlflow.tracking_uri)")
     ap.add_argument("--out", help="the study's output directory (default: outputs/studies/NAME)")
+    ap.add_argument("--heartbeat", type=int, default=sweep.HEARTBEAT_S, metavar="SECONDS",
+                    help="RDB storage: a running trial's heartbeat interval; a trial silent for twice that is failed and "
+                         f"retried (default {sweep.HEARTBEAT_S})")
     a = ap.parse_args(argv)
     _quiet_libraries()
     try:
         res = sweep.sweep(a.study, n_trials=a.n_trials, workers=a.workers, storage=a.storage, name=a.name,
-                          tracking_uri=a.tracking_uri, out=a.out)
+                          tracking_uri=a.tracking_uri, out=a.out, heartbeat=a.heartbeat)
     except sweep.StudyError as e:
         fail(str(e))
     print(res.table)
@@ -158,7 +186,71 @@ def cmd_sweep(argv: list[str]) -> None:
         fail(f"the study has {res.n_complete} of {res.n_trials} complete trials; run the same command again to resume", code=1)
 
 
-COMMANDS = {"run": cmd_run, "sweep": cmd_sweep}
+def cmd_compare_fixes(argv: list[str]) -> None:
+    """`rlhf-sweep compare-fixes`: arms x seeds against the baseline (rlhf_sweep/fixes.py)."""
+    import argparse
+
+    from . import fixes
+
+    ap = argparse.ArgumentParser(prog="rlhf-sweep compare-fixes", description="Run every fix arm x seed (resumable), "
+                                 "compare each arm with the baseline paired by seed, recommend two fixes.")
+    ap.add_argument("--seeds", type=int, help="seeds 0..N-1 (default: studies/compare_fixes.yaml, 5)")
+    ap.add_argument("--arms", help="comma-separated experiment overlays; a+b composes two (default: the study file's)")
+    ap.add_argument("--tracking-uri", help="MLflow tracking URI (default: the config's mlflow.tracking_uri)")
+    ap.add_argument("--out", default="outputs/fixes", help="output directory (default: outputs/fixes)")
+    ap.add_argument("--workers", type=int, help="local worker processes, 1 torch thread each (default 2)")
+    ap.add_argument("overrides", nargs="*", help="extra config overrides for every arm, Hydra syntax (e.g. ppo.iterations=50)")
+    a = ap.parse_args(argv)
+    _quiet_libraries()
+    arms = [x.strip() for x in a.arms.split(",") if x.strip()] if a.arms else None
+    try:
+        res = fixes.compare_fixes(arms=arms, seeds=a.seeds, tracking_uri=a.tracking_uri, out=a.out,
+                                  extra=tuple(a.overrides), workers=a.workers)
+    except fixes.FixesError as e:
+        fail(str(e))
+    print(res.table)
+    print(f"wall time {res.wall_s / 60:.1f} min for {res.result['runs_this_invocation']} arm x seed runs; "
+          f"{os.path.join(res.out_dir, 'fixes.md')}"
+          + (f"; MLflow parent run {res.parent_run_id}" if res.parent_run_id else ""))
+
+
+def cmd_explain(argv: list[str]) -> None:
+    """`rlhf-sweep explain RUN_DIR`: write RUN_DIR/explain.md (rlhf_sweep/explain.py)."""
+    from . import explain
+
+    if len(argv) != 1 or argv[0].startswith("-"):
+        fail("usage: rlhf-sweep explain RUN_DIR (the directory with a run's summary.json)")
+    try:
+        path = explain.explain(argv[0])
+    except explain.ExplainError as e:
+        fail(str(e))
+    print(path.read_text())
+    print(f"written: {path}")
+
+
+def cmd_report(argv: list[str]) -> None:
+    """`rlhf-sweep report STUDY ...`: a study's figures and report.md (rlhf_sweep/report.py)."""
+    import argparse
+
+    from . import report, sweep
+
+    ap = argparse.ArgumentParser(prog="rlhf-sweep report", description="Draw a study's figures (Pareto front with the "
+                                 "best-of-n baseline, Gao et al. fits, length, importances) and write report.md.")
+    ap.add_argument("study", help="a name in studies/, a study YAML path, or the --name the sweep used")
+    ap.add_argument("--storage", help="Optuna RDB URL or journal file path (default: OUT/optuna.journal)")
+    ap.add_argument("--tracking-uri", help="MLflow tracking URI (default: the one the sweep logged to)")
+    ap.add_argument("--out", help="the study's output directory (default: outputs/studies/NAME)")
+    a = ap.parse_args(argv)
+    _quiet_libraries()
+    sweep._quiet()
+    try:
+        path = report.report(a.study, storage=a.storage, tracking_uri=a.tracking_uri, out=a.out)
+    except sweep.StudyError as e:
+        fail(str(e))
+    print(f"report: {path}")
+
+
+COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "report": cmd_report, "compare-fixes": cmd_compare_fixes, "explain": cmd_explain}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -12,10 +12,17 @@ worker takes a file lock, fails trials whose local owner process is dead, counts
 COMPLETE and RUNNING trials, and only asks for a new trial when that leaves room
 under `n_trials`; so a study ends with exactly `n_trials` complete trials, and
 a rerun of the same command after Ctrl-C or `kill -9` runs only the remainder.
+
+Across machines (`--storage postgresql://...`) there is no shared file lock: the RDB storage
+records a heartbeat per running trial, a trial whose heartbeat stops is failed by whichever
+worker notices and re-queued with its parameters (Optuna's RetryHeartbeatStaleTrialCallback),
+and a trial asked beyond `n_trials` by a worker on another machine at the same moment is pruned
+before it runs.
 """
 
 from __future__ import annotations
 
+import copy
 import csv
 import dataclasses
 import difflib
@@ -67,6 +74,14 @@ MAX_FAILURES_FACTOR = 1  # times n_trials, at least 3
 # A RUNNING trial with no owner recorded is only stale once it is this old: the owner
 # is written right after `ask`, so a younger one may belong to a live worker elsewhere.
 OWNERLESS_GRACE_S = 60.0
+
+# RDB storages (PostgreSQL, MySQL, SQLite URLs): a running trial records a heartbeat every
+# HEARTBEAT_S seconds; one silent for twice that is failed and retried up to MAX_RETRY times.
+HEARTBEAT_S = 60
+MAX_RETRY = 3
+CONNECT_TIMEOUT_S = 5  # a database server that does not answer fails the command in seconds, not minutes
+# a worker joining a study that another machine has just created waits this long for its MLflow parent run
+PARENT_RUN_WAIT_S = 60.0
 
 
 class StudyError(ValueError):
@@ -450,27 +465,73 @@ def worker_seed(spec: StudySpec, index: int, n_existing: int) -> int:
     return int(np.random.SeedSequence([spec.sampler_seed, index, n_existing]).generate_state(1)[0])
 
 
-def open_storage(storage: str):
+def open_storage(storage: str, heartbeat: int = HEARTBEAT_S):
     """An Optuna storage from a URL (any RDB URL: sqlite:///, postgresql://, mysql://) or a journal file path.
 
     The default is a journal file: the storage Optuna recommends for several processes on one
     host (appends under a file lock; bench/sweep_workers.py measures it against SQLite).
+    An RDB storage gets heartbeats every `heartbeat` seconds (see `fail_stale_trials`).
     """
+    import warnings
+
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
     try:
         if "://" in storage:
-            kwargs: dict[str, Any] = {}
+            engine: dict[str, Any] = {}
             if storage.startswith("sqlite:///"):
                 Path(storage[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
                 # wait for the write lock instead of failing with "database is locked"
-                kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
-            return optuna.storages.RDBStorage(storage, **kwargs)
+                engine = {"connect_args": {"timeout": 60}}
+            elif storage.startswith(("postgresql", "mysql")):
+                # pre_ping: a connection dropped while a long trial ran is replaced, not an error
+                engine = {"connect_args": {"connect_timeout": CONNECT_TIMEOUT_S}, "pool_pre_ping": True}
+            for attempt in range(3):
+                try:
+                    with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna: no warning per process
+                        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                        # RetryStaleTrial: Optuna's RetryFailedTrialCallback (named RetryHeartbeatStaleTrialCallback since 4.9)
+                        return optuna.storages.RDBStorage(storage, engine_kwargs=engine, heartbeat_interval=heartbeat,
+                                                          heartbeat_stale_trial_callback=RetryStaleTrial(max_retry=MAX_RETRY))
+                except Exception as e:
+                    # workers started together on an empty database all create Optuna's tables; all but
+                    # one hit "already exists" (PostgreSQL: duplicate key in pg_type) and try again
+                    if attempt == 2 or not any(m in str(e) for m in ("already exists", "duplicate key")):
+                        raise
+                    time.sleep(1.0)
         Path(storage).parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(storage))
-    except Exception as e:  # a bad URL or a missing driver: one line, before any trial
-        raise StudyError(f"storage {storage!r}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    except Exception as e:  # a bad URL, a missing driver, a server that does not answer: one line, before any trial
+        raise StudyError(storage_error(storage, e)) from None
+
+
+def _hide_password(url: str) -> str:
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url
+
+
+def storage_error(storage: str, e: BaseException) -> str:
+    """One line that names the storage, says what went wrong and what to do."""
+    url = _hide_password(storage)
+    if isinstance(e, ImportError) and "://" in storage:
+        return f"--storage {url}: no database driver for it ({e.__cause__ or e}); pip install -e '.[cluster]' (PostgreSQL)"
+    text = " ".join(str(getattr(e, "orig", None) or e).split())
+    # psycopg: 'connection failed: connection to server at "h", port 5432 failed: Connection refused Is the server ...'
+    text = re.sub(r"^(connection failed: )?(connection to server at .*?, port \d+ failed: )?(FATAL: )?", "", text)
+    low = text.lower()
+    for needle, reason in (("refused", "connection refused"), ("timeout", f"no answer within {CONNECT_TIMEOUT_S} s"),
+                           ("timed out", f"no answer within {CONNECT_TIMEOUT_S} s"), ("resolve host", "unknown host"),
+                           ("name or service not known", "unknown host"), ("no route", "no route to host")):
+        if needle in low:
+            return f"cannot reach --storage {url}: {reason}; is the server running and reachable from this machine?"
+    if "://" in storage:
+        return f"cannot open --storage {url}: {text.split(' Is the server')[0][:300]}"
+    return f"storage {storage!r}: {type(e).__name__}: {text[:300]}"
 
 
 def _lock_path(storage: str, out_dir: Path) -> Path:
@@ -521,12 +582,50 @@ def owner_alive(token: str) -> bool | None:
         return True
 
 
-def fail_stale_trials(study, client=None) -> list[int]:
-    """Mark RUNNING trials whose owner process is dead as FAIL (and their MLflow runs FAILED).
+class RetryStaleTrial(optuna.storages.RetryHeartbeatStaleTrialCallback):
+    """Optuna's retry of a trial whose heartbeat stopped: a WAITING copy with the same parameters,
+    linked to the dead one by `retried_trial_number`. The copy starts clean: the dead attempt's
+    user attributes (its worker, error, MLflow run, run directory) stay with the failed trial."""
 
-    Optuna's own heartbeat only exists for RDB storages inside `study.optimize`; the sweep
-    uses ask/tell on any storage, so it records the owner of each trial and checks it here.
+    def __call__(self, study, trial) -> None:
+        trial.user_attrs = {}
+        super().__call__(study, trial)
+
+
+def heartbeats(study) -> bool:
+    """Whether the study's storage records heartbeats (RDB storages, as `open_storage` makes them)."""
+    from optuna.storages._heartbeat import is_heartbeat_enabled
+
+    return is_heartbeat_enabled(study._storage)
+
+
+def fail_stale_trials(study, client=None) -> list[int]:
+    """Mark RUNNING trials whose worker is dead as FAIL (and their MLflow runs FAILED).
+
+    RDB storages: Optuna's heartbeats, so a worker on any machine notices a dead one; each such
+    trial is retried (the storage's RetryStaleTrial). This is `optuna.storages.fail_stale_trials`
+    with the reason recorded before the FAIL (a finished trial takes no more attributes).
+    Journal files (one machine): the sweep records the owner process of each trial and checks it
+    here (Optuna's heartbeat only exists for RDB storages).
     """
+    if heartbeats(study):
+        storage, failed = study._storage, []
+        grace = 2 * storage.get_heartbeat_interval()
+        for trial_id in storage._get_stale_trial_ids(study._study_id):
+            t = storage.get_trial(trial_id)
+            try:
+                storage.set_trial_user_attr(trial_id, "error", f"stale: no heartbeat for {grace} s from its worker "
+                                                               f"({t.user_attrs.get('worker')}): died or lost the database; retried")
+                if not storage.set_trial_state_values(trial_id, TrialState.FAIL):
+                    continue
+            except optuna.exceptions.UpdateFinishedTrialError:  # another worker failed it first (or it just finished)
+                continue
+            retry = storage.get_heartbeat_stale_trial_callback()
+            if retry is not None:
+                retry(study, copy.deepcopy(storage.get_trial(trial_id)))
+            _fail_mlflow_run(client, t.user_attrs.get("mlflow_run_id"), "no heartbeat: worker died")
+            failed.append(t.number)
+        return failed
     failed = []
     now = time.time()
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -542,15 +641,18 @@ def fail_stale_trials(study, client=None) -> list[int]:
             continue
         study._storage.set_trial_user_attr(t._trial_id, "error", f"stale: {why}; marked failed on restart")
         study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-        run_id = t.user_attrs.get("mlflow_run_id")
-        if client is not None and run_id:
-            try:
-                client.set_tag(run_id, "error", "worker died")
-                client.set_terminated(run_id, status="FAILED")
-            except Exception:  # a run in another tracking store; the Optuna record is what counts
-                pass
+        _fail_mlflow_run(client, t.user_attrs.get("mlflow_run_id"), "worker died")
         failed.append(t.number)
     return failed
+
+
+def _fail_mlflow_run(client, run_id: str | None, why: str) -> None:
+    if client is not None and run_id:
+        try:
+            client.set_tag(run_id, "error", why)
+            client.set_terminated(run_id, status="FAILED")
+        except Exception:  # a run in another tracking store; the Optuna record is what counts
+            pass
 
 
 # ----- one trial ----------------------------------------------------------------------------------
@@ -568,6 +670,7 @@ class Job:
     experiment_id: str | None
     parent_run_id: str | None
     workers: int = 1
+    heartbeat: int = HEARTBEAT_S
 
 
 def _mean(values: list[float]) -> float:
@@ -639,11 +742,15 @@ def run_trial(job: Job, study, trial, client, say: Callable[[str], None]) -> dic
     params: dict[str, Any] = {}
     run_id = None
     try:
-        params = {p.name: p.suggest(trial) for p in spec.space}
+        params = {p.name: p.suggest(trial) for p in spec.space}  # a retried trial gets its parameters back
         trial.set_user_attr("run_dir", str(trial_dir))
+        retry_of = _retried_trial_number(study, trial)
+        if retry_of is not None:
+            say(f"trial {trial.number}: retries trial {retry_of}, whose worker died")
         if client is not None:
             run_id = tracking.start_run(client, job.experiment_id, f"{job.study_name}-t{trial.number:04d}",
-                                        tags={"study": job.study_name, "trial": str(trial.number), "rlhf_sweep.role": "trial"},
+                                        tags={"study": job.study_name, "trial": str(trial.number), "rlhf_sweep.role": "trial",
+                                              **({"retry_of": str(retry_of)} if retry_of is not None else {})},
                                         parent_run_id=job.parent_run_id)
             trial.set_user_attr("mlflow_run_id", run_id)
         summaries = []
@@ -682,6 +789,13 @@ def run_trial(job: Job, study, trial, client, say: Callable[[str], None]) -> dic
         study.tell(trial, values)
         return {"number": trial.number, "state": "COMPLETE", "values": values, "params": params, "seconds": seconds}
     except BaseException as e:
+        if isinstance(e, Exception) and study._storage.get_trial(trial._trial_id).state.is_finished():
+            # another worker saw no heartbeat from this one for the grace period (a stalled machine or a lost
+            # database connection), failed the trial and queued its retry: the storage refuses this attempt's
+            # attributes and result (UpdateFinishedTrialError, "Cannot tell a FAIL trial"), which are void
+            msg = "failed by another worker: no heartbeat within the grace period; its retry runs instead"
+            _fail_mlflow_run(client, run_id, msg)
+            return {"number": trial.number, "state": "FAIL", "error": msg, "params": params, "seconds": round(time.perf_counter() - t0, 2)}
         interrupted = isinstance(e, KeyboardInterrupt)
         if interrupted:  # a second Ctrl-C must not cut the bookkeeping short
             signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -716,14 +830,18 @@ def _quiet() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     # read when mlflow is imported: hides "Creating initial MLflow database tables..." and the like
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    # a tracking server's client prints "View run ... at: URL" per run: one line per trial is ours to print
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 
 def work(job: Job, index: int, progress=None) -> None:
     """A worker: ask for trials and run them until the study has n_trials COMPLETE ones."""
+    from optuna.storages._heartbeat import get_heartbeat_thread
+
     from . import tracking
 
     _quiet()
-    storage = open_storage(job.storage)
+    storage = open_storage(job.storage, job.heartbeat)
     lock = _lock_path(job.storage, Path(job.out_dir))
     study = optuna.load_study(study_name=job.study_name, storage=storage)
     study.sampler = make_sampler(job.spec, worker_seed(job.spec, index, len(study.get_trials(deepcopy=False))))
@@ -756,16 +874,23 @@ def work(job: Job, index: int, progress=None) -> None:
                 return
             trial = None
             if done + len(running) < job.n_trials:
-                trial = study.ask()
+                trial = _ask(study)
                 trial.set_user_attr("worker", token)
+        if trial is not None and _over_budget(study, trial, job.n_trials):
+            # a worker on another machine (no shared file lock) took the last slot at the same moment
+            trial.set_user_attr("error", "not run: the study already had n_trials complete or running trials")
+            study.tell(trial, state=TrialState.PRUNED)
+            trial = None
         if trial is None:
-            # the remaining trials are running elsewhere; wait in case one of them fails,
-            # unless they belong to other hosts (whose own sweeps will finish or fail them)
-            if all(owner_alive(t.user_attrs.get("worker", "")) is None for t in running):
+            # the remaining trials are running elsewhere; wait in case one of them fails. With
+            # heartbeats, a dead worker's trial on any machine is failed and retried, so wait for
+            # every running trial; without, trials of other hosts are left to their own sweeps
+            if not heartbeats(study) and all(owner_alive(t.user_attrs.get("worker", "")) is None for t in running):
                 return
             time.sleep(1.0)
             continue
-        rec = run_trial(job, study, trial, client, say)
+        with get_heartbeat_thread(trial._trial_id, study._storage):  # what study.optimize runs; none on a journal
+            rec = run_trial(job, study, trial, client, say)
         if progress is not None:
             progress.update(int(rec["state"] == "COMPLETE"))
         if rec["state"] == "COMPLETE":
@@ -776,6 +901,34 @@ def work(job: Job, index: int, progress=None) -> None:
                 say(f"trial {rec['number']} complete in {rec['seconds']:.1f}s: {vals}")
         else:
             say(f"trial {rec['number']} failed: {rec['error']}")
+
+
+def _retried_trial_number(study, trial) -> int | None:
+    """The number of the trial this one retries (a trial whose worker died), or None."""
+    import warnings
+
+    with warnings.catch_warnings():  # "experimental" since Optuna 2.8
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(study._storage.get_trial(trial._trial_id))
+
+
+def _ask(study):
+    import warnings
+
+    with warnings.catch_warnings():  # "heartbeat is supposed to be used with Study.optimize": the sweep runs it itself
+        warnings.filterwarnings("ignore", message=".*Heartbeat.*")
+        return study.ask()
+
+
+def _over_budget(study, trial, n_trials: int) -> bool:
+    """Whether n_trials trials were complete, running or queued before this one was asked.
+
+    Workers on one machine ask under a file lock and never get here with True; workers on several
+    machines can each see room for the last trial. Trial numbers order the asks, so the later of
+    two such trials steps back on every machine's view alike.
+    """
+    ahead = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING))
+    return sum(t.number < trial.number for t in ahead) >= n_trials
 
 
 def _worker_entry(job: Job, index: int) -> None:
@@ -811,14 +964,23 @@ def cores() -> int:
         return os.cpu_count() or 1
 
 
-def _parent_run(client, exp_id: str, study, spec: StudySpec, name: str, uri: str, storage: str) -> str:
-    """One MLflow parent run per study, reused when the study resumes on the same tracking URI."""
+def _parent_run(client, exp_id: str, study, spec: StudySpec, name: str, uri: str, storage: str, joined: bool = False) -> str:
+    """One MLflow parent run per study, reused when the study resumes on the same tracking URI.
+
+    joined: another process created the study (e.g. a worker on another machine, started at the
+    same time); a fresh study's parent run is that process's to create, so wait for it.
+    """
     from mlflow.entities import Param as MLParam
 
     from . import tracking
     from .config import flatten
 
     attrs = study.user_attrs
+    if joined and attrs.get("mlflow_tracking_uri") != uri and not study.get_trials(deepcopy=False):
+        deadline = time.monotonic() + PARENT_RUN_WAIT_S
+        while time.monotonic() < deadline and study.user_attrs.get("mlflow_tracking_uri") != uri and not study.get_trials(deepcopy=False):
+            time.sleep(0.5)
+        attrs = study.user_attrs
     if attrs.get("mlflow_tracking_uri") == uri and attrs.get("mlflow_parent_run_id"):
         try:
             run_id = attrs["mlflow_parent_run_id"]
@@ -829,7 +991,7 @@ def _parent_run(client, exp_id: str, study, spec: StudySpec, name: str, uri: str
             pass
     run_id = tracking.start_run(client, exp_id, name, tags={"study": name, "rlhf_sweep.role": "study"})
     params = {"study.file": spec.path, "study.sampler": spec.sampler, "study.n_trials": spec.n_trials,
-              "study.seeds": ",".join(map(str, spec.seeds)), "study.storage": storage,
+              "study.seeds": ",".join(map(str, spec.seeds)), "study.storage": _hide_password(storage),
               "study.objectives": ", ".join(f"{o.metric} {o.direction}" for o in spec.objectives),
               "study.constraints": "; ".join(c.text for c in spec.constraints),
               **{f"space.{p.name}": json.dumps({k: v for k, v in dataclasses.asdict(p).items() if v not in (None, [], False) and k != "name"})
@@ -842,16 +1004,27 @@ def _parent_run(client, exp_id: str, study, spec: StudySpec, name: str, uri: str
 
 
 def sweep(study: str | StudySpec, n_trials: int | None = None, workers: int = 1, storage: str | None = None,
-          name: str | None = None, tracking_uri: str | None = None, out: str | None = None, progress: bool = True) -> SweepResult:
-    """Run (or resume) a study until it has n_trials COMPLETE trials; write the CSVs; return a summary.
+          name: str | None = None, tracking_uri: str | None = None, out: str | None = None, progress: bool = True,
+          heartbeat: int = HEARTBEAT_S, report: bool = True) -> SweepResult:
+    """Run (or resume) a study until it has n_trials COMPLETE trials; write the CSVs and (with `report`)
+    the figures and report.md; return a summary.
 
     Everything that can be wrong with the inputs raises StudyError before any trial runs.
+    heartbeat: seconds between the heartbeats of a running trial on an RDB storage.
     """
     import multiprocessing as mp
 
     from . import tracking
 
     _quiet()
+    if heartbeat < 1:
+        raise StudyError(f"--heartbeat must be >= 1 second, got {heartbeat}")
+    # servers first: one that is down fails the command in seconds, before the study is composed
+    if tracking_uri:
+        why = tracking.unreachable(tracking_uri)
+        if why:
+            raise StudyError(f"cannot reach --tracking-uri {tracking_uri}: {why}; is the MLflow server running and reachable from this machine?")
+    store = open_storage(storage, heartbeat) if storage and "://" in storage else None
     spec = study if isinstance(study, StudySpec) else load_spec(study)
     if n_trials is not None:
         if n_trials < 1:
@@ -870,9 +1043,12 @@ def sweep(study: str | StudySpec, n_trials: int | None = None, workers: int = 1,
     base = compose(spec.fixed_overrides())
     uri = tracking_uri or (base.mlflow.tracking_uri if base.mlflow.enabled else None)
 
-    store = open_storage(storage)
+    store = store or open_storage(storage, heartbeat)
     directions = spec.directions
-    ostudy = optuna.create_study(study_name=name, storage=store, directions=directions, load_if_exists=True)
+    try:  # atomic in the storage: exactly one of several workers started at once creates the study
+        ostudy, joined = optuna.create_study(study_name=name, storage=store, directions=directions), False
+    except optuna.exceptions.DuplicatedStudyError:
+        ostudy, joined = optuna.load_study(study_name=name, storage=store), True
     if [d.name.lower() for d in ostudy.directions] != directions:
         have = ", ".join(d.name.lower() for d in ostudy.directions)
         raise StudyError(f"study {name!r} in {storage} has directions [{have}], the file asks for [{', '.join(directions)}]; "
@@ -886,7 +1062,7 @@ def sweep(study: str | StudySpec, n_trials: int | None = None, workers: int = 1,
     if uri:
         client = tracking.client_for(uri)
         exp_id = tracking.experiment_id(client, base.mlflow.experiment, uri)
-        parent = _parent_run(client, exp_id, ostudy, spec, name, uri, storage)
+        parent = _parent_run(client, exp_id, ostudy, spec, name, uri, storage, joined)
 
     with file_lock(_lock_path(storage, out_dir)):
         stale = fail_stale_trials(ostudy, client)
@@ -897,9 +1073,9 @@ def sweep(study: str | StudySpec, n_trials: int | None = None, workers: int = 1,
     workers = max(1, min(workers, remaining or 1))
     threads = max(1, cores() // workers)
     job = Job(spec=spec, study_name=name, storage=storage, out_dir=str(out_dir), n_trials=spec.n_trials, threads=threads,
-              tracking_uri=uri, experiment_id=exp_id, parent_run_id=parent, workers=workers)
+              tracking_uri=uri, experiment_id=exp_id, parent_run_id=parent, workers=workers, heartbeat=heartbeat)
     print(f"study {name}: {done} of {spec.n_trials} trials complete; {remaining} to run with {workers} worker(s) x {threads} thread(s)"
-          f"\n  storage: {storage}\n  outputs: {out_dir}" + (f"\n  MLflow:  {uri} (parent run {parent})" if uri else ""), flush=True)
+          f"\n  storage: {_hide_password(storage)}\n  outputs: {out_dir}" + (f"\n  MLflow:  {uri} (parent run {parent})" if uri else ""), flush=True)
 
     interrupted = False
     if remaining:
@@ -933,7 +1109,22 @@ def sweep(study: str | StudySpec, n_trials: int | None = None, workers: int = 1,
                 p.join(timeout=30)
                 if p.is_alive():
                     p.terminate()
-    return finish(spec, name, storage, out_dir, client, parent, uri, interrupted)
+    result = finish(spec, name, storage, out_dir, client, parent, uri, interrupted)
+    if report and not interrupted and result.n_complete:
+        write_report(name, storage, uri, out_dir)
+    return result
+
+
+def write_report(name: str, storage: str, uri: str | None, out_dir: Path) -> None:
+    """The study's figures and report.md (report.py). A failure is one warning line: the study is
+    stored either way, and `rlhf-sweep report` can redo it."""
+    try:
+        from .report import report
+
+        print(f"report: {report(name, storage=storage, tracking_uri=uri, out=str(out_dir))}", flush=True)
+    except (Exception, KeyboardInterrupt) as e:
+        print(f"warning: the study report failed ({type(e).__name__}: {' '.join(str(e).split())[:300]}); "
+              f"the study is intact: `rlhf-sweep report {name} --storage {_hide_password(storage)} --out {out_dir}` retries it", flush=True)
 
 
 # ----- outputs ------------------------------------------------------------------------------------

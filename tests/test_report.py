@@ -1,0 +1,166 @@
+"""Study reports and figures: the report of the `smoke` study (built at the end of its sweep and again by
+`rlhf-sweep report`), the trajectory figure of `rlhf-sweep run`, and the error paths.
+
+The slow tests run real sweeps and runs as subprocesses from a scratch working directory (as in
+tests/test_sweep.py), so their SFT/RM cache is shared within this module and nothing lands in the repository.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rlhf_sweep import cli, plots, report, sweep
+
+from .conftest import TINY
+from .test_sweep import env, sweep_cmd
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def check_png(path: Path, min_w: int = 500, min_h: int = 300) -> None:
+    """A real, readable figure: PNG signature and header, a sensible size, and far more than a blank canvas."""
+    from PIL import Image
+
+    raw = path.read_bytes()
+    assert raw[:8] == PNG_SIGNATURE and raw[12:16] == b"IHDR", f"{path.name} is not a PNG"
+    w, h = int.from_bytes(raw[16:20], "big"), int.from_bytes(raw[20:24], "big")
+    assert w >= min_w and h >= min_h, f"{path.name} is only {w}x{h}"
+    with Image.open(path) as im:
+        assert im.size == (w, h)
+        px = np.asarray(im.convert("RGB")).reshape(-1, 3)
+    colors, counts = np.unique(px, axis=0, return_counts=True)
+    assert len(colors) > 100, f"{path.name} has only {len(colors)} distinct colors"
+    assert counts.max() / len(px) < 0.97, f"{path.name} is {counts.max() / len(px):.0%} one color (nearly empty)"
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("report-cwd")
+
+
+@pytest.fixture(scope="module")
+def smoke(workdir, tmp_path_factory) -> Path:
+    """The smoke study swept once (its report is written at the end of the sweep)."""
+    tmp = tmp_path_factory.mktemp("smoke-study")
+    r = subprocess.run(sweep_cmd("smoke", tmp, "--workers", "2"), cwd=workdir, env=env(), capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert f"report: {tmp / 'out' / 'report.md'}" in r.stdout, r.stdout[-3000:]
+    assert "warning" not in r.stdout
+    return tmp
+
+
+def check_report_dir(out: Path) -> str:
+    md = (out / "report.md").read_text()
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    # the smoke study has 4 trials: too few for importances, every other figure is drawn
+    assert pngs == ["length_filler.png", "overoptimization.png", "pareto.png", "slices.png"]
+    for name in pngs:
+        check_png(out / name)
+        assert f"`{name}`" in md and f"]({name})" in md, f"report.md does not name {name}"
+    linked = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+    assert sorted(linked) == pngs  # and names no figure that is not there
+    assert "importances: not computed, 4 complete trials" in md
+    for section in ("## Settings", "## 1. Pareto frontier", "Best trial per objective", "## 2. Over-optimization",
+                    "## 3. Length and filler", "## 4. Hyperparameters"):
+        assert section in md
+    # the best-of-n table reaches n = 256 at KL = log 256 - 255/256, and its fit has numbers
+    assert re.search(r"^\| 256 \| 4\.549 \|", md, flags=re.M), md
+    bon_row = next(line for line in md.splitlines() if line.startswith("| best-of-n (n = 1…256)"))
+    assert "n/a" not in bon_row.split("|")[-5]  # R² of the best-of-n fit
+    return md
+
+
+@pytest.mark.e2e
+def test_smoke_report_written_by_the_sweep(smoke):
+    out = smoke / "out"
+    md = check_report_dir(out)
+    assert "per-iteration histories from | MLflow" in md
+    assert "4 complete of 4 asked" in md
+    # the figures and report.md are artifacts of the study's MLflow parent run
+    import optuna
+    from mlflow.tracking import MlflowClient
+
+    study = optuna.load_study(study_name="smoke", storage=sweep.open_storage(str(smoke / "study.journal")))
+    client = MlflowClient(f"sqlite:///{smoke / 'mlflow.db'}")
+    logged = {Path(f.path).name for f in client.list_artifacts(study.user_attrs["mlflow_parent_run_id"], "report")}
+    assert logged == {"report.md", "pareto.png", "overoptimization.png", "length_filler.png", "slices.png"}
+
+
+@pytest.mark.e2e
+def test_report_command_rebuilds_it_from_summary_files(smoke, workdir, tmp_path, monkeypatch):
+    # another MLflow store: the trials' runs are not there, so histories come from their summary.json
+    monkeypatch.chdir(workdir)  # the module's SFT/RM cache
+    out = smoke / "out"
+    for p in out.glob("*.png"):
+        p.unlink()
+    cli.main(["report", "smoke", "--storage", str(smoke / "study.journal"), "--out", str(out),
+              "--tracking-uri", f"sqlite:///{tmp_path / 'other.db'}"])
+    md = check_report_dir(out)
+    assert "per-iteration histories from | summary.json" in md
+
+
+@pytest.mark.e2e
+def test_run_writes_its_trajectory_figure(workdir, tmp_path):
+    run_dir = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "rlhf_sweep.cli", "run", *TINY, "mlflow.enabled=false", f"hydra.run.dir={run_dir}"],
+                       cwd=workdir, env=env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert (run_dir / "summary.json").is_file()
+    check_png(run_dir / "trajectory.png", min_w=600, min_h=800)
+
+
+def test_trajectory_figure_from_a_history(tmp_path):
+    its = np.arange(30)
+    history = [{"iteration": int(i), "rm": 0.1 * i, "gold": 0.5 - 0.002 * (i - 10) ** 2, "kl/exact": 0.2 * i, "kl/k1": 0.15 * i,
+                "kl/k3": 0.18 * i, "len": 4 + 0.1 * i, "filler": 0.7 + 0.05 * i, "ppo/beta": 0.03} for i in its]
+    check_png(Path(plots.trajectory(history, tmp_path / "t.png", title="synthetic")), min_w=600, min_h=800)
+
+
+def test_non_dominated_front():
+    kl = np.array([1.0, 2.0, 3.0, 2.5, 0.5, 2.0])
+    gold = np.array([0.5, 0.9, 0.8, 1.0, 0.1, 0.9])
+    # 3 is dominated by 2.5 (less KL, more gold); the two equal points at KL 2 dominate neither
+    assert report.non_dominated(kl, gold).tolist() == [True, True, False, True, True, True]
+
+
+def test_missing_study_is_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["report", "no_such_study", "--out", str(tmp_path / "out")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no study named 'no_such_study'" in err and "rlhf-sweep sweep no_such_study" in err
+    assert not (tmp_path / "out").exists()  # nothing created on the way
+
+
+def test_a_failing_report_is_one_warning_line(monkeypatch, tmp_path, capsys):
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full\nsecond line")
+
+    monkeypatch.setattr(report, "report", broken)
+    sweep.write_report("smoke", str(tmp_path / "study.journal"), None, tmp_path / "out")  # must not raise
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("warning: the study report failed (RuntimeError: disk full second line)")
+    assert "rlhf-sweep report smoke" in lines[0]
+
+
+def test_slices_and_importances_with_a_categorical_knob(tmp_path):
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    n = 12
+    df = pd.DataFrame({"number": range(n), "pareto": [i % 4 == 0 for i in range(n)],
+                       "ppo.length_bonus": rng.uniform(-0.6, 0.2, n), "rm.center_coef": rng.choice([0.0, 0.01], n),
+                       "gold/policy": rng.normal(0.8, 0.1, n), "len/policy": rng.normal(5, 1, n)})
+    path = plots.slices(df, [("gold/policy", "maximize"), ("len/policy", "minimize")],
+                        [("ppo.length_bonus", False, False), ("rm.center_coef", False, True)], tmp_path / "slices.png")
+    check_png(Path(path))
+    path = plots.importances({"gold/policy": {"ppo.length_bonus": 0.7, "rm.center_coef": 0.3},
+                              "len/policy": {"rm.center_coef": 0.6, "ppo.length_bonus": 0.4}}, tmp_path / "importance.png")
+    check_png(Path(path), min_h=250)
