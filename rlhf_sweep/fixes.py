@@ -14,14 +14,11 @@ such as `combined` after a new measurement, reruns its arm).
 
 from __future__ import annotations
 
-import fcntl
 import json
 import math
 import os
 import time
-from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +26,7 @@ import numpy as np
 import yaml
 
 from .config import CONF_DIR, ConfigError, compose
+from .sweep import file_lock
 from .tables import format_table
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -133,18 +131,6 @@ def is_rm_side(summary: dict, base: dict) -> bool:
 
 
 # ----- running arm x seed in worker processes ------------------------------------------------------
-@contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """An exclusive lock between the worker processes on this host (released if a holder dies)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def artefact_lock(path: Path):
     return file_lock(path.parent / ".locks" / f"{path.stem}.lock")
 
