@@ -159,7 +159,7 @@ def run_one(arm: str, seed: int, out: str, extra: tuple[str, ...] = (), threads:
     cfg = compose([*arm_overrides(arm), f"seed={seed}", "progress=false", "mlflow.enabled=false", *extra])
     cfg.threads = threads
     cfg.run_dir = str(run_dir(Path(out), arm, seed))
-    torch.set_num_threads(threads)
+    torch.set_num_threads(pipeline.threads(cfg))
     device = pipeline.pick_device(cfg.device)
     world, quiet = World(cfg.world), (lambda *_: None)
     with artefact_lock(Path(cfg.cache_dir) / f"{pipeline.sft_key(cfg, device)}.pt"):
@@ -169,7 +169,7 @@ def run_one(arm: str, seed: int, out: str, extra: tuple[str, ...] = (), threads:
     return str(Path(cfg.run_dir) / "summary.json")
 
 
-RUN_ONLY_KEYS = ("run_dir", "threads", "progress", "mlflow")  # config keys that do not change a run's result
+RUN_ONLY_KEYS = ("run_dir", "progress", "mlflow")  # config keys that do not change a run's result (threads does: float order)
 
 
 def is_done(out: Path, arm: str, seed: int, extra: tuple[str, ...] = ()) -> bool:

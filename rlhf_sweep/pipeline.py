@@ -25,7 +25,7 @@ from .reward import EnsembleRM, RewardModel, calibrate, collect_pairs, pair_accu
 from .world import PROMPT_LEN, World
 
 # bump when the code of the world, SFT or RM changes what a cached artefact would hold
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 
 # independent random streams per stage, so that PPO knobs never change the SFT or RM data
 STREAMS = {"sft": 1, "pairs": 2, "rm": 3, "ppo": 4, "eval": 5}
@@ -46,10 +46,17 @@ def streams(seed: int, stage: str, device: torch.device) -> tuple[np.random.Gene
     return rng, gen
 
 
+def threads(cfg: Config) -> int:
+    """The torch thread count a run uses (`threads=0`: every core)."""
+    return cfg.threads or os.cpu_count() or 1
+
+
 def sft_key(cfg: Config, device: torch.device) -> str:
     w = to_dict(cfg.world)
     w.pop("gold"), w.pop("labeler")  # the reference never sees gold or labels
-    return "sft-" + config_hash(CACHE_VERSION, w, cfg.model, cfg.sft, cfg.seed, device.type)
+    # the thread count is in the key (and so in every RM key): it changes the float reduction order, and
+    # weights 1e-3 apart send PPO elsewhere, so a cache made with another count would break "same seed, same run"
+    return "sft-" + config_hash(CACHE_VERSION, w, cfg.model, cfg.sft, cfg.seed, device.type, threads(cfg))
 
 
 ENSEMBLE_KEYS = ("ensemble_size", "ensemble_agg", "ensemble_lambda")
@@ -236,7 +243,7 @@ def save_samples(path: Path, samples: dict, adv_records: list[dict], ood: dict) 
 
 def run(cfg: Config, say=print) -> dict:
     """Run one trial and return its summary (also written to cfg.run_dir/summary.json)."""
-    torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
+    torch.set_num_threads(threads(cfg))
     device = pick_device(cfg.device)
     if device.type == "cuda":  # same seed, same metrics: CUDA's atomics-based kernels (embedding backward) are not
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")

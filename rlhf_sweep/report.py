@@ -14,7 +14,9 @@ This module owns gathering what a study's figures need and writing `report.md`:
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -216,6 +218,18 @@ def histories(spec: StudySpec, trials: pd.DataFrame, tracking_uri: str | None) -
 
 
 # ----- the best-of-n baseline ------------------------------------------------------------------------
+def cached_threads(cfg, device) -> int:
+    """A thread count whose reference and RM are already cached (the cache key holds it; a study's
+    trials ran with cores // workers threads), so the baseline reuses the trials' artefacts."""
+    from . import pipeline
+
+    for t in range(1, (os.cpu_count() or 1) + 1):
+        c = dataclasses.replace(cfg, threads=t)
+        if all((Path(cfg.cache_dir) / f"{key}.pt").exists() for key in (pipeline.sft_key(c, device), pipeline.rm_key(c, device))):
+            return t
+    return cfg.threads
+
+
 def bon_frontier(spec: StudySpec, n_prompts: int = BON_PROMPTS, say=print) -> tuple[pd.DataFrame, str]:
     """Best-of-n from reference samples: for n in BON_NS, the RM-chosen sample's gold, RM, length, filler.
 
@@ -240,6 +254,7 @@ def bon_frontier(spec: StudySpec, n_prompts: int = BON_PROMPTS, say=print) -> tu
         cfg = compose([*spec.fixed_overrides(), f"seed={seed}"])
         cfg.progress = False
         device = pipeline.pick_device(cfg.device)
+        cfg.threads = cached_threads(cfg, device)
         world = World(cfg.world)
         ref, _ = pipeline.get_reference(cfg, world, device, say)
         rm, _ = pipeline.get_reward_model(cfg, world, ref, device, say)

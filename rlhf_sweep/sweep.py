@@ -723,7 +723,7 @@ def ensure_cached(cfg, say: Callable[[str], None]) -> None:
     sft_path, rm_path = cache / f"{pipeline.sft_key(cfg, device)}.pt", cache / f"{pipeline.rm_key(cfg, device)}.pt"
     if sft_path.exists() and rm_path.exists():
         return
-    torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
+    torch.set_num_threads(pipeline.threads(cfg))
     world = World(cfg.world)
     locks = cache / ".locks"  # beside the artefacts, out of the way
     with file_lock(locks / f"{sft_path.stem}.lock"):

@@ -67,3 +67,21 @@ def test_config_hash_is_stable_and_sensitive():
     assert config_hash(a.rm) == config_hash(b.rm)
     b.rm.center_coef = 0.01
     assert config_hash(a.rm) != config_hash(b.rm)
+
+
+def test_cache_keys_hold_the_thread_count():
+    """Weights trained with another thread count differ in the last bits, and PPO amplifies that:
+    a cached artefact is reused only by runs with the same effective thread count."""
+    import os
+
+    import torch
+
+    from rlhf_sweep import pipeline
+
+    cpu = torch.device("cpu")
+    one, two, every = (compose([f"threads={t}"]) for t in (1, 2, 0))
+    assert pipeline.sft_key(one, cpu) != pipeline.sft_key(two, cpu)
+    assert pipeline.rm_key(one, cpu) != pipeline.rm_key(two, cpu)
+    same = compose([f"threads={os.cpu_count()}"])
+    assert pipeline.sft_key(every, cpu) == pipeline.sft_key(same, cpu)
+    assert pipeline.sft_key(one, cpu) == pipeline.sft_key(compose(["threads=1", "ppo.beta=0.5"]), cpu)  # PPO knobs never retrain
