@@ -369,7 +369,7 @@ def write_markdown(data: StudyData, files: dict[str, str], fits: dict[int, gao.G
                                    for p in s.space)],
         ["fixed", ", ".join(f"{k}={v}" for k, v in s.fixed.items()) or "none"],
         ["constraints", "; ".join(c.text for c in s.constraints) or "none"],
-        ["seeds per trial", ", ".join(map(str, s.seeds))],
+        ["seeds per trial", f"{len(s.seeds)} ({'seed' if len(s.seeds) == 1 else 'seeds'} {', '.join(map(str, s.seeds))})"],
         ["sampler", f"{s.sampler} (seed {s.sampler_seed}" + (f", {s.sampler_options}" if s.sampler_options else "") + ")"],
         ["trials", f"{data.counts['complete']} complete of {s.n_trials} asked, {data.counts['failed']} failed, "
                    f"{data.counts['running']} running"],
