@@ -172,8 +172,14 @@ def run_one(arm: str, seed: int, out: str, extra: tuple[str, ...] = (), threads:
 RUN_ONLY_KEYS = ("run_dir", "progress", "mlflow")  # config keys that do not change a run's result (threads does: float order)
 
 
-def is_done(out: Path, arm: str, seed: int, extra: tuple[str, ...] = ()) -> bool:
-    """A finished run with the config this arm composes to now (an edited overlay runs again)."""
+def worker_threads(workers: int) -> int:
+    """Torch threads per run: 1 in each of several workers, every core (0) for a single one."""
+    return 0 if workers <= 1 else 1
+
+
+def is_done(out: Path, arm: str, seed: int, extra: tuple[str, ...] = (), threads: int = 1) -> bool:
+    """A finished run with the config this arm composes to now, on the same effective thread count
+    (an edited overlay, or another thread count, runs again)."""
     import dataclasses
 
     path = run_dir(out, arm, seed) / "summary.json"
@@ -181,14 +187,17 @@ def is_done(out: Path, arm: str, seed: int, extra: tuple[str, ...] = ()) -> bool
         return False
     want = dataclasses.asdict(compose([*arm_overrides(arm), f"seed={seed}", *extra]))
     have = json.loads(path.read_text())["config"]
-    return all(have.get(k) == v for k, v in want.items() if k not in RUN_ONLY_KEYS)
+    cores = os.cpu_count() or 1
+    if (have.get("threads") or cores) != (threads or cores):
+        return False
+    return all(have.get(k) == v for k, v in want.items() if k not in (*RUN_ONLY_KEYS, "threads"))
 
 
 def run_all(spec: FixesSpec, out: Path, extra: tuple[str, ...] = (), progress: bool = True) -> tuple[dict[str, dict[int, dict]], int]:
     """Every arm x seed not yet done, on `spec.workers` processes; returns all summaries and how many ran now."""
     from tqdm.auto import tqdm
 
-    todo = [(a, s) for a in spec.arms for s in spec.seeds if not is_done(out, a, s, extra)]
+    todo = [(a, s) for a in spec.arms for s in spec.seeds if not is_done(out, a, s, extra, worker_threads(spec.workers))]
     done = len(spec.arms) * len(spec.seeds) - len(todo)
     bar = tqdm(total=len(spec.arms) * len(spec.seeds), initial=done, desc="arm x seed", disable=not progress)
     if todo and spec.workers > 1:
@@ -203,7 +212,7 @@ def run_all(spec: FixesSpec, out: Path, extra: tuple[str, ...] = (), progress: b
                 bar.set_postfix_str(f"{a} seed {s}")
                 bar.update(1)
     else:
-        threads = 0 if spec.workers <= 1 else 1
+        threads = worker_threads(spec.workers)
         for a, s in todo:
             run_one(a, s, str(out), extra, threads)
             bar.set_postfix_str(f"{a} seed {s}")
