@@ -29,7 +29,8 @@ import pandas as pd
 from optuna.trial import TrialState
 
 from . import gao
-from .sweep import Constraint, Objective, Param, StudyError, StudySpec, load_spec, open_storage
+from .study import Constraint, Objective, Param, StudyError, StudySpec, load_spec
+from .sweep import open_storage
 from .tables import fmt
 
 BON_NS = tuple(2**k for k in range(9))  # 1, 2, 4, ..., 256
