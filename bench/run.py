@@ -30,6 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -200,7 +201,7 @@ def bench_trl(device: torch.device, threads: int, quick: bool) -> dict | None:
         rm_hf = build_lm(cfg.model, world.vocab.size, 128).config
         rm_hf.num_labels = 1
         reward = GPT2ForSequenceClassification(rm_hf)
-        rng = __import__("numpy").random.default_rng(0)
+        rng = np.random.default_rng(0)
         prompts = world.sample_prompts(32 * (steps + 3), rng)
         data = Dataset.from_dict({"prompt": [" ".join(f"t{int(i)}" for i in row if int(i) != 0) for row in prompts]})
         args = trl.RLOOConfig(

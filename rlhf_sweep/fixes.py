@@ -26,7 +26,7 @@ import numpy as np
 import yaml
 
 from .config import CONF_DIR, ConfigError, compose
-from .sweep import file_lock
+from .sweep import ensure_cached
 from .tables import format_table
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -131,10 +131,6 @@ def is_rm_side(summary: dict, base: dict) -> bool:
 
 
 # ----- running arm x seed in worker processes ------------------------------------------------------
-def artefact_lock(path: Path):
-    return file_lock(path.parent / ".locks" / f"{path.stem}.lock")
-
-
 def _init_worker() -> None:
     # two 1-thread processes beat one 2-thread process here; set before torch starts its pools
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -151,21 +147,13 @@ def run_dir(out: Path, arm: str, seed: int) -> Path:
 
 def run_one(arm: str, seed: int, out: str, extra: tuple[str, ...] = (), threads: int = 1) -> str:
     """One arm x seed: build (or wait for) the cached SFT and RM(s), run the pipeline; returns summary.json."""
-    import torch
-
     from . import pipeline
-    from .world import World
 
     cfg = compose([*arm_overrides(arm), f"seed={seed}", "progress=false", "mlflow.enabled=false", *extra])
     cfg.threads = threads
     cfg.run_dir = str(run_dir(Path(out), arm, seed))
-    torch.set_num_threads(pipeline.threads(cfg))
-    device = pipeline.pick_device(cfg.device)
-    world, quiet = World(cfg.world), (lambda *_: None)
-    with artefact_lock(Path(cfg.cache_dir) / f"{pipeline.sft_key(cfg, device)}.pt"):
-        ref, _ = pipeline.get_reference(cfg, world, device, quiet)
-    pipeline.get_reward_model(cfg, world, ref, device, quiet, lock=artefact_lock)
-    pipeline.run(cfg, say=quiet)
+    ensure_cached(cfg, say=lambda *_: None)  # sets the thread count; locks each artefact against the other worker
+    pipeline.run(cfg, say=lambda *_: None)
     return str(Path(cfg.run_dir) / "summary.json")
 
 

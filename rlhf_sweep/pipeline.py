@@ -118,6 +118,14 @@ def freeze(module: torch.nn.Module) -> None:
         p.requires_grad_(False)
 
 
+def artefact_paths(cfg: Config, device: torch.device) -> list[Path]:
+    """Every cached file a run of `cfg` needs: the SFT reference, each RM member, an ensemble's calibration."""
+    keys = [sft_key(cfg, device), *(rm_key(cfg, device, m) for m in range(cfg.rm.ensemble_size))]
+    if cfg.rm.ensemble_size > 1:
+        keys.append(ensemble_key(cfg, device))
+    return [Path(cfg.cache_dir) / f"{k}.pt" for k in keys]
+
+
 def get_reference(cfg: Config, world: World, device: torch.device, say) -> tuple[torch.nn.Module, dict]:
     torch.manual_seed(cfg.seed)
     lm = build_lm(cfg.model, world.vocab.size, PROMPT_LEN + cfg.world.max_new_tokens).to(device)

@@ -226,7 +226,7 @@ def cached_threads(cfg, device) -> int:
 
     for t in range(1, (os.cpu_count() or 1) + 1):
         c = dataclasses.replace(cfg, threads=t)
-        if all((Path(cfg.cache_dir) / f"{key}.pt").exists() for key in (pipeline.sft_key(c, device), pipeline.rm_key(c, device))):
+        if all(p.exists() for p in pipeline.artefact_paths(c, device)):
             return t
     return cfg.threads
 

@@ -318,11 +318,16 @@ def _clean(v: Any) -> Any:
     return v
 
 
+def artefact_lock(path: Path):
+    """The lock of one cached artefact, beside the cache files and out of their way."""
+    return file_lock(path.parent / ".locks" / f"{path.stem}.lock")
+
+
 def ensure_cached(cfg, say: Callable[[str], None]) -> None:
-    """Build the SFT reference and RM this trial needs, one process at a time per artefact.
+    """Build the SFT reference and RM(s) this run needs, one process at a time per artefact.
 
     pipeline.run caches them (atomically), but two cold workers wanting the same artefact
-    would both train it, each at half speed. A lock per cache key makes the first worker
+    would both train it, each at half speed. A lock per cache file makes the first worker
     build it and the others wait, then load it.
     """
     import torch
@@ -331,18 +336,13 @@ def ensure_cached(cfg, say: Callable[[str], None]) -> None:
     from .world import World
 
     device = pipeline.pick_device(cfg.device)
-    cache = Path(cfg.cache_dir)
-    sft_path, rm_path = cache / f"{pipeline.sft_key(cfg, device)}.pt", cache / f"{pipeline.rm_key(cfg, device)}.pt"
-    if sft_path.exists() and rm_path.exists():
+    if all(p.exists() for p in pipeline.artefact_paths(cfg, device)):
         return
     torch.set_num_threads(pipeline.threads(cfg))
     world = World(cfg.world)
-    locks = cache / ".locks"  # beside the artefacts, out of the way
-    with file_lock(locks / f"{sft_path.stem}.lock"):
+    with artefact_lock(Path(cfg.cache_dir) / f"{pipeline.sft_key(cfg, device)}.pt"):
         ref, _ = pipeline.get_reference(cfg, world, device, say)
-    with file_lock(locks / f"{rm_path.stem}.lock"):
-        if not rm_path.exists():
-            pipeline.get_reward_model(cfg, world, ref, device, say)
+    pipeline.get_reward_model(cfg, world, ref, device, say, lock=artefact_lock)
 
 
 def run_trial(job: Job, study, trial, client, say: Callable[[str], None]) -> dict:

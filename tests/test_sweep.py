@@ -237,3 +237,21 @@ def test_override_values_and_seed_combination():
     c = sweep.combine_seeds(s, [0, 1])
     assert c["metrics"] == {"m": 2.0, "n": 2.0} and c["history"] == [{"iteration": 0, "kl": 2.0}]
     assert c["observations"]["o"]["value"] == 0.5 and c["timing"]["ppo"] == 3.0 and c["config"]["seed"] == "0,1"
+
+
+def test_ensure_cached_builds_every_artefact_of_an_ensemble(tmp_path):
+    """A worker's cache step covers what the run will load: the SFT reference, every RM member and
+    the ensemble's calibration (one missing would be trained later without its lock)."""
+    import torch
+
+    from rlhf_sweep import pipeline
+    from rlhf_sweep.config import compose
+
+    from .conftest import TINY
+
+    cfg = compose([*TINY, "rm.ensemble_size=2", "threads=1", f"cache_dir={tmp_path / 'cache'}"])
+    paths = pipeline.artefact_paths(cfg, torch.device("cpu"))
+    assert len(paths) == 4 and not any(p.exists() for p in paths)  # sft, 2 members, calibration
+    sweep.ensure_cached(cfg, say=lambda *_: None)
+    assert all(p.exists() for p in paths)
+    assert not list((tmp_path / "cache" / ".locks").glob("*.pt"))  # locks live beside, not among, the artefacts
