@@ -40,7 +40,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from rlhf_sweep import pipeline  # noqa: E402
 from rlhf_sweep.config import compose  # noqa: E402
-from rlhf_sweep.models import PolicyWithValue, build_lm, response_logits  # noqa: E402
+from rlhf_sweep.models import PolicyWithValue, build_lm, decoder, draw, lm_logits, response_logits  # noqa: E402
 from rlhf_sweep.ppo import train_ppo  # noqa: E402
 from rlhf_sweep.reward import RewardModel  # noqa: E402
 from rlhf_sweep.tables import format_table  # noqa: E402
@@ -105,21 +105,21 @@ def time_floor(cfg, world: World, ref, rm, device: torch.device, run: dict) -> f
     gen = torch.Generator(device=device)
     gen.manual_seed(0)
     p = cfg.ppo
-    backbone, head = policy.lm.base_model, policy.lm.get_output_embeddings()
+    head = policy.lm.get_output_embeddings()
     sync(device)
     t = time.perf_counter()
     for prompts, responses, adv in run["batches"]:
         prompts, responses, adv = prompts.to(device), responses.to(device), adv.to(device)
         seqs = torch.cat([prompts, responses], 1)
         with torch.no_grad():  # sampling: the same cached steps and draws, the recorded tokens fed back
-            res = backbone(input_ids=prompts, use_cache=True)
-            for step in range(responses.shape[1]):
-                logits = head(res.last_hidden_state[:, -1]).float()
-                torch.multinomial(torch.softmax(logits, -1), 1, generator=gen)
-                if step == responses.shape[1] - 1:
+            step = decoder(policy.lm, len(prompts), seqs.shape[1])
+            h = step(prompts)
+            for i in range(responses.shape[1]):
+                draw(torch.softmax(head(h).float(), -1), gen)
+                if i == responses.shape[1] - 1:
                     break
-                res = backbone(input_ids=responses[:, step : step + 1], cache=res.cache, use_cache=True)
-            ref(input_ids=seqs, use_cache=False)
+                h = step(responses[:, i : i + 1])
+            lm_logits(ref, seqs)
             rm(prompts, responses)
         mb = len(seqs) // p.minibatches
         for _ in range(p.epochs):
@@ -235,12 +235,15 @@ def bench_growth(device: torch.device, threads: int, quick: bool) -> list[dict]:
         world = World(cfg.world)
         ref, rm = random_models(cfg, world, device)
         run = time_ppo(cfg, world, ref, rm, device, 3 if quick else 6, warmup=1)
+        # positions: what the forwards process (prompt + the batch's longest response, every row)
+        positions = sum(r.shape[0] * (PROMPT_LEN + r.shape[1]) for _, r, _ in run["batches"])
         rows.append({"max_new_tokens": new_tokens, "batch_size": batch, "tokens_per_iter": run["tokens"] / run["iterations"],
-                     "ms_per_iteration": 1000 * run["wall"] / run["iterations"]})
+                     "positions_per_iter": positions / run["iterations"], "ms_per_iteration": 1000 * run["wall"] / run["iterations"]})
     base = rows[0]
     for r in rows:
         r["time_x"] = r["ms_per_iteration"] / base["ms_per_iteration"]
         r["tokens_x"] = r["tokens_per_iter"] / base["tokens_per_iter"]
+        r["positions_x"] = r["positions_per_iter"] / base["positions_per_iter"]
     return rows
 
 
@@ -301,10 +304,11 @@ def main() -> None:
         out["trl_completions_per_s"] = round(trl_res["trl_completions_per_s"], 3)
 
     growth = bench_growth(device, a.threads, a.quick)
-    print(format_table(("max_new_tokens", "batch", "tokens/iter", "ms/iter", "time x", "tokens x"), [
+    print(format_table(("max_new_tokens", "batch", "tokens/iter", "ms/iter", "time x", "tokens x", "positions x"), [
         (r["max_new_tokens"], r["batch_size"], f"{r['tokens_per_iter']:.0f}", f"{r['ms_per_iteration']:.0f}",
-         f"{r['time_x']:.2f}", f"{r['tokens_x']:.2f}") for r in growth
-    ], title="\ncost growth (untrained models, default epochs and minibatches)"))
+         f"{r['time_x']:.2f}", f"{r['tokens_x']:.2f}", f"{r['positions_x']:.2f}") for r in growth
+    ], title="\ncost growth (untrained models, default epochs and minibatches; tokens: response tokens sampled,\n"
+             "positions: prompt + padded response, every row, which is what the forwards and backwards process)"))
     out["growth"] = [{k: round(v, 3) for k, v in r.items()} for r in growth]
 
     if a.skip_sweep or device.type != "cpu":

@@ -85,6 +85,9 @@ class ModelConfig:
     # MLP activation (a transformers ACT2FN name). gelu_pytorch_tanh is GPT-2's tanh-GELU as one fused
     # op; GPT2Config's default gelu_new computes the same function in six Python-level ops (~14% of PPO).
     activation: str = "gelu_pytorch_tanh"
+    # GPT-2 through the hand-written forward in models.py (same weights, same function, about twice
+    # as fast at this size); false = transformers' own forward. Llama always uses transformers'.
+    fast_forward: bool = True
 
 
 @dataclass

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from . import kl as klmod
-from .models import response_logits, response_mask, sample, token_logprobs
+from .models import lm_logits, response_logits, response_mask, sample, token_logprobs
 from .reward import RewardModel
 from .world import EOS, World
 
@@ -136,8 +136,8 @@ def observations(metrics: dict[str, float], history: list[dict], beta: float, wi
 def kl_terms(policy_lm: nn.Module, ref_lm: nn.Module, prompts: torch.Tensor, responses: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-token exact KL, k1 and k3 on policy samples (masked to the response)."""
     seqs = torch.cat([prompts, responses], 1)
-    logits = response_logits(policy_lm(input_ids=seqs, use_cache=False).logits)
-    ref_logits = response_logits(ref_lm(input_ids=seqs, use_cache=False).logits)
+    logits = response_logits(lm_logits(policy_lm, seqs))
+    ref_logits = response_logits(lm_logits(ref_lm, seqs))
     lp, rlp = token_logprobs(logits, responses), token_logprobs(ref_logits, responses)
     mask = response_mask(responses)
     return {"exact": klmod.exact(logits, ref_logits) * mask, "k1": klmod.k1(lp, rlp) * mask, "k3": klmod.k3(lp, rlp) * mask, "mask": mask}

@@ -30,7 +30,8 @@ def exact(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
     """Full-vocabulary KL(pi || ref) at every position, from logits already computed."""
     logp = torch.log_softmax(logits.float(), -1)
     ref_logp = torch.log_softmax(ref_logits.float(), -1)
-    return (logp.exp() * (logp - ref_logp)).sum(-1)
+    # KL >= 0; where the policy still equals the reference, two forwards' rounding can give -1e-8
+    return (logp.exp() * (logp - ref_logp)).sum(-1).clamp(min=0.0)
 
 
 def per_token(

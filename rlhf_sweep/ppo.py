@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from . import kl as klmod
 from .config import PPOConfig
-from .models import PolicyWithValue, response_logits, response_mask, sample, token_logprobs
+from .models import PolicyWithValue, lm_logits, response_logits, response_mask, sample, token_logprobs
 from .reward import RewardModel
 from .world import PROMPT_LEN, World
 
@@ -121,7 +121,7 @@ def rollout(
     mask = response_mask(responses)
     with torch.no_grad():
         values = policy.v_head(hidden).squeeze(-1)
-        ref_logits = response_logits(ref(input_ids=seqs, use_cache=False).logits)
+        ref_logits = response_logits(lm_logits(ref, seqs))
         logprobs = token_logprobs(logits, responses)
         ref_logprobs = token_logprobs(ref_logits, responses)
         kl_exact = klmod.exact(logits, ref_logits)
