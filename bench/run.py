@@ -101,7 +101,7 @@ def time_floor(cfg, world: World, ref, rm, device: torch.device, run: dict) -> f
     the RM's forwards, epochs x minibatches of forward/backward/step. Nothing else."""
     policy = policy_from(ref, cfg, world, device)
     policy.load_state_dict(run["start"])
-    opt = torch.optim.Adam(policy.parameters(), lr=cfg.ppo.lr, eps=1e-5)
+    opt = torch.optim.Adam(policy.parameters(), lr=cfg.ppo.lr, eps=1e-5, fused=True)
     gen = torch.Generator(device=device)
     gen.manual_seed(0)
     p = cfg.ppo

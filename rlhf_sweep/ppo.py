@@ -208,7 +208,7 @@ def train_ppo(
 
     `on_iteration(i, entry, batch)` sees every rollout (the diagnosis reads the last).
     """
-    opt = torch.optim.Adam(policy.parameters(), lr=cfg.lr, eps=1e-5)
+    opt = torch.optim.Adam(policy.parameters(), lr=cfg.lr, eps=1e-5, fused=True)  # one kernel for all tensors
     beta = cfg.beta
     moments = RunningMoments()
     history: list[dict[str, float]] = []
