@@ -22,6 +22,14 @@ def test_exact_is_zero_for_identical_policies():
     assert torch.allclose(kl.exact(logits, logits), torch.zeros(2, 4), atol=1e-6)
 
 
+def test_exact_is_never_negative_from_rounding():
+    """Two forwards of the same weights differ by float rounding; half the raw sums would then be -1e-7."""
+    g = torch.Generator().manual_seed(0)
+    logits = 3 * torch.randn(64, 24, 44, generator=g)
+    nearly = logits + 1e-6 * torch.randn(logits.shape, generator=g)
+    assert (kl.exact(logits, nearly) >= 0).all()
+
+
 def test_k1_and_k3_are_unbiased_for_exact_kl_on_a_fixed_pair():
     """Sequences of 4 independent tokens from pi; sums of k1 and k3 match 4 * KL(pi || ref)."""
     pi_logits = torch.tensor([2.0, 0.5, -1.0, 0.0, 1.0])

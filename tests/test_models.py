@@ -9,6 +9,7 @@ from rlhf_sweep.models import (
     PolicyWithValue,
     build_lm,
     draw,
+    is_fast,
     last_index,
     lm_logits,
     response_logits,
@@ -85,8 +86,10 @@ def test_fast_forward_equals_transformers_forward_and_gradients(activation):
         torch.nn.init.normal_(p, std=0.3)
     seqs = torch.cat([W.sample_prompts(8, np.random.default_rng(0)), torch.randint(2, W.vocab.size, (8, 24))], 1)
     grads = []
+    assert is_fast(lm)  # the default config takes the hand-written path
     for fast in (True, False):
         lm.config.fast_forward = fast
+        assert is_fast(lm) == fast
         logits = lm_logits(lm, seqs) if fast else lm(input_ids=seqs, use_cache=False).logits
         lm.zero_grad()
         logits.log_softmax(-1)[..., 3].sum().backward()
@@ -114,6 +117,7 @@ def test_sampling_states_equal_a_second_forward_pass(arch):
     mc = ModelConfig(arch=arch.split("-")[0], activation="silu" if arch == "llama" else "gelu",
                      fast_forward=not arch.endswith("transformers"))
     policy = PolicyWithValue(build_lm(mc, W.vocab.size, 29), 64)
+    assert is_fast(policy.lm) == (arch == "gpt2")
     torch.nn.init.normal_(policy.v_head.weight, std=0.5)
     prompts = W.sample_prompts(16, np.random.default_rng(0))
     plain = sample(policy.lm, prompts, 24, torch.Generator().manual_seed(3))
