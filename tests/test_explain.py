@@ -69,10 +69,14 @@ def test_diagnosis_recomputed_from_raw_samples(small_run):
     assert c["beta_times_kl"] == pytest.approx(s["config"]["ppo"]["beta"] * m["kl/exact"])
     g = c["growth"]
     assert g["kl_at_start_length"] == pytest.approx(g["last"]["per_token_kl"] * (s["history"][0]["len"] + 1))
-    # sequence KL = per-token KL x tokens per sequence, at every iteration reported
+    # held out: sequence KL / per-token KL is the mean number of response tokens (incl. EOS) in the raw mask
+    assert m["kl/exact"] / m["kl/exact_per_token"] == pytest.approx(kl["mask"].sum(1).double().mean().item(), rel=1e-5)
+    # per iteration: the tokens per sequence the diagnosis reports are the content tokens plus an EOS where one came
     for row in c["growth"]["series"]:
         h = s["history"][row["iteration"]]
-        assert row["seq_kl"] == h["kl/exact"] and row["per_token_kl"] * row["tokens_per_seq"] == pytest.approx(h["kl/exact"]) or h["kl/exact"] == 0
+        assert row["seq_kl"] == h["kl/exact"]
+        if h["kl/exact"] > 0:
+            assert h["len"] <= row["tokens_per_seq"] <= h["len"] + 1 + 1e-9
 
 
 class FillerCounter(nn.Module):
