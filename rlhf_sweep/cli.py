@@ -19,6 +19,7 @@ import os
 import sys
 
 from .config import CONF_DIR, ConfigError, compose, load_config
+from .runtime import quiet_libraries
 from .tables import fmt, format_table
 
 USAGE = __doc__
@@ -27,14 +28,6 @@ USAGE = __doc__
 def fail(msg: str, code: int = 2) -> None:
     print(f"rlhf-sweep: error: {msg}", file=sys.stderr)
     sys.exit(code)
-
-
-def _quiet_libraries() -> None:
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    import warnings
-
-    warnings.filterwarnings("ignore", message=".*attention_mask.*")
 
 
 def run_table(s: dict) -> str:
@@ -144,7 +137,7 @@ def cmd_run(argv: list[str]) -> None:
             compose(overrides)
         except ConfigError as e:
             fail(str(e))
-    _quiet_libraries()
+    quiet_libraries()
     main = hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")(_run_trial)
     sys.argv = ["rlhf-sweep run", *argv]
     main()
@@ -170,7 +163,7 @@ def cmd_sweep(argv: list[str]) -> None:
                     help="RDB storage: a running trial's heartbeat interval; a trial silent for twice that is failed and "
                          f"retried (default {sweep.HEARTBEAT_S})")
     a = ap.parse_args(argv)
-    _quiet_libraries()
+    quiet_libraries()
     try:
         res = sweep.sweep(a.study, n_trials=a.n_trials, workers=a.workers, storage=a.storage, name=a.name,
                           tracking_uri=a.tracking_uri, out=a.out, heartbeat=a.heartbeat)
@@ -201,7 +194,7 @@ def cmd_compare_fixes(argv: list[str]) -> None:
     ap.add_argument("--workers", type=int, help="local worker processes, 1 torch thread each (default 2)")
     ap.add_argument("overrides", nargs="*", help="extra config overrides for every arm, Hydra syntax (e.g. ppo.iterations=50)")
     a = ap.parse_args(argv)
-    _quiet_libraries()
+    quiet_libraries()
     arms = [x.strip() for x in a.arms.split(",") if x.strip()] if a.arms else None
     try:
         res = fixes.compare_fixes(arms=arms, seeds=a.seeds, tracking_uri=a.tracking_uri, out=a.out,
@@ -241,7 +234,6 @@ def cmd_report(argv: list[str]) -> None:
     ap.add_argument("--tracking-uri", help="MLflow tracking URI (default: the one the sweep logged to)")
     ap.add_argument("--out", help="the study's output directory (default: outputs/studies/NAME)")
     a = ap.parse_args(argv)
-    _quiet_libraries()
     sweep._quiet()
     try:
         path = report.report(a.study, storage=a.storage, tracking_uri=a.tracking_uri, out=a.out)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .evaluate import kl_growth
-from .tables import fmt
+from .tables import fmt, md_table
 
 
 class ExplainError(ValueError):
@@ -28,10 +28,6 @@ def _f(x: float, digits: int = 2) -> str:
 
 def _pct(x: float) -> str:
     return "n/a" if not math.isfinite(x) else f"{x:.0%}"
-
-
-def _md_table(headers: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|", *("| " + " | ".join(r) + " |" for r in rows)]
 
 
 def length_buckets(samples: dict) -> list[list[str]]:
@@ -72,12 +68,12 @@ def part_reward_model(s: dict, samples: dict | None) -> list[str]:
                         if peak > c["ref_filler_p95"] else
                         "The RM's reward for filler peaks within the reference's range and then falls, which bounds how much filler PPO adds."))
         rows = [[str(k), _f(f), _f(r - rm0, 3), _f(g, 3)] for k, f, r, g in zip(c["k"], c["filler"], c["rm"], c["gold"], strict=True)]
-        lines += ["", *_md_table(["extra filler k", "mean filler", "RM score - RM at k=0", "gold"], rows)]
+        lines += ["", md_table(["extra filler k", "mean filler", "RM score - RM at k=0", "gold"], rows)]
     if samples is not None:
         rows = length_buckets(samples)
         if rows:
             lines += ["", "Reference samples by length (the raw evidence behind the slope):", "",
-                      *_md_table(["length", "n", "mean RM", "mean gold"], rows)]
+                      md_table(["length", "n", "mean RM", "mean gold"], rows)]
     lines.append("")
     return lines
 
@@ -119,7 +115,7 @@ def part_kl(s: dict) -> list[str]:
                     "multiplies that." if g["share_of_final_kl_from_added_tokens"] < 0.5 else
                     "Most of the KL the penalty charges comes from the policy being longer, not from each token being stranger."))
     rows = [[str(r["iteration"]), _f(r["seq_kl"]), _f(r["per_token_kl"], 3), _f(r["tokens_per_seq"]), _f(r["len"])] for r in g["series"]]
-    lines += ["", *_md_table(["iteration", "sequence KL", "per-token KL", "tokens/seq (incl. EOS)", "length"], rows), ""]
+    lines += ["", md_table(["iteration", "sequence KL", "per-token KL", "tokens/seq (incl. EOS)", "length"], rows), ""]
     lines.append(f"- **beta x KL = {_f(d['beta_times_kl'])} against an RM gain of {_f(d['rm_gain'])}** (beta {fmt(d['beta_final'])}, "
                  f"held-out KL {_f(m['kl/exact'])} nats/seq). "
                  + ("The RM pays more for drifting than the penalty charges, so the optimum of reward - beta x KL lies far from "

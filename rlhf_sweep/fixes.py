@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -26,8 +25,8 @@ import numpy as np
 import yaml
 
 from .config import CONF_DIR, ConfigError, compose
-from .sweep import ensure_cached
-from .tables import format_table
+from .runtime import cores, quiet_libraries, set_worker_threads
+from .tables import format_table, md_table
 
 ROOT = Path(__file__).resolve().parent.parent
 STUDY_FILE = ROOT / "studies" / "compare_fixes.yaml"
@@ -132,13 +131,8 @@ def is_rm_side(summary: dict, base: dict) -> bool:
 
 # ----- running arm x seed in worker processes ------------------------------------------------------
 def _init_worker() -> None:
-    # two 1-thread processes beat one 2-thread process here; set before torch starts its pools
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[var] = "1"
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    import warnings
-
-    warnings.filterwarnings("ignore", message=".*attention_mask.*")
+    set_worker_threads(1)
+    quiet_libraries()
 
 
 def run_dir(out: Path, arm: str, seed: int) -> Path:
@@ -146,13 +140,12 @@ def run_dir(out: Path, arm: str, seed: int) -> Path:
 
 
 def run_one(arm: str, seed: int, out: str, extra: tuple[str, ...] = (), threads: int = 1) -> str:
-    """One arm x seed: build (or wait for) the cached SFT and RM(s), run the pipeline; returns summary.json."""
+    """One arm x seed: the pipeline (the other worker waits on a cached SFT or RM being built); returns summary.json."""
     from . import pipeline
 
     cfg = compose([*arm_overrides(arm), f"seed={seed}", "progress=false", "mlflow.enabled=false", *extra])
     cfg.threads = threads
     cfg.run_dir = str(run_dir(Path(out), arm, seed))
-    ensure_cached(cfg, say=lambda *_: None)  # sets the thread count; locks each artefact against the other worker
     pipeline.run(cfg, say=lambda *_: None)
     return str(Path(cfg.run_dir) / "summary.json")
 
@@ -175,8 +168,7 @@ def is_done(out: Path, arm: str, seed: int, extra: tuple[str, ...] = (), threads
         return False
     want = dataclasses.asdict(compose([*arm_overrides(arm), f"seed={seed}", *extra]))
     have = json.loads(path.read_text())["config"]
-    cores = os.cpu_count() or 1
-    if (have.get("threads") or cores) != (threads or cores):
+    if (have.get("threads") or cores()) != (threads or cores()):
         return False
     return all(have.get(k) == v for k, v in want.items() if k not in (*RUN_ONLY_KEYS, "threads"))
 
@@ -310,12 +302,6 @@ def terminal_table(spec: FixesSpec, result: dict) -> str:
     return "\n".join(lines)
 
 
-def md_table(headers: list[str], rows: list[list[str]]) -> str:
-    out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    out += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(out)
-
-
 def trade_off(spec: FixesSpec, result: dict, arm: str) -> str:
     r, b = result["arms"][arm], result["arms"][spec.baseline]
     d = r["diff"]
@@ -411,15 +397,15 @@ def log_mlflow(uri: str, spec: FixesSpec, result: dict, summaries: dict, out: Pa
         metrics.append(Metric(f"{name}/extra_seconds_per_run", row["extra_seconds_per_run"], now, 0))
     metrics = [m for m in metrics if math.isfinite(m.value)]
     client.log_batch(parent, params=params)
-    for i in range(0, len(metrics), tracking.MAX_METRICS_PER_CALL):
-        client.log_batch(parent, metrics=metrics[i : i + tracking.MAX_METRICS_PER_CALL])
+    for chunk in tracking.chunks(metrics, tracking.MAX_METRICS_PER_CALL):
+        client.log_batch(parent, metrics=chunk)
     for f in files:
         if f.exists():
             client.log_artifact(parent, str(f))
     for arm, runs in summaries.items():
         for seed, summary in runs.items():
-            tracking.log_run(uri, "rlhf-sweep", summary, str(run_dir(out, arm, seed)), name=f"{arm}-s{seed}",
-                             tags={"arm": arm, "seed": str(seed), "rlhf_sweep.role": "compare-fixes-run"}, parent_run_id=parent)
+            tracking.log_finished(client, exp_id, summary, str(run_dir(out, arm, seed)), name=f"{arm}-s{seed}",
+                                  tags={"arm": arm, "seed": str(seed), "rlhf_sweep.role": "compare-fixes-run"}, parent_run_id=parent)
     client.set_terminated(parent, status="FINISHED")
     return parent
 

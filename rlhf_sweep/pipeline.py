@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +22,7 @@ from .evaluate import advantage_record, advantage_stats_from, diagnose, evaluate
 from .models import PolicyWithValue, build_lm, train_sft
 from .ppo import train_ppo
 from .reward import EnsembleRM, RewardModel, calibrate, collect_pairs, pair_accuracy, train_rm
+from .runtime import cores, file_lock
 from .world import PROMPT_LEN, World
 
 # bump when the code of the world, SFT or RM changes what a cached artefact would hold
@@ -47,8 +48,8 @@ def streams(seed: int, stage: str, device: torch.device) -> tuple[np.random.Gene
 
 
 def threads(cfg: Config) -> int:
-    """The torch thread count a run uses (`threads=0`: every core)."""
-    return cfg.threads or os.cpu_count() or 1
+    """The torch thread count a run uses (`threads=0`: every core it may run on)."""
+    return cfg.threads or cores()
 
 
 def sft_key(cfg: Config, device: torch.device) -> str:
@@ -97,33 +98,29 @@ class Timer:
 def load_or_train(path: Path, module: torch.nn.Module, train, device: torch.device) -> dict:
     """Load `module` from `path` if cached, else `train()` it and save; returns its info dict.
 
-    Saved via a temporary file and an atomic rename, so sweep workers that train the
-    same artefact at once never read a half-written file.
+    Several processes (sweep workers, compare-fixes arms) often want the same uncached
+    artefact at once: a lock per file (in .locks/ beside the cache) lets the first train
+    it while the others wait and then load it, instead of each training it at a fraction
+    of the speed. Saved via a temporary file and an atomic rename, so a reader without
+    the lock never sees a half-written file.
     """
-    if path.exists():
-        blob = torch.load(path, map_location=device, weights_only=True)
-        module.load_state_dict(blob["state"])
-        return {"cached": True, "path": str(path), **blob["info"]}
-    info = train()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    torch.save({"state": module.state_dict(), "info": info}, tmp)
-    os.replace(tmp, path)
-    return {"cached": False, "path": str(path), **info}
+    if not path.exists():
+        with file_lock(path.parent / ".locks" / f"{path.stem}.lock"):
+            if not path.exists():
+                info = train()
+                tmp = path.with_suffix(f".{os.getpid()}.tmp")
+                torch.save({"state": module.state_dict(), "info": info}, tmp)
+                os.replace(tmp, path)
+                return {"cached": False, "path": str(path), **info}
+    blob = torch.load(path, map_location=device, weights_only=True)
+    module.load_state_dict(blob["state"])
+    return {"cached": True, "path": str(path), **blob["info"]}
 
 
 def freeze(module: torch.nn.Module) -> None:
     module.eval()
     for p in module.parameters():
         p.requires_grad_(False)
-
-
-def artefact_paths(cfg: Config, device: torch.device) -> list[Path]:
-    """Every cached file a run of `cfg` needs: the SFT reference, each RM member, an ensemble's calibration."""
-    keys = [sft_key(cfg, device), *(rm_key(cfg, device, m) for m in range(cfg.rm.ensemble_size))]
-    if cfg.rm.ensemble_size > 1:
-        keys.append(ensemble_key(cfg, device))
-    return [Path(cfg.cache_dir) / f"{k}.pt" for k in keys]
 
 
 def get_reference(cfg: Config, world: World, device: torch.device, say) -> tuple[torch.nn.Module, dict]:
@@ -192,14 +189,9 @@ def get_rm_member(cfg: Config, world: World, ref: torch.nn.Module, device: torch
     return rm, info
 
 
-def get_reward_model(cfg: Config, world: World, ref: torch.nn.Module, device: torch.device, say,
-                     lock=None) -> tuple[RewardModel | EnsembleRM, dict]:
-    """The RM that PPO optimizes: one model, or an ensemble of cfg.rm.ensemble_size members.
-
-    `lock(path)` (a context manager) guards each cached artefact when parallel workers may
-    want it at once; by default nothing is locked.
-    """
-    lock = lock or (lambda _path: nullcontext())
+def get_reward_model(cfg: Config, world: World, ref: torch.nn.Module, device: torch.device,
+                     say) -> tuple[RewardModel | EnsembleRM, dict]:
+    """The RM that PPO optimizes: one model, or an ensemble of cfg.rm.ensemble_size members."""
     memo: dict = {}
 
     def data():
@@ -210,8 +202,7 @@ def get_reward_model(cfg: Config, world: World, ref: torch.nn.Module, device: to
     K = cfg.rm.ensemble_size
     members, infos = [], []
     for m in range(K):
-        with lock(Path(cfg.cache_dir) / f"{rm_key(cfg, device, m)}.pt"):
-            rm, info = get_rm_member(cfg, world, ref, device, say, m, data)
+        rm, info = get_rm_member(cfg, world, ref, device, say, m, data)
         members.append(rm)
         infos.append(info)
     if K == 1:
@@ -224,9 +215,7 @@ def get_reward_model(cfg: Config, world: World, ref: torch.nn.Module, device: to
         calibrate(ens, torch.cat([pairs.prompts, pairs.prompts]), torch.cat([pairs.first, pairs.second]), device)
         return pair_accuracy(ens, held_out, device)
 
-    path = Path(cfg.cache_dir) / f"{ensemble_key(cfg, device)}.pt"
-    with lock(path):
-        info = load_or_train(path, ens.norm, train, device)
+    info = load_or_train(Path(cfg.cache_dir) / f"{ensemble_key(cfg, device)}.pt", ens.norm, train, device)
     info["rm/train_seconds"] = float(sum(i.get("rm/train_seconds", float("nan")) for i in infos))
     info["rm/train_cpu_seconds"] = float(sum(i.get("rm/train_cpu_seconds", float("nan")) for i in infos))
     info["members"] = [{k: v for k, v in i.items() if k.startswith("rm/")} for i in infos]

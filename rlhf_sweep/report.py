@@ -14,9 +14,7 @@ This module owns gathering what a study's figures need and writing `report.md`:
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -29,9 +27,9 @@ import pandas as pd
 from optuna.trial import TrialState
 
 from . import gao
-from .study import Constraint, Objective, Param, StudyError, StudySpec, load_spec
+from .study import StudyError, StudySpec, load_spec
 from .sweep import open_storage
-from .tables import fmt
+from .tables import fmt, md_table
 
 BON_NS = tuple(2**k for k in range(9))  # 1, 2, 4, ..., 256
 BON_PROMPTS = 64  # held-out prompts at most (split over the seeds); each gets max(BON_NS) reference samples
@@ -105,12 +103,7 @@ def spec_of(ostudy, study: str) -> StudySpec:
     d = ostudy.user_attrs.get("spec")
     if not d:
         return load_spec(study, check_config=False)
-    return StudySpec(name=d["name"], path=d["path"], description=d.get("description", ""),
-                     objectives=[Objective(**o) for o in d["objectives"]], space=[Param(**p) for p in d["space"]],
-                     fixed=dict(d.get("fixed") or {}), seeds=list(d["seeds"]), n_trials=int(d["n_trials"]),
-                     sampler=d.get("sampler", "tpe"), sampler_seed=int(d.get("sampler_seed", 0)),
-                     sampler_options=dict(d.get("sampler_options") or {}),
-                     constraints=[Constraint(**c) for c in d.get("constraints") or []])
+    return StudySpec.from_dict(d)
 
 
 # ----- the trials ------------------------------------------------------------------------------------
@@ -144,7 +137,7 @@ def trial_frame(spec: StudySpec, ostudy) -> pd.DataFrame:
                "len": m.get("len/policy"), "filler": m.get("filler/policy"),
                "gold_ref": m.get("gold/ref"), "rm_ref": m.get("rm/ref"), "len_ref": m.get("len/ref"),
                "filler_ref": m.get("filler/ref"), "run_id": t.user_attrs.get("mlflow_run_id"),
-               "run_dir": t.user_attrs.get("run_dir")}
+               "run_dir": t.user_attrs.get("run_dir"), "threads": t.user_attrs.get("threads")}
         row.update({p.name: t.params.get(p.name) for p in spec.space})
         row.update({o.metric: v for o, v in zip(spec.objectives, t.values, strict=True)})
         rows.append(row)
@@ -219,22 +212,17 @@ def histories(spec: StudySpec, trials: pd.DataFrame, tracking_uri: str | None) -
 
 
 # ----- the best-of-n baseline ------------------------------------------------------------------------
-def cached_threads(cfg, device) -> int:
-    """A thread count whose reference and RM are already cached (the cache key holds it; a study's
-    trials ran with cores // workers threads), so the baseline reuses the trials' artefacts."""
-    from . import pipeline
-
-    for t in range(1, (os.cpu_count() or 1) + 1):
-        c = dataclasses.replace(cfg, threads=t)
-        if all(p.exists() for p in pipeline.artefact_paths(c, device)):
-            return t
-    return cfg.threads
+def trial_threads(trials: pd.DataFrame) -> int | None:
+    """The torch thread count most trials ran with (cache keys hold it; cores // workers in a sweep)."""
+    counts = trials["threads"].dropna() if "threads" in trials else pd.Series(dtype=float)
+    return int(counts.mode().iloc[0]) if len(counts) else None
 
 
-def bon_frontier(spec: StudySpec, n_prompts: int = BON_PROMPTS, say=print) -> tuple[pd.DataFrame, str]:
+def bon_frontier(spec: StudySpec, threads: int | None, n_prompts: int = BON_PROMPTS, say=print) -> tuple[pd.DataFrame, str]:
     """Best-of-n from reference samples: for n in BON_NS, the RM-chosen sample's gold, RM, length, filler.
 
-    Loads (or, when not cached, trains) the study's reference and RM through the pipeline, samples
+    Loads the study's reference and RM through the pipeline (those the trials used when `threads` is
+    theirs; trained now when not cached), samples
     max(BON_NS) responses per held-out prompt, and applies the unbiased estimator to all of them.
     KL is log n - (n-1)/n, an upper bound (exact only for continuous outcomes).
     """
@@ -255,7 +243,8 @@ def bon_frontier(spec: StudySpec, n_prompts: int = BON_PROMPTS, say=print) -> tu
         cfg = compose([*spec.fixed_overrides(), f"seed={seed}"])
         cfg.progress = False
         device = pipeline.pick_device(cfg.device)
-        cfg.threads = cached_threads(cfg, device)
+        if threads is not None:
+            cfg.threads = threads
         world = World(cfg.world)
         ref, _ = pipeline.get_reference(cfg, world, device, say)
         rm, _ = pipeline.get_reward_model(cfg, world, ref, device, say)
@@ -335,20 +324,6 @@ def param_importances(ostudy, spec: StudySpec, n_complete: int) -> tuple[dict[st
 
 
 # ----- report.md ---------------------------------------------------------------------------------------
-def md_table(headers: list[str], rows: list[list[Any]]) -> str:
-    """A GitHub markdown table; numbers formatted like the terminal tables."""
-    def cell(v: Any) -> str:
-        if isinstance(v, bool):
-            return "yes" if v else "no"
-        if isinstance(v, (float, np.floating)):
-            return "n/a" if not math.isfinite(float(v)) else fmt(float(v))
-        return str(v).replace("|", "\\|")
-
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 def _figure(files: dict[str, str], key: str, number: int) -> str:
     if key not in files:
         return ""
@@ -485,7 +460,11 @@ def report(study: str, storage: str | None = None, tracking_uri: str | None = No
     quiet = lambda msg: None if ": cached" in msg else say(f"report: {msg}")  # noqa: E731 (only builds are news)
     say(f"report: best-of-n baseline from reference samples (up to {bon_prompts} prompts x {max(BON_NS)})")
     try:
-        data.bon, data.bon_info = bon_frontier(spec, bon_prompts, quiet)
+        threads = trial_threads(df)
+        if threads is None:
+            data.notes.append("the trials did not record their thread count (a study from before it was recorded): "
+                              "the best-of-n baseline uses a reference and RM of this process's thread count")
+        data.bon, data.bon_info = bon_frontier(spec, threads, bon_prompts, quiet)
     except Exception as e:  # the trials' figures are still worth having
         data.notes.append(f"best-of-n baseline not computed: {type(e).__name__}: {e}")
 

@@ -154,6 +154,13 @@ class StudySpec:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_dict(cls, d: dict) -> StudySpec:
+        """Back from to_dict (as a sweep stores it in the study); fields missing in older studies keep their defaults."""
+        nested = {"objectives": Objective, "space": Param, "constraints": Constraint}
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: [nested[k](**x) for x in v or []] if k in nested else v for k, v in d.items() if k in known})
+
 
 def override_value(v: Any) -> str:
     """A Python value as the right-hand side of a Hydra override."""

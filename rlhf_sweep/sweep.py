@@ -25,7 +25,6 @@ from __future__ import annotations
 import copy
 import csv
 import dataclasses
-import fcntl
 import json
 import math
 import os
@@ -34,8 +33,7 @@ import signal
 import socket
 import time
 import traceback
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +42,7 @@ import optuna
 from optuna.trial import TrialState
 
 from .config import compose
+from .runtime import cores, file_lock, quiet_libraries, set_worker_threads
 
 # the study file lives in study.py; these names stay importable from here for users' scripts
 from .study import METRIC_KEYS, StudyError, StudySpec, load_spec, make_sampler, override_value  # noqa: F401
@@ -148,18 +147,6 @@ def storage_error(storage: str, e: BaseException) -> str:
 
 def _lock_path(storage: str, out_dir: Path) -> Path:
     return Path(storage + ".sweep-lock") if "://" not in storage else out_dir / ".sweep-lock"
-
-
-@contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """An exclusive lock shared by the processes on this host (released when a holder dies)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 # ----- who owns a running trial ----------------------------------------------------------------
@@ -318,33 +305,6 @@ def _clean(v: Any) -> Any:
     return v
 
 
-def artefact_lock(path: Path):
-    """The lock of one cached artefact, beside the cache files and out of their way."""
-    return file_lock(path.parent / ".locks" / f"{path.stem}.lock")
-
-
-def ensure_cached(cfg, say: Callable[[str], None]) -> None:
-    """Build the SFT reference and RM(s) this run needs, one process at a time per artefact.
-
-    pipeline.run caches them (atomically), but two cold workers wanting the same artefact
-    would both train it, each at half speed. A lock per cache file makes the first worker
-    build it and the others wait, then load it.
-    """
-    import torch
-
-    from . import pipeline
-    from .world import World
-
-    device = pipeline.pick_device(cfg.device)
-    if all(p.exists() for p in pipeline.artefact_paths(cfg, device)):
-        return
-    torch.set_num_threads(pipeline.threads(cfg))
-    world = World(cfg.world)
-    with artefact_lock(Path(cfg.cache_dir) / f"{pipeline.sft_key(cfg, device)}.pt"):
-        ref, _ = pipeline.get_reference(cfg, world, device, say)
-    pipeline.get_reward_model(cfg, world, ref, device, say, lock=artefact_lock)
-
-
 def run_trial(job: Job, study, trial, client, say: Callable[[str], None]) -> dict:
     """Run one asked trial over its seeds, log it, and tell Optuna; returns a short record."""
     from . import pipeline, tracking
@@ -356,6 +316,7 @@ def run_trial(job: Job, study, trial, client, say: Callable[[str], None]) -> dic
     try:
         params = {p.name: p.suggest(trial) for p in spec.space}  # a retried trial gets its parameters back
         trial.set_user_attr("run_dir", str(trial_dir))
+        trial.set_user_attr("threads", job.threads)  # part of the cache keys: the report reuses the trials' reference and RM
         retry_of = _retried_trial_number(study, trial)
         if retry_of is not None:
             say(f"trial {trial.number}: retries trial {retry_of}, whose worker died")
@@ -371,8 +332,7 @@ def run_trial(job: Job, study, trial, client, say: Callable[[str], None]) -> dic
             cfg.run_dir = str(trial_dir / f"seed-{seed}")
             cfg.progress = False
             cfg.threads = job.threads
-            ensure_cached(cfg, say)
-            summary = pipeline.run(cfg, say=say)
+            summary = pipeline.run(cfg, say=say)  # a cold artefact is built under its lock, once per host
             summaries.append(summary)
             if client is not None and len(spec.seeds) > 1:
                 seed_run = tracking.start_run(client, job.experiment_id, f"{job.study_name}-t{trial.number:04d}-s{seed}",
@@ -433,17 +393,8 @@ def _tracked_metrics(spec: StudySpec) -> list[str]:
 
 
 def _quiet() -> None:
-    import warnings
-
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    warnings.filterwarnings("ignore", message=".*attention_mask.*")
-    warnings.filterwarnings("ignore", category=FutureWarning)
+    quiet_libraries()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    # read when mlflow is imported: hides "Creating initial MLflow database tables..." and the like
-    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
-    # a tracking server's client prints "View run ... at: URL" per run: one line per trial is ours to print
-    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 
 def work(job: Job, index: int, progress=None) -> None:
@@ -544,9 +495,7 @@ def _over_budget(study, trial, n_trials: int) -> bool:
 
 
 def _worker_entry(job: Job, index: int) -> None:
-    # set before torch loads: each worker gets its share of the cores
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[var] = str(job.threads)
+    set_worker_threads(job.threads)  # each worker its share of the cores
     try:
         work(job, index)
     except KeyboardInterrupt:
@@ -567,13 +516,6 @@ class SweepResult:
     tracking_uri: str | None = None
     parent_run_id: str | None = None
     table: str = ""
-
-
-def cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 def _parent_run(client, exp_id: str, study, spec: StudySpec, name: str, uri: str, storage: str, joined: bool = False) -> str:

@@ -1,9 +1,12 @@
-"""Plain-text tables for the terminal (no extra dependency)."""
+"""Tables: plain text for the terminal, GitHub markdown for report.md, fixes.md and explain.md."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
+
+import numpy as np
 
 
 def fmt(v: Any, digits: int = 3) -> str:
@@ -24,3 +27,16 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], title: s
     for r in cells:
         out.append("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))))
     return "\n".join(out)
+
+
+def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub markdown table; numbers formatted as in the terminal tables, NaN as n/a, pipes escaped."""
+
+    def cell(v: Any) -> str:
+        if isinstance(v, (float, np.floating)):
+            return fmt(float(v)) if math.isfinite(float(v)) else "n/a"
+        return fmt(v).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
+    return "\n".join(lines)

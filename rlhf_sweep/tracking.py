@@ -81,7 +81,7 @@ def _finite(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
 
 
-def _chunks(items: list, n: int):
+def chunks(items: list, n: int):
     for i in range(0, len(items), n):
         yield items[i : i + n]
 
@@ -106,9 +106,9 @@ def log_summary(
     for name, verdict in summary["observations"].items():
         metrics.append(Metric(f"observations/{name}", float(verdict["value"]), now, final_step))
     metrics += [Metric(f"timing/{k}", float(v), now, final_step) for k, v in summary["timing"].items()]
-    for chunk in _chunks(params, MAX_PARAMS_PER_CALL):
+    for chunk in chunks(params, MAX_PARAMS_PER_CALL):
         client.log_batch(run_id, params=chunk)
-    for chunk in _chunks(metrics, MAX_METRICS_PER_CALL):
+    for chunk in chunks(metrics, MAX_METRICS_PER_CALL):
         client.log_batch(run_id, metrics=chunk)
     if run_dir and (Path(run_dir) / "summary.json").exists():
         client.log_artifact(run_id, str(Path(run_dir) / "summary.json"))
@@ -125,7 +125,12 @@ def log_run(uri: str, experiment: str, summary: dict, run_dir: str | None, name:
             parent_run_id: str | None = None) -> str:
     """One finished trial as an MLflow run (nested under `parent_run_id` if given); returns its id."""
     client = client_for(uri)
-    exp_id = experiment_id(client, experiment, uri)
+    return log_finished(client, experiment_id(client, experiment, uri), summary, run_dir, name, tags, parent_run_id)
+
+
+def log_finished(client, exp_id: str, summary: dict, run_dir: str | None, name: str, tags: dict | None = None,
+                 parent_run_id: str | None = None) -> str:
+    """log_run with a client and experiment already open (many runs in a row)."""
     run_id = start_run(client, exp_id, name, tags, parent_run_id)
     try:
         log_summary(client, run_id, summary, run_dir)

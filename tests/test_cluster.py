@@ -287,7 +287,6 @@ def test_a_trial_failed_by_another_worker_while_it_ran_is_void(tmp_path, monkeyp
         return {"config": {"seed": cfg.seed, "run_dir": cfg.run_dir}, "metrics": dict.fromkeys(sweep.METRIC_KEYS, 0.5),
                 "history": [{"iteration": 0, "kl/exact": 0.1}], "observations": {}, "timing": {"ppo": 1.0}}
 
-    monkeypatch.setattr(sweep, "ensure_cached", lambda cfg, say: None)
     monkeypatch.setattr(pipeline, "run", run_while_declared_dead)
     job = sweep.Job(spec=spec, study_name="s", storage=storage, out_dir=str(tmp_path / "out"), n_trials=2, threads=1,
                     tracking_uri=None, experiment_id=None, parent_run_id=None)

@@ -53,6 +53,8 @@ def smoke(workdir, tmp_path_factory) -> Path:
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert f"report: {tmp / 'out' / 'report.md'}" in r.stdout, r.stdout[-3000:]
     assert "warning" not in r.stdout
+    # the best-of-n baseline reuses the trials' reference and RM (one-thread workers: their cache keys)
+    assert "report: best-of-n" in r.stdout and "report: SFT reference: trained" not in r.stdout, r.stdout[-3000:]
     return tmp
 
 

@@ -239,19 +239,44 @@ def test_override_values_and_seed_combination():
     assert c["observations"]["o"]["value"] == 0.5 and c["timing"]["ppo"] == 3.0 and c["config"]["seed"] == "0,1"
 
 
-def test_ensure_cached_builds_every_artefact_of_an_ensemble(tmp_path):
-    """A worker's cache step covers what the run will load: the SFT reference, every RM member and
-    the ensemble's calibration (one missing would be trained later without its lock)."""
+def test_an_uncached_artefact_is_trained_once_by_concurrent_workers(tmp_path):
+    """Workers that want the same cold SFT reference or RM at once: one trains it, the others wait
+    and load what it saved (flock also separates threads, each with its own open file)."""
+    import threading
+
     import torch
 
     from rlhf_sweep import pipeline
-    from rlhf_sweep.config import compose
 
-    from .conftest import TINY
+    path, trained, results = tmp_path / "cache" / "rm-x.pt", [], []
 
-    cfg = compose([*TINY, "rm.ensemble_size=2", "threads=1", f"cache_dir={tmp_path / 'cache'}"])
-    paths = pipeline.artefact_paths(cfg, torch.device("cpu"))
-    assert len(paths) == 4 and not any(p.exists() for p in paths)  # sft, 2 members, calibration
-    sweep.ensure_cached(cfg, say=lambda *_: None)
-    assert all(p.exists() for p in paths)
-    assert not list((tmp_path / "cache" / ".locks").glob("*.pt"))  # locks live beside, not among, the artefacts
+    def train() -> dict:
+        trained.append(threading.get_ident())
+        time.sleep(0.3)  # long enough for the others to find no file and queue on the lock
+        return {"rm/acc_labels": 0.7}
+
+    def worker() -> None:
+        module = torch.nn.Linear(3, 2)  # each its own random init: loading must overwrite it
+        results.append((pipeline.load_or_train(path, module, train, torch.device("cpu")), module.state_dict()))
+
+    threads = [threading.Thread(target=worker) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(trained) == 1
+    assert sorted(info["cached"] for info, _ in results) == [False, True, True]
+    states = [state for _, state in results]
+    assert all(torch.equal(s["weight"], states[0]["weight"]) for s in states)
+    assert sorted(p.name for p in path.parent.iterdir()) == [".locks", "rm-x.pt"]  # no lock or temp file among the artefacts
+
+
+@pytest.mark.parametrize("name", ["smoke", "beta_clip_frontier", "length_and_rm_reg", "full"])
+def test_a_stored_study_spec_reads_back_equal(name):
+    """The report rebuilds the spec from the copy the sweep stored in the study (JSON): nothing may be lost."""
+    import json
+
+    from rlhf_sweep.study import StudySpec
+
+    spec = sweep.load_spec(name, check_config=False)
+    assert StudySpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
