@@ -132,13 +132,14 @@ def cmd_run(argv: list[str]) -> None:
 
     multirun = any(a in ("-m", "--multirun") for a in argv)
     flags = {"--cfg", "-c", "--package", "-p", "--info", "-i", "--resolve"}
+    info_topics = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}  # --info's optional value
     overrides, skip, first = [], False, None
     for i, a in enumerate(argv):
         if skip:
             skip = False
             continue
         if a in flags:
-            skip = a in ("--cfg", "-c", "--package", "-p")
+            skip = a in ("--cfg", "-c", "--package", "-p") or (a in ("--info", "-i") and i + 1 < len(argv) and argv[i + 1] in info_topics)
             continue
         if a.startswith("-"):
             continue

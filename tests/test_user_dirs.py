@@ -151,6 +151,8 @@ def test_run_takes_the_config_dir_like_hydra(user):
     hsp = run_cli("run", f"hydra.searchpath=[file://{user['conf']}]", "experiment=my_overlay", "--cfg", "job", cwd=user["cwd"])
     assert env.returncode == 0 and "beta: 0.123" in env.stdout, env.stderr
     assert hsp.returncode == 0 and "beta: 0.123" in hsp.stdout, hsp.stderr
+    info = run_cli("run", "--config-dir", str(user["conf"]), "--info", "searchpath", cwd=user["cwd"])  # Hydra's own view
+    assert info.returncode == 0 and f"file://{user['conf']}" in info.stdout, info.stdout + info.stderr
 
     bad = run_cli("run", "--config-dir", str(user["conf"]), "experiment=nope", cwd=user["cwd"])
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
