@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo test test-fast lint bench clean
+.PHONY: install demo test test-fast lint bench ui ui-check clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -35,6 +35,18 @@ bench: install
 	$(BIN)/python -m pip install -q -e ".[bench]"
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/run_time.py
+
+# optuna-dashboard and the MLflow UI on loopback for the most recent study under OUT (Ctrl-C stops both)
+OUT ?= outputs
+ui: install
+	$(BIN)/python -m pip install -q -e ".[ui]"
+	$(BIN)/rlhf-sweep ui $(OUT)
+
+# the smoke study in both dashboards, opened in headless Chromium: four screenshots under outputs/bench/ui_check/
+ui-check: install
+	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || { echo "ui-check needs Debian's chromium and chromium-driver: apt-get install -y chromium chromium-driver"; exit 2; }
+	$(BIN)/python -m pip install -q -e ".[ui,bench]"
+	$(BIN)/python bench/ui_check.py
 
 clean:
 	rm -rf outputs .pytest_cache .ruff_cache

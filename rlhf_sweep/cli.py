@@ -11,6 +11,16 @@
       every fix arm x seed against the baseline, paired by seed; writes fixes.md and a figure.
   rlhf-sweep explain RUN_DIR
       writes RUN_DIR/explain.md: the three observations tied to their mechanisms.
+  rlhf-sweep studies
+      the shipped and the user's study files, each with its one-line description.
+  rlhf-sweep sweep STUDY --dry-run
+      the composed search space, objectives, trial count and an estimated wall time; runs nothing.
+  rlhf-sweep ui [OUT] [--storage URL] [--tracking-uri URI]
+      optuna-dashboard on a study's storage and the MLflow UI on its tracking store, on loopback (extra: ui).
+
+Every command also takes --config-dir DIR (your own config groups and overlays, searched after the shipped
+conf/; or RLHF_SWEEP_CONFIG_DIR) and --studies-dir DIR (your study files, before ./studies and the shipped
+ones; or RLHF_SWEEP_STUDIES_DIR).
 """
 
 from __future__ import annotations
@@ -19,6 +29,7 @@ import os
 import sys
 
 from .config import CONF_DIR, ConfigError, compose, load_config
+from .paths import CONFIG_DIR_ENV, STUDIES_DIR_ENV, PathsError, add_user_dir, with_user_config_dirs
 from .runtime import quiet_libraries
 from .tables import fmt, format_table
 
@@ -121,20 +132,33 @@ def cmd_run(argv: list[str]) -> None:
 
     multirun = any(a in ("-m", "--multirun") for a in argv)
     flags = {"--cfg", "-c", "--package", "-p", "--info", "-i", "--resolve"}
-    overrides, skip = [], False
-    for a in argv:
+    info_topics = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}  # --info's optional value
+    overrides, skip, first = [], False, None
+    for i, a in enumerate(argv):
         if skip:
             skip = False
             continue
         if a in flags:
-            skip = a in ("--cfg", "-c", "--package", "-p")
+            skip = a in ("--cfg", "-c", "--package", "-p") or (a in ("--info", "-i") and i + 1 < len(argv) and argv[i + 1] in info_topics)
             continue
-        if a.startswith("-") or a.startswith("hydra.") or a.startswith("hydra/"):
+        if a.startswith("-"):
             continue
-        overrides.append(a)
+        first = i if first is None else first
+        if not (a.startswith("hydra.") or a.startswith("hydra/")):
+            overrides.append(a)
+    # the user's config directories (--config-dir, RLHF_SWEEP_CONFIG_DIR) join any hydra.searchpath given
+    searchpath = [a for a in argv if a.split("=", 1)[0] == "hydra.searchpath"]
+    try:
+        searchpath = with_user_config_dirs(searchpath)
+    except PathsError as e:
+        fail(str(e))
+    # among the other overrides: Hydra's argparse takes them as one run of positional arguments
+    at = first if first is not None else 0
+    argv = [a for a in argv[:at] if a.split("=", 1)[0] != "hydra.searchpath"] + searchpath + \
+        [a for a in argv[at:] if a.split("=", 1)[0] != "hydra.searchpath"]
     if not multirun:  # fail on bad input before Hydra makes a run directory, in one line
         try:
-            compose(overrides)
+            compose(overrides + searchpath)
         except ConfigError as e:
             fail(str(e))
     quiet_libraries()
@@ -162,8 +186,19 @@ def cmd_sweep(argv: list[str]) -> None:
     ap.add_argument("--heartbeat", type=int, default=sweep.HEARTBEAT_S, metavar="SECONDS",
                     help="RDB storage: a running trial's heartbeat interval; a trial silent for twice that is failed and "
                          f"retried (default {sweep.HEARTBEAT_S})")
+    ap.add_argument("--dry-run", action="store_true", help="print the composed search space, objectives, trial count and "
+                    "an estimated wall time (from trials measured here), and run nothing")
     a = ap.parse_args(argv)
     quiet_libraries()
+    if a.dry_run:
+        from . import dryrun
+
+        try:
+            print(dryrun.render(dryrun.plan(a.study, n_trials=a.n_trials, workers=a.workers, storage=a.storage,
+                                            name=a.name, out=a.out)))
+        except sweep.StudyError as e:
+            fail(str(e))
+        return
     try:
         res = sweep.sweep(a.study, n_trials=a.n_trials, workers=a.workers, storage=a.storage, name=a.name,
                           tracking_uri=a.tracking_uri, out=a.out, heartbeat=a.heartbeat)
@@ -242,7 +277,75 @@ def cmd_report(argv: list[str]) -> None:
     print(f"report: {path}")
 
 
-COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "report": cmd_report, "compare-fixes": cmd_compare_fixes, "explain": cmd_explain}
+def cmd_studies(argv: list[str]) -> None:
+    """`rlhf-sweep studies`: the study files a name finds, with their one-line descriptions (study.list_studies)."""
+    from .study import StudyError, list_studies
+
+    if argv:
+        fail(f"rlhf-sweep studies takes no arguments (got {' '.join(argv)}); add directories with --studies-dir DIR")
+    try:
+        rows = list_studies()
+    except StudyError as e:
+        fail(str(e))
+    headers = ("study", "kind", "trials", "from", "description")
+    cells = [[str(r[k]) for k in ("name", "kind", "trials", "source", "description")] for r in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
+    for line in [list(headers), ["-" * w for w in widths], *cells]:  # text columns: left-aligned
+        print("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip())
+    print("run one with `rlhf-sweep sweep NAME` (see what it would do with --dry-run); compare_fixes is read by "
+          "`rlhf-sweep compare-fixes`")
+
+
+def cmd_ui(argv: list[str]) -> None:
+    """`rlhf-sweep ui [OUT]`: optuna-dashboard and the MLflow UI on loopback (rlhf_sweep/ui.py)."""
+    import argparse
+
+    from . import ui
+
+    ap = argparse.ArgumentParser(prog="rlhf-sweep ui", description="Start optuna-dashboard on a study's storage and the "
+                                 "MLflow UI on its tracking store, on loopback; print both addresses; Ctrl-C stops both.")
+    ap.add_argument("out", nargs="?", default="outputs", help="a study's output directory (outputs/studies/NAME) or the "
+                    "outputs directory, whose most recent study is shown (default: outputs)")
+    ap.add_argument("--storage", help="the Optuna storage (journal file or RDB URL; default: the study's optuna.journal)")
+    ap.add_argument("--tracking-uri", help="the MLflow tracking store (default: the one the study logged to)")
+    ap.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    ap.add_argument("--optuna-port", type=int, default=8080, help="optuna-dashboard's port (default 8080; 0 = any free port)")
+    ap.add_argument("--mlflow-port", type=int, default=5000, help="the MLflow UI's port (default 5000; 0 = any free port)")
+    a = ap.parse_args(argv)
+    try:
+        ui.serve(a.out, storage=a.storage, tracking_uri=a.tracking_uri, host=a.host, optuna_port=a.optuna_port,
+                 mlflow_port=a.mlflow_port)
+    except ui.UIError as e:
+        fail(str(e))
+
+
+COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "report": cmd_report, "compare-fixes": cmd_compare_fixes, "explain": cmd_explain,
+            "studies": cmd_studies, "ui": cmd_ui}
+
+# options every command takes: (flags, environment variable) - see rlhf_sweep/paths.py
+USER_DIR_FLAGS = {"--config-dir": CONFIG_DIR_ENV, "-cd": CONFIG_DIR_ENV, "--studies-dir": STUDIES_DIR_ENV}
+
+
+def take_user_dirs(argv: list[str]) -> list[str]:
+    """Remove --config-dir DIR / --studies-dir DIR (also --flag=DIR) from argv and put them in the environment,
+    where config.compose, study lookups and spawned workers find them."""
+    rest, i = [], 0
+    while i < len(argv):
+        a = argv[i]
+        flag, eq, value = a.partition("=")
+        if flag in USER_DIR_FLAGS and (eq or i + 1 < len(argv)):
+            if not eq:
+                value, i = argv[i + 1], i + 1
+            try:
+                add_user_dir(USER_DIR_FLAGS[flag], value, flag)
+            except PathsError as e:
+                fail(str(e))
+        elif flag in USER_DIR_FLAGS:
+            fail(f"{flag} needs a directory, e.g. {flag} ./my_{'conf' if 'config' in flag or flag == '-cd' else 'studies'}")
+        else:
+            rest.append(a)
+        i += 1
+    return rest
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -250,7 +353,7 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return
-    cmd, rest = argv[0], argv[1:]
+    cmd, rest = argv[0], take_user_dirs(argv[1:])
     if cmd not in COMMANDS:
         fail(f"unknown command {cmd!r}; commands: {', '.join(COMMANDS)}")
     COMMANDS[cmd](rest)

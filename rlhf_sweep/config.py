@@ -12,11 +12,12 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from .paths import PathsError, config_dirs, shipped_conf_dir, with_user_config_dirs
 
 
 class ConfigError(ValueError):
@@ -307,7 +308,7 @@ def config_hash(*parts: Any) -> str:
     return hashlib.sha1(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+CONF_DIR = str(shipped_conf_dir())
 
 
 def _one_line(exc: Exception) -> str:
@@ -316,7 +317,8 @@ def _one_line(exc: Exception) -> str:
 
 
 def compose(overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Compose `conf/` with Hydra overrides (as `rlhf-sweep run` does) and validate it."""
+    """Compose `conf/` and the user's config directories (paths.py) with Hydra overrides, as
+    `rlhf-sweep run` does, and validate it."""
     import re
 
     from hydra import compose as hydra_compose
@@ -325,7 +327,9 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> Config:
 
     try:
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            raw = hydra_compose(config_name="config", overrides=list(overrides))
+            raw = hydra_compose(config_name="config", overrides=with_user_config_dirs(list(overrides)))
+    except PathsError as e:
+        raise ConfigError(str(e)) from None
     except (HydraException, OmegaConfBaseException) as e:
         text = str(e).split("Config search path")[0]
         m = re.search(r"Could not override '([^']+)'", text)
@@ -337,6 +341,7 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> Config:
         m = re.search(r"Could not find '([^/']+)/([^']+)'", text)
         if m:
             group, options = m.group(1), re.findall(r"^\t(\S+)", text, flags=re.M)
-            raise ConfigError(f"{group}={m.group(2)} is not an option of group '{group}'; options: {', '.join(options)}") from None
+            raise ConfigError(f"{group}={m.group(2)} is not an option of group '{group}'; options: {', '.join(options)} "
+                              f"(looked in {', '.join(str(d) for d in config_dirs())}; add yours with --config-dir DIR)") from None
         raise ConfigError(_one_line(Exception(text))) from None
     return load_config(raw)

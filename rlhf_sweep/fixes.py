@@ -24,12 +24,12 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from .config import CONF_DIR, ConfigError, compose
+from .config import ConfigError, compose
+from .paths import config_dirs, group_options, shipped_studies_dir
 from .runtime import cores, quiet_libraries, set_worker_threads
 from .tables import format_table, md_table
 
-ROOT = Path(__file__).resolve().parent.parent
-STUDY_FILE = ROOT / "studies" / "compare_fixes.yaml"
+STUDY_FILE = shipped_studies_dir() / "compare_fixes.yaml"
 
 # (summary metric, label, +1 if larger is better for the team, -1 if smaller is, 0 if neither)
 METRICS = (
@@ -83,7 +83,8 @@ class FixesSpec:
 
 
 def experiments() -> list[str]:
-    return sorted(p.stem for p in (Path(CONF_DIR) / "experiment").glob("*.yaml"))
+    """The experiment overlays of the shipped conf/ and of the user's config directories."""
+    return group_options("experiment")
 
 
 def arm_parts(arm: str) -> list[str]:
@@ -93,7 +94,7 @@ def arm_parts(arm: str) -> list[str]:
     for p in parts:
         if p not in known:
             raise FixesError(f"unknown arm {p!r}; arms are experiment overlays in conf/experiment/: {', '.join(known)} "
-                             "(combine two with a+b)")
+                             f"(combine two with a+b; looked in {', '.join(str(d / 'experiment') for d in config_dirs())})")
     if not parts:
         raise FixesError("an empty arm name; give --arms a,b,c with names from conf/experiment/")
     return parts

@@ -20,9 +20,10 @@ import optuna
 import yaml
 
 from .config import ConfigError, compose
+from .paths import PathsError, shipped_studies_dir, study_dirs
 from .tables import fmt
 
-STUDIES_DIR = Path(__file__).resolve().parent.parent / "studies"
+STUDIES_DIR = shipped_studies_dir()
 SAMPLERS = ("tpe", "nsga2", "random", "grid")
 DIRECTIONS = {"maximize": "maximize", "max": "maximize", "minimize": "minimize", "min": "minimize"}
 PARAM_TYPES = ("float", "int", "categorical")
@@ -274,15 +275,23 @@ CONSTRAINT_RE = re.compile(r"^\s*(\S+)\s*(<=|>=)\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[
 
 
 def find_study_file(study: str) -> Path:
-    """STUDY is a path to a YAML file or a name in studies/."""
+    """STUDY is a path to a YAML file or a name in the study directories (paths.study_dirs: the user's,
+    ./studies, the shipped ones; the first match wins)."""
     p = Path(study)
     if p.is_file():
         return p
-    named = STUDIES_DIR / f"{study}.yaml"
-    if named.is_file():
-        return named
-    known = sorted(f.stem for f in STUDIES_DIR.glob("*.yaml"))
-    raise StudyError(f"no study {study!r}: not a file, and not a name in {STUDIES_DIR} (studies: {', '.join(known) or 'none'})")
+    try:
+        dirs = study_dirs()
+    except PathsError as e:
+        raise StudyError(str(e)) from None
+    for d in dirs:
+        for suffix in (".yaml", ".yml"):
+            named = d / f"{study}{suffix}"
+            if named.is_file():
+                return named
+    known = sorted({f.stem for d in dirs for f in [*d.glob("*.yaml"), *d.glob("*.yml")]})
+    raise StudyError(f"no study {study!r}: not a file, and not a name in {', '.join(map(str, dirs))} "
+                     f"(studies: {', '.join(known) or 'none'}; add yours with --studies-dir DIR)")
 
 
 def load_spec(study: str, check_config: bool = True) -> StudySpec:
@@ -416,3 +425,43 @@ class _GridSampler(optuna.samplers.GridSampler):
 
     def after_trial(self, study, trial, state, values) -> None:
         return None
+
+
+def one_line(text: str, width: int = 100) -> str:
+    """The first sentence of a description, on one line, at most `width` characters."""
+    text = " ".join(str(text or "").split())
+    m = re.match(r"(.+?[.!?])(\s|$)", text)
+    first = m.group(1) if m else text
+    return first if len(first) <= width else first[: width - 1].rstrip() + "…"
+
+
+def list_studies() -> list[dict[str, Any]]:
+    """Every study file a name can reach (paths.study_dirs, first match first), with its one-line description.
+
+    Each row: name, kind (study | compare-fixes), trials, source ('shipped' or the user's directory),
+    description; a name that a directory earlier in the order already holds is left out (it cannot be
+    reached by name), and a file that does not read says so in its description.
+    """
+    try:
+        dirs = study_dirs()
+    except PathsError as e:
+        raise StudyError(str(e)) from None
+    shipped, rows, seen = shipped_studies_dir(), [], set()
+    for d in dirs:
+        source = "shipped" if d.samefile(shipped) else str(d)
+        for f in sorted([*d.glob("*.yaml"), *d.glob("*.yml")]):
+            if f.stem in seen:
+                continue
+            seen.add(f.stem)
+            try:
+                raw = yaml.safe_load(f.read_text())
+            except (OSError, yaml.YAMLError) as e:
+                rows.append({"name": f.stem, "kind": "?", "trials": "", "source": source,
+                             "description": one_line(f"(does not read: {type(e).__name__})")})
+                continue
+            raw = raw if isinstance(raw, dict) else {}
+            fixes = "arms" in raw
+            rows.append({"name": f.stem, "kind": "compare-fixes" if fixes else "study",
+                         "trials": "" if fixes else raw.get("n_trials", ""), "source": source,
+                         "description": one_line(raw.get("description", ""))})
+    return rows

@@ -31,6 +31,7 @@ import os
 import re
 import signal
 import socket
+import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -63,6 +64,7 @@ MAX_RETRY = 3
 CONNECT_TIMEOUT_S = 5  # a database server that does not answer fails the command in seconds, not minutes
 # a worker joining a study that another machine has just created waits this long for its MLflow parent run
 PARENT_RUN_WAIT_S = 60.0
+CLEAR_LINE = "\r\x1b[K"  # carriage return + erase to the end of the line
 
 
 # ----- Optuna ------------------------------------------------------------------------------------
@@ -419,8 +421,8 @@ def work(job: Job, index: int, progress=None) -> None:
             return
         if progress is not None:
             progress.write(f"{tag}{msg}")
-        else:
-            print(f"{tag}{msg}", flush=True)
+        else:  # another worker's line on a terminal: clear the parent's progress bar line first (it redraws)
+            print(f"{CLEAR_LINE if job.workers > 1 and sys.stdout.isatty() else ''}{tag}{msg}", flush=True)
 
     while True:
         with file_lock(lock):
@@ -458,10 +460,7 @@ def work(job: Job, index: int, progress=None) -> None:
             progress.update(int(rec["state"] == "COMPLETE"))
         if rec["state"] == "COMPLETE":
             vals = ", ".join(f"{o.metric}={fmt(v)}" for o, v in zip(job.spec.objectives, rec["values"], strict=True))
-            if progress is not None:
-                progress.set_postfix_str(f"last: trial {rec['number']} {vals}")
-            else:
-                say(f"trial {rec['number']} complete in {rec['seconds']:.1f}s: {vals}")
+            say(f"trial {rec['number']} complete in {rec['seconds']:.1f}s: {vals}")
         else:
             say(f"trial {rec['number']} failed: {rec['error']}")
 
@@ -557,6 +556,23 @@ def _parent_run(client, exp_id: str, study, spec: StudySpec, name: str, uri: str
     return run_id
 
 
+def effective_spec(study: str | StudySpec, n_trials: int | None, workers: int) -> tuple[StudySpec, str | None]:
+    """The study as this sweep runs it (--n-trials applied, a grid capped at its size), and a note when capped;
+    StudyError for bad arguments. `sweep --dry-run` (dryrun.py) resolves its arguments here too."""
+    spec = study if isinstance(study, StudySpec) else load_spec(study)
+    if n_trials is not None:
+        if n_trials < 1:
+            raise StudyError(f"--n-trials must be >= 1, got {n_trials}")
+        spec = dataclasses.replace(spec, n_trials=n_trials)
+    if workers < 1:
+        raise StudyError(f"--workers must be >= 1, got {workers}")
+    if spec.sampler == "grid":
+        size = math.prod(len(p.grid_values()) for p in spec.space)
+        if spec.n_trials > size:
+            return dataclasses.replace(spec, n_trials=size), f"grid has {size} points: running {size} trials, not {spec.n_trials}"
+    return spec, None
+
+
 def sweep(study: str | StudySpec, n_trials: int | None = None, workers: int = 1, storage: str | None = None,
           name: str | None = None, tracking_uri: str | None = None, out: str | None = None, progress: bool = True,
           heartbeat: int = HEARTBEAT_S, report: bool = True) -> SweepResult:
@@ -579,18 +595,9 @@ def sweep(study: str | StudySpec, n_trials: int | None = None, workers: int = 1,
         if why:
             raise StudyError(f"cannot reach --tracking-uri {tracking_uri}: {why}; is the MLflow server running and reachable from this machine?")
     store = open_storage(storage, heartbeat) if storage and "://" in storage else None
-    spec = study if isinstance(study, StudySpec) else load_spec(study)
-    if n_trials is not None:
-        if n_trials < 1:
-            raise StudyError(f"--n-trials must be >= 1, got {n_trials}")
-        spec = dataclasses.replace(spec, n_trials=n_trials)
-    if workers < 1:
-        raise StudyError(f"--workers must be >= 1, got {workers}")
-    if spec.sampler == "grid":
-        size = math.prod(len(p.grid_values()) for p in spec.space)
-        if spec.n_trials > size:
-            print(f"grid has {size} points: running {size} trials, not {spec.n_trials}")
-            spec = dataclasses.replace(spec, n_trials=size)
+    spec, note = effective_spec(study, n_trials, workers)
+    if note:
+        print(note)
     name = name or spec.name
     out_dir = Path(out or Path("outputs") / "studies" / name)
     storage = storage or str(out_dir / "optuna.journal")
@@ -610,6 +617,7 @@ def sweep(study: str | StudySpec, n_trials: int | None = None, workers: int = 1,
     out_dir.mkdir(parents=True, exist_ok=True)
     if "spec" not in ostudy.user_attrs:
         ostudy.set_user_attr("spec", _clean(json.loads(json.dumps(spec.to_dict(), default=str))))
+    name_objectives(ostudy, spec)
 
     # MLflow: the store is created (migrated) here, once, before any worker opens it
     client = exp_id = parent = None
@@ -639,19 +647,15 @@ def sweep(study: str | StudySpec, n_trials: int | None = None, workers: int = 1,
         procs = [ctx.Process(target=_worker_entry, args=(job, i), name=f"sweep-worker-{i}") for i in range(1, workers)]
         for p in procs:
             p.start()
-        bar = None
-        if progress and workers == 1:
-            from tqdm import tqdm
-
-            bar = tqdm(total=spec.n_trials, initial=done, unit="trial", desc=name, dynamic_ncols=True)
+        bar = study_progress(job) if progress else None
         try:
             try:
                 work(job, 0, bar)
+                for p in procs:
+                    p.join()
             finally:
                 if bar is not None:
                     bar.close()
-            for p in procs:
-                p.join()
         except KeyboardInterrupt:
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             interrupted = True
@@ -667,6 +671,24 @@ def sweep(study: str | StudySpec, n_trials: int | None = None, workers: int = 1,
     if report and not interrupted and result.n_complete:
         write_report(name, storage, uri, out_dir)
     return result
+
+
+def name_objectives(ostudy, spec: StudySpec) -> None:
+    """Optuna's names for the objectives (gold/policy, kl/exact): optuna-dashboard and Optuna's plots label axes with them."""
+    import warnings
+
+    if ostudy.metric_names is None:
+        with warnings.catch_warnings():  # "experimental" since Optuna 3.2
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            ostudy.set_metric_names([o.metric for o in spec.objectives])
+
+
+def study_progress(job: Job):
+    """The study-level progress bar (progress.py), reading the study through its own storage connection."""
+    from .progress import StudyProgress
+
+    return StudyProgress(lambda: optuna.load_study(study_name=job.study_name, storage=open_storage(job.storage, job.heartbeat)),
+                         job.n_trials, job.workers, desc=job.study_name)
 
 
 def write_report(name: str, storage: str, uri: str | None, out_dir: Path) -> None:
