@@ -21,12 +21,18 @@
 Every command also takes --config-dir DIR (your own config groups and overlays, searched after the shipped
 conf/; or RLHF_SWEEP_CONFIG_DIR) and --studies-dir DIR (your study files, before ./studies and the shipped
 ones; or RLHF_SWEEP_STUDIES_DIR).
+  rlhf-sweep repair STUDY [--storage PATH] [--out DIR]
+      a study journal whose last record was cut short (crash, full disk): keep a backup, drop the torn tail.
+  rlhf-sweep log RUN_DIR [--tracking-uri URI]
+      send a finished run directory to MLflow (e.g. when logging failed at the end of `run`).
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from collections import Counter
+from pathlib import Path
 
 from .config import CONF_DIR, ConfigError, compose, load_config
 from .paths import CONFIG_DIR_ENV, STUDIES_DIR_ENV, PathsError, add_user_dir, with_user_config_dirs
@@ -115,16 +121,24 @@ def _run_trial(raw) -> None:
         fail(str(e))
     cfg.run_dir = HydraConfig.get().runtime.output_dir
     print(f"run directory: {cfg.run_dir}")
-    summary = pipeline.run(cfg)
-    figure = _trajectory_figure(summary, cfg)
+    try:
+        summary = pipeline.run(cfg)
+    except pipeline.CacheError as e:
+        fail(str(e), code=1)
+    _trajectory_figure(summary, cfg)
+    log_error = None
     if cfg.mlflow.enabled:
-        run_id = tracking.log_run(cfg.mlflow.tracking_uri, cfg.mlflow.experiment, summary, cfg.run_dir,
-                                  name=os.path.basename(cfg.run_dir.rstrip("/")), tags={"seed": str(cfg.seed)})
-        if figure:
-            tracking.client_for(cfg.mlflow.tracking_uri).log_artifact(run_id, figure)
-        print(f"MLflow: run {run_id} in {cfg.mlflow.tracking_uri} (experiment {cfg.mlflow.experiment!r})")
+        uri = cfg.mlflow.tracking_uri
+        try:
+            run_id, _ = tracking.log_run_dir(uri, cfg.run_dir, summary)
+            print(f"MLflow: run {run_id} in {uri} (experiment {cfg.mlflow.experiment!r})")
+        except Exception as e:  # the results are on disk: print them, then say how to log them later
+            log_error = (f"logging to MLflow ({uri}) failed: {tracking.short_error(e)}; the run is kept in {cfg.run_dir}: "
+                         f"`rlhf-sweep log {cfg.run_dir}` logs it once the store takes writes (--tracking-uri URI for another store)")
     print(run_table(summary))
     print(f"summary: {os.path.join(cfg.run_dir, 'summary.json')}")
+    if log_error:
+        fail(log_error, code=1)
 
 
 def cmd_run(argv: list[str]) -> None:
@@ -162,6 +176,13 @@ def cmd_run(argv: list[str]) -> None:
         except ConfigError as e:
             fail(str(e))
     quiet_libraries()
+    if not any(a in ("--cfg", "-c", "--info", "-i", "--help", "-h", "--hydra-help") for a in argv):
+        from . import preflight
+
+        try:  # where it writes and the tracking store, before Hydra makes a run directory
+            preflight.check_run(overrides + [a for a in argv if a.startswith(("hydra.", "hydra/"))], multirun)
+        except preflight.PreflightError as e:
+            fail(str(e))
     main = hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")(_run_trial)
     sys.argv = ["rlhf-sweep run", *argv]
     main()
@@ -319,8 +340,6 @@ def cmd_ui(argv: list[str]) -> None:
         fail(str(e))
 
 
-COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "report": cmd_report, "compare-fixes": cmd_compare_fixes, "explain": cmd_explain,
-            "studies": cmd_studies, "ui": cmd_ui}
 
 # options every command takes: (flags, environment variable) - see rlhf_sweep/paths.py
 USER_DIR_FLAGS = {"--config-dir": CONFIG_DIR_ENV, "-cd": CONFIG_DIR_ENV, "--studies-dir": STUDIES_DIR_ENV}
@@ -346,6 +365,69 @@ def take_user_dirs(argv: list[str]) -> list[str]:
             rest.append(a)
         i += 1
     return rest
+def cmd_repair(argv: list[str]) -> None:
+    """`rlhf-sweep repair STUDY ...`: drop a torn final record from a study's journal (rlhf_sweep/journal.py)."""
+    import argparse
+
+    from . import journal, report, sweep
+
+    ap = argparse.ArgumentParser(prog="rlhf-sweep repair", description="Repair a study journal whose last record was cut short "
+                                 "(a crash or a full disk mid-write): keep a backup copy, drop only the torn tail. Damage "
+                                 "anywhere else is reported with its line number and never written over.")
+    ap.add_argument("study", help="a name in studies/, a study YAML path, or the --name the sweep used")
+    ap.add_argument("--storage", help="the journal file (default: OUT/optuna.journal)")
+    ap.add_argument("--out", help="the study's output directory (default: outputs/studies/NAME)")
+    a = ap.parse_args(argv)
+    sweep._quiet()
+    name = report.study_name(a.study)
+    storage = a.storage or str(Path(a.out or Path("outputs") / "studies" / name) / "optuna.journal")
+    try:
+        r = journal.repair(storage)
+    except sweep.StudyError as e:
+        fail(str(e))
+    try:
+        ostudy, name, storage, _ = report.load_study(a.study, storage, a.out)
+        states = Counter(t.state.name.lower() for t in ostudy.get_trials(deepcopy=False))
+        trials = f"study {name!r}: " + (", ".join(f"{n} {s}" for s, n in sorted(states.items())) or "no trials")
+    except sweep.StudyError as e:
+        trials = str(e)
+    if r.backup is None:
+        print(f"{storage}: no damage found, nothing changed ({r.records} records); {trials}")
+    else:
+        print(f"repaired {storage}: dropped the torn last record (line {r.dropped_line}, {r.dropped_bytes} bytes); "
+              f"backup: {r.backup}; {trials}")
+
+
+def cmd_log(argv: list[str]) -> None:
+    """`rlhf-sweep log RUN_DIR`: send a finished run directory to an MLflow tracking store (rlhf_sweep/tracking.py)."""
+    import argparse
+
+    from . import preflight, tracking
+
+    ap = argparse.ArgumentParser(prog="rlhf-sweep log", description="Log a finished run directory (summary.json, "
+                                 "trajectory.png) to MLflow as one run, e.g. after logging failed at the end of "
+                                 "`rlhf-sweep run`. A summary already logged there is not logged twice.")
+    ap.add_argument("run_dir", help="the run directory (rlhf-sweep run prints it)")
+    ap.add_argument("--tracking-uri", help="MLflow tracking URI (default: the run's mlflow.tracking_uri)")
+    a = ap.parse_args(argv)
+    quiet_libraries()
+    try:
+        summary = tracking.read_run_dir(a.run_dir)
+        uri = a.tracking_uri or (summary["config"].get("mlflow") or {}).get("tracking_uri")
+        if not uri:
+            fail(f"{a.run_dir}: its config names no mlflow.tracking_uri; pass --tracking-uri")
+        preflight.check(uri, "--tracking-uri" if a.tracking_uri else "the run's mlflow.tracking_uri")
+    except (tracking.RunDirError, preflight.PreflightError) as e:
+        fail(str(e))
+    try:
+        run_id, new = tracking.log_run_dir(uri, a.run_dir, summary, once=True)
+    except Exception as e:
+        fail(f"logging {a.run_dir} to MLflow ({uri}) failed: {tracking.short_error(e)}", code=1)
+    print(f"MLflow: run {run_id} in {uri}" + ("" if new else " (this summary.json was already logged there: nothing sent)"))
+
+
+COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "report": cmd_report, "compare-fixes": cmd_compare_fixes, "explain": cmd_explain,
+            "studies": cmd_studies, "ui": cmd_ui, "repair": cmd_repair, "log": cmd_log}
 
 
 def main(argv: list[str] | None = None) -> None:

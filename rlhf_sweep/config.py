@@ -227,6 +227,10 @@ def load_config(cfg: DictConfig | dict) -> Config:
     return conf
 
 
+# numpy's and torch's generators take any non-negative seed; the stage streams derive seed * 1000 + k
+MAX_SEED = 2**32 - 1
+
+
 def _require(ok: bool, key: str, value: Any, accepts: str) -> None:
     if not ok:
         raise ConfigError(f"{key}={value!r} is invalid: {key} accepts {accepts}")
@@ -236,11 +240,13 @@ def validate(c: Config) -> None:
     """Range and choice checks; each failure names the key and what it accepts."""
     p, r, w, m = c.ppo, c.rm, c.world, c.model
     _require(c.device in ("auto", "cpu", "cuda") or c.device.startswith("cuda:"), "device", c.device, "auto, cpu, cuda or cuda:N")
+    _require(0 <= c.seed <= MAX_SEED, "seed", c.seed, f"an integer in [0, {MAX_SEED}]")
     _require(c.threads >= 0, "threads", c.threads, "an integer >= 0 (0 = all cores)")
     _require(m.arch in ARCHS, "model.arch", m.arch, " | ".join(ARCHS))
     _require(m.activation in ACTIVATIONS, "model.activation", m.activation, " | ".join(ACTIVATIONS))
     _require(m.n_layer >= 1, "model.n_layer", m.n_layer, "an integer >= 1")
-    _require(m.n_embd >= 1 and m.n_head >= 1 and m.n_embd % m.n_head == 0, "model.n_embd", m.n_embd, "a positive multiple of model.n_head")
+    _require(m.n_head >= 1, "model.n_head", m.n_head, "an integer >= 1")
+    _require(m.n_embd >= 1 and m.n_head >= 1 and m.n_embd % m.n_head == 0, "model.n_embd", m.n_embd, "an integer >= 1 that model.n_head divides")
     _require(p.beta >= 0, "ppo.beta", p.beta, "a number >= 0")
     _require(p.clip_eps > 0, "ppo.clip_eps", p.clip_eps, "a number > 0 (0.2 is usual)")
     _require(p.vf_clip >= 0, "ppo.vf_clip", p.vf_clip, "a number >= 0 (0 turns value clipping off)")
@@ -270,6 +276,10 @@ def validate(c: Config) -> None:
     _require(r.ensemble_lambda >= 0, "rm.ensemble_lambda", r.ensemble_lambda, "a number >= 0")
     _require(c.sft.lr > 0, "sft.lr", c.sft.lr, "a number > 0")
     _require(c.sft.n_demos >= 16, "sft.n_demos", c.sft.n_demos, "an integer >= 16")
+    _require(c.sft.epochs >= 1, "sft.epochs", c.sft.epochs, "an integer >= 1")
+    _require(c.sft.batch_size >= 1, "sft.batch_size", c.sft.batch_size, "an integer >= 1")
+    _require(r.epochs >= 1, "rm.epochs", r.epochs, "an integer >= 1")
+    _require(r.batch_size >= 1, "rm.batch_size", r.batch_size, "an integer >= 1")
     _require(w.n_intents >= 2, "world.n_intents", w.n_intents, "an integer >= 2")
     _require(w.n_details >= 2, "world.n_details", w.n_details, "an integer >= 2")
     _require(w.n_filler >= 1, "world.n_filler", w.n_filler, "an integer >= 1")
@@ -279,6 +289,7 @@ def validate(c: Config) -> None:
     _require(w.labeler.tau > 0, "world.labeler.tau", w.labeler.tau, "a number > 0")
     _require(0 <= w.labeler.flip_rate <= 0.5, "world.labeler.flip_rate", w.labeler.flip_rate, "a probability in [0, 0.5]")
     _require(0 < w.gold.directness <= 1, "world.gold.directness", w.gold.directness, "a number in (0, 1]")
+    _require(w.gold.ideal_len >= 0, "world.gold.ideal_len", w.gold.ideal_len, "an integer >= 0")
     d = w.demo
     _require(min(d.complete, d.partial, d.wrong) >= 0 and d.complete + d.partial + d.wrong > 0, "world.demo", f"{d.complete}/{d.partial}/{d.wrong}", "non-negative weights complete/partial/wrong with a positive sum")
     _require(0 < c.eval.confidence < 1, "eval.confidence", c.eval.confidence, "a number in (0, 1)")

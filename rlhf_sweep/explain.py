@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -135,14 +136,22 @@ def explain(run_dir: str | Path) -> Path:
     path = run / "summary.json"
     if not path.exists():
         raise ExplainError(f"{path} not found; give the directory of a finished run (rlhf-sweep run prints it)")
-    s = json.loads(path.read_text())
+    try:
+        s = json.loads(path.read_text())
+    except ValueError as e:
+        raise ExplainError(f"{path} is not readable JSON ({type(e).__name__}: {' '.join(str(e).split())[:120]}); rerun the run") from None
     if "diagnosis" not in s or "filler_curve" not in s["diagnosis"].get("reward_model", {}):
         raise ExplainError(f"{path} has no current diagnosis; rerun it with this version (rlhf-sweep run ...)")
     samples = None
     if (run / "samples.pt").exists():
         import torch
 
-        samples = torch.load(run / "samples.pt", weights_only=False)
+        try:
+            samples = torch.load(run / "samples.pt", weights_only=True)
+        except Exception as e:  # the summary still explains; only the recomputed numbers need the samples
+            print(f"warning: {run / 'samples.pt'} is unreadable ({type(e).__name__}); explaining from summary.json alone",
+                  file=sys.stderr)
+            samples = None
     m, o = s["metrics"], s["observations"]
     head = [
         f"# Why: {run}",

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from . import preflight
 from .config import ConfigError, compose
 from .paths import config_dirs, group_options, shipped_studies_dir
 from .runtime import cores, quiet_libraries, set_worker_threads
@@ -168,7 +169,10 @@ def is_done(out: Path, arm: str, seed: int, extra: tuple[str, ...] = (), threads
     if not path.exists():
         return False
     want = dataclasses.asdict(compose([*arm_overrides(arm), f"seed={seed}", *extra]))
-    have = json.loads(path.read_text())["config"]
+    try:
+        have = json.loads(path.read_text())["config"]
+    except (ValueError, KeyError, TypeError):  # a damaged summary: the run is redone and the file rewritten
+        return False
     if (have.get("threads") or cores()) != (threads or cores()):
         return False
     return all(have.get(k) == v for k, v in want.items() if k not in (*RUN_ONLY_KEYS, "threads"))
@@ -442,9 +446,13 @@ def compare_fixes(arms: list[str] | None = None, seeds: int | None = None, track
     if workers is not None:
         spec.workers = workers
     out_dir = Path(out or "outputs/fixes")
-    out_dir.mkdir(parents=True, exist_ok=True)
     base_cfg = compose(list(extra))
     uri = tracking_uri or (base_cfg.mlflow.tracking_uri if base_cfg.mlflow.enabled else None)
+    try:
+        preflight.check(uri, "--tracking-uri" if tracking_uri else "mlflow.tracking_uri", {"--out": out_dir, "cache_dir": base_cfg.cache_dir})
+    except preflight.PreflightError as e:
+        raise FixesError(str(e)) from None
+    out_dir.mkdir(parents=True, exist_ok=True)
     if uri:
         from . import tracking
 

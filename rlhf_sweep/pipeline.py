@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -95,6 +96,36 @@ class Timer:
         self.cpu[name] = round(self.cpu.get(name, 0.0) + time.process_time() - c, 3)
 
 
+class CacheError(RuntimeError):
+    """A cached artefact that is unreadable and cannot be moved aside; the message names the file to delete."""
+
+
+def _load_cached(path: Path, module: torch.nn.Module, device: torch.device) -> dict | str:
+    """The info dict of the cached artefact at `path`, loaded into `module`; or why it cannot be used."""
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    try:
+        blob = torch.load(path, map_location=device, weights_only=True)
+        module.load_state_dict(blob["state"])
+        return {"cached": True, "path": str(path), **blob["info"]}
+    except Exception as e:  # garbage, a cut-short file, another shape: torch's message may advise an unsafe load
+        module.load_state_dict(before)  # a failed load may have copied some tensors: a rebuild starts where a cold one does
+        text = " ".join(str(e).split())
+        if "weights_only" in text or "Weights only" in text or not text:
+            text = "not a checkpoint this code wrote"
+        return f"{type(e).__name__}: {text.split('. ')[0][:160]}"
+
+
+def _set_aside(path: Path, why: str) -> None:
+    """Move an unreadable cached artefact out of the way (kept for inspection), in one warning line."""
+    aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+    try:
+        os.replace(path, aside)
+    except OSError as e:
+        raise CacheError(f"the cached artefact {path} is unreadable ({why}) and cannot be moved aside ({e.strerror}); "
+                         "delete it and run again") from None
+    print(f"warning: the cached artefact {path} is unreadable ({why}); moved to {aside.name}, rebuilding it", file=sys.stderr, flush=True)
+
+
 def load_or_train(path: Path, module: torch.nn.Module, train, device: torch.device) -> dict:
     """Load `module` from `path` if cached, else `train()` it and save; returns its info dict.
 
@@ -102,19 +133,24 @@ def load_or_train(path: Path, module: torch.nn.Module, train, device: torch.devi
     artefact at once: a lock per file (in .locks/ beside the cache) lets the first train
     it while the others wait and then load it, instead of each training it at a fraction
     of the speed. Saved via a temporary file and an atomic rename, so a reader without
-    the lock never sees a half-written file.
+    the lock never sees a half-written file. A cached file that does not load (damaged on
+    disk, or not this artefact) is moved aside and rebuilt under the same lock.
     """
-    if not path.exists():
-        with file_lock(path.parent / ".locks" / f"{path.stem}.lock"):
-            if not path.exists():
-                info = train()
-                tmp = path.with_suffix(f".{os.getpid()}.tmp")
-                torch.save({"state": module.state_dict(), "info": info}, tmp)
-                os.replace(tmp, path)
-                return {"cached": False, "path": str(path), **info}
-    blob = torch.load(path, map_location=device, weights_only=True)
-    module.load_state_dict(blob["state"])
-    return {"cached": True, "path": str(path), **blob["info"]}
+    if path.exists():
+        info = _load_cached(path, module, device)
+        if isinstance(info, dict):
+            return info
+    with file_lock(path.parent / ".locks" / f"{path.stem}.lock"):
+        if path.exists():  # built by another process while this one waited, or the unreadable file seen above
+            info = _load_cached(path, module, device)
+            if isinstance(info, dict):
+                return info
+            _set_aside(path, info)
+        info = train()
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        torch.save({"state": module.state_dict(), "info": info}, tmp)
+        os.replace(tmp, path)
+        return {"cached": False, "path": str(path), **info}
 
 
 def freeze(module: torch.nn.Module) -> None:

@@ -26,7 +26,7 @@ import optuna
 import pandas as pd
 from optuna.trial import TrialState
 
-from . import gao
+from . import gao, journal, preflight
 from .study import StudyError, StudySpec, load_spec
 from .sweep import open_storage
 from .tables import fmt, md_table
@@ -88,6 +88,8 @@ def load_study(study: str, storage: str | None = None, out: str | None = None) -
     out_dir = Path(out or Path("outputs") / "studies" / name)
     storage = storage or str(out_dir / "optuna.journal")
     # a journal path that does not exist would be created empty by open_storage: check first
+    if "://" not in storage:
+        journal.check(storage)  # a folder, a torn or damaged journal: its own line
     if "://" not in storage and not Path(storage).is_file():
         raise StudyError(f"no study named {name!r} in {storage}; run `rlhf-sweep sweep {study}` first "
                          "(or pass --storage / --out where it ran)")
@@ -444,9 +446,13 @@ def report(study: str, storage: str | None = None, tracking_uri: str | None = No
               for k, state in (("complete", TrialState.COMPLETE), ("failed", TrialState.FAIL), ("running", TrialState.RUNNING))}
     if not counts["complete"]:
         raise StudyError(f"study {name!r} in {storage} has no complete trial yet; run `rlhf-sweep sweep {study}` first")
-    out_dir.mkdir(parents=True, exist_ok=True)
     stored_uri = ostudy.user_attrs.get("mlflow_tracking_uri")
     uri = tracking_uri or stored_uri
+    try:  # a dead server would cost minutes of MLflow's retries per trial history
+        preflight.check(uri, "--tracking-uri" if tracking_uri else "the study's tracking URI", {"--out": out_dir})
+    except preflight.PreflightError as e:
+        raise StudyError(str(e)) from None
+    out_dir.mkdir(parents=True, exist_ok=True)
     parent = ostudy.user_attrs.get("mlflow_parent_run_id") if uri and uri == stored_uri else None
 
     df = trial_frame(spec, ostudy)

@@ -42,6 +42,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
+from . import journal, preflight
 from .config import compose
 from .runtime import cores, file_lock, quiet_libraries, set_worker_threads
 
@@ -88,7 +89,6 @@ def open_storage(storage: str, heartbeat: int = HEARTBEAT_S):
     import warnings
 
     from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
 
     try:
         if "://" in storage:
@@ -113,8 +113,11 @@ def open_storage(storage: str, heartbeat: int = HEARTBEAT_S):
                     if attempt == 2 or not any(m in str(e) for m in ("already exists", "duplicate key")):
                         raise
                     time.sleep(1.0)
+        journal.check(storage)  # a folder, a torn last record, damage: one line, before Optuna appends anything
         Path(storage).parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(storage))
+        return JournalStorage(journal.backend(storage))
+    except StudyError:
+        raise
     except Exception as e:  # a bad URL, a missing driver, a server that does not answer: one line, before any trial
         raise StudyError(storage_error(storage, e)) from None
 
@@ -499,6 +502,9 @@ def _worker_entry(job: Job, index: int) -> None:
         work(job, index)
     except KeyboardInterrupt:
         pass
+    except StudyError as e:  # e.g. the journal was torn under it: one line, as the parent prints its own
+        print(f"rlhf-sweep: error: [worker {index}] {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 # ----- the study ----------------------------------------------------------------------------------
@@ -603,6 +609,12 @@ def sweep(study: str | StudySpec, n_trials: int | None = None, workers: int = 1,
     storage = storage or str(out_dir / "optuna.journal")
     base = compose(spec.fixed_overrides())
     uri = tracking_uri or (base.mlflow.tracking_uri if base.mlflow.enabled else None)
+    if journal.is_journal(storage):
+        journal.check(storage)  # a torn or damaged journal stops the command before anything is created
+    try:  # before the study or its folder exist: both will be written, and every trial logs to the store
+        preflight.check(uri, "--tracking-uri" if tracking_uri else "mlflow.tracking_uri", {"--out": out_dir, "cache_dir": base.cache_dir})
+    except preflight.PreflightError as e:
+        raise StudyError(str(e)) from None
 
     store = store or open_storage(storage, heartbeat)
     directions = spec.directions

@@ -9,12 +9,15 @@ step = ppo.iterations, so `kl/exact` ends its curve with the held-out value.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import time
 from pathlib import Path
 from typing import Any
 
 from .config import flatten
+from .runtime import file_lock
 
 MAX_METRICS_PER_CALL = 1000  # MLflow's documented batch limits
 MAX_PARAMS_PER_CALL = 100
@@ -28,13 +31,91 @@ def default_artifact_root(uri: str) -> str | None:
     return None
 
 
-def client_for(uri: str):
-    """A client on `uri`; creates the parent folder of a local SQLite store first."""
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a local SQLite store URI (sqlite:///rel/path, sqlite:////abs/path), else None."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri[len("sqlite:///") :].split("?", 1)[0]
+    return Path(path) if path else None
+
+
+_READY: set[str] = set()  # SQLite stores this process has opened (MLflow keeps one store object per URI)
+
+
+def ensure_store(uri: str):
+    """A client on `uri`. A local SQLite store is opened the first time under a file lock beside it,
+    so a new store is created (its tables made and migrated) once, by whichever process comes first;
+    MLflow's migrations are not safe to run from two processes at once."""
     from mlflow.tracking import MlflowClient
 
-    if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
-    return MlflowClient(tracking_uri=uri)
+    db = sqlite_path(uri)
+    if db is None or uri in _READY:
+        return MlflowClient(tracking_uri=uri)
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(db.with_name(db.name + ".lock")):
+        client = MlflowClient(tracking_uri=uri)  # creates and migrates a new store's tables
+    _READY.add(uri)
+    return client
+
+
+def client_for(uri: str):
+    """A client on `uri` (a new local SQLite store is created first, once: `ensure_store`)."""
+    return ensure_store(uri)
+
+
+def short_error(e: BaseException, limit: int = 300) -> str:
+    """One line from a database or MLflow error: the driver's own message without SQLAlchemy's SQL and links."""
+    err: BaseException | None = e
+    while err is not None:  # MLflow wraps SQLAlchemy errors, which keep the driver's in `.orig`
+        if getattr(err, "orig", None) is not None:
+            return " ".join(str(err.orig).split())[:limit]
+        err = err.__cause__ or err.__context__
+    text = str(e).split("[SQL:")[0].split("(Background on this error")[0]
+    return (" ".join(text.split()) or type(e).__name__)[:limit]
+
+
+def _write_probe(db: Path, timeout: float) -> str | None:
+    """Why SQLite cannot write to `db` (None when it can): a schema change that is rolled back."""
+    import sqlite3
+
+    try:
+        con = sqlite3.connect(str(db), timeout=timeout, isolation_level=None)
+        try:
+            con.execute("BEGIN IMMEDIATE")
+            con.execute("CREATE TABLE rlhf_sweep_write_probe (x INTEGER)")
+            con.execute("ROLLBACK")
+        finally:
+            con.close()
+    except sqlite3.Error as e:
+        return str(e)
+    return None
+
+
+def check_store(uri: str, label: str = "mlflow.tracking_uri", timeout: float = 5.0) -> str | None:
+    """Why `uri` cannot take runs (None when it can), as one line naming `label` and the fix.
+
+    A tracking server must answer within `timeout` (`unreachable`); a local SQLite store is
+    created if new (`ensure_store`) and must accept a write. Other stores are left to MLflow.
+    """
+    if uri.startswith(("http://", "https://")):
+        why = unreachable(uri, timeout)
+        return f"cannot reach {label} {uri}: {why}; is the MLflow server running and reachable from this machine?" if why else None
+    db = sqlite_path(uri)
+    if db is None:
+        return None
+    if db.is_dir():
+        return f"{label} {uri} names a directory; point it at a database file, e.g. sqlite:///{db / 'mlflow.db'}"
+    try:
+        ensure_store(uri)
+    except Exception as e:
+        why = short_error(e)
+        fix = ("move the file aside (it is not an MLflow database) or point " if "not a database" in why or "malformed" in why
+               else "point ")
+        return f"cannot open the MLflow store {label} {uri}: {why}; {fix}{label} at another store"
+    why = _write_probe(db, timeout)
+    if why:
+        return f"cannot write to the MLflow store {label} {uri}: {why}; make {db} and its folder writable or point {label} at another store"
+    return None
 
 
 def unreachable(uri: str, timeout: float = 5.0) -> str | None:
@@ -129,13 +210,61 @@ def log_run(uri: str, experiment: str, summary: dict, run_dir: str | None, name:
 
 
 def log_finished(client, exp_id: str, summary: dict, run_dir: str | None, name: str, tags: dict | None = None,
-                 parent_run_id: str | None = None) -> str:
-    """log_run with a client and experiment already open (many runs in a row)."""
+                 parent_run_id: str | None = None, files: list[str] | tuple[str, ...] = ()) -> str:
+    """log_run with a client and experiment already open (many runs in a row); `files` are further artifacts."""
     run_id = start_run(client, exp_id, name, tags, parent_run_id)
     try:
         log_summary(client, run_id, summary, run_dir)
+        for f in files:
+            client.log_artifact(run_id, f)
     except Exception:
         client.set_terminated(run_id, status="FAILED")
         raise
     client.set_terminated(run_id, status="FINISHED")
     return run_id
+
+
+# ----- a finished run directory as an MLflow run -------------------------------------------------
+RUN_DIR_TAG = "rlhf_sweep.run_dir"
+SUMMARY_TAG = "rlhf_sweep.summary_sha1"  # which summary.json a run holds: `rlhf-sweep log` sends each once
+
+
+class RunDirError(ValueError):
+    """A run directory without a readable summary.json; one line naming the file and the fix."""
+
+
+def read_run_dir(run_dir: str | Path) -> dict:
+    """The summary.json of a finished run directory."""
+    path = Path(run_dir) / "summary.json"
+    if not path.is_file():
+        raise RunDirError(f"{path} not found; give the directory of a finished run (rlhf-sweep run prints it)")
+    try:
+        summary = json.loads(path.read_text())
+        missing = [k for k in ("config", "metrics", "history", "observations", "timing") if k not in summary]
+    except (OSError, ValueError, TypeError) as e:
+        raise RunDirError(f"{path} is not a readable run summary ({type(e).__name__}: {' '.join(str(e).split())[:200]}); "
+                          "rerun the run to rebuild it") from None
+    if missing:
+        raise RunDirError(f"{path} lacks {', '.join(missing)}: not a summary that `rlhf-sweep run` wrote")
+    return summary
+
+
+def log_run_dir(uri: str, run_dir: str | Path, summary: dict | None = None, once: bool = False) -> tuple[str, bool]:
+    """A finished run directory as one MLflow run: its summary.json (config, history, metrics, verdicts)
+    and trajectory.png when present, in the experiment its config names. Returns (run id, logged now);
+    with `once`, a FINISHED run of the same summary.json in that experiment is returned instead."""
+    run_dir = Path(run_dir).resolve()
+    summary = summary if summary is not None else read_run_dir(run_dir)
+    digest = hashlib.sha1((run_dir / "summary.json").read_bytes()).hexdigest()
+    client = client_for(uri)
+    exp_id = experiment_id(client, (summary["config"].get("mlflow") or {}).get("experiment", "rlhf-sweep"), uri)
+    if once:
+        done = client.search_runs([exp_id], filter_string=f"tags.`{SUMMARY_TAG}` = '{digest}' and attributes.status = 'FINISHED'",
+                                  max_results=1)
+        if done:
+            return done[0].info.run_id, False
+    figure = run_dir / "trajectory.png"
+    run_id = log_finished(client, exp_id, summary, str(run_dir), name=run_dir.name,
+                          tags={"seed": str(summary["config"].get("seed")), RUN_DIR_TAG: str(run_dir), SUMMARY_TAG: digest},
+                          files=[str(figure)] if figure.is_file() else [])
+    return run_id, True
