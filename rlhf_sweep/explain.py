@@ -108,7 +108,7 @@ def penalty_lines(s: dict) -> list[str]:
     key = "kl/penalty" if "kl/penalty" in h[-1] else {"k1": "kl/k1", "k3": "kl/k3", "exact": "kl/exact"}.get(pen.estimator)
     where = {"reward": "per token inside the return", "loss": "as a term of the PPO loss",
              "both": "per position in the PPO loss and, for the later positions, inside the return"}[pen.placement]
-    gradient = ("the gradient of the sequence KL(pi || ref), so beta buys the KL control it names"
+    gradient = ("the gradient of the sequence KL(pi || ref), so beta trades RM score against the KL the run reports"
                 if pen.gradient == "unbiased" else
                 f"not the gradient of the sequence KL(pi || ref): it minimizes {pen.minimizes}")
     lines = [f"- **Penalty: {pen.estimator} {where} (ppo.kl_in={pen.placement}, ppo.kl_estimator={pen.estimator}); "
@@ -123,7 +123,8 @@ def penalty_lines(s: dict) -> list[str]:
         f"while the exact KL went {_f(ex_first)} -> {_f(ex_last)}; at beta {fmt(h[-1]['ppo/beta'])} that is "
         f"{_f(h[-1]['ppo/beta'] * last)} per sequence at the end; the held-out exact KL is {_f(m['kl/exact'])} nats.** "
         + (f"Its estimate ended {_f(abs(gap))} nats {'above' if gap > 0 else 'below'} the exact KL"
-           + (" (k1 and k3 are unbiased values, so the gap is sampling noise)." if pen.estimator in ("k1", "k3") else
+           + (f" (k1 and k3 are unbiased values of the KL: their expected gap is zero, so this one is the sampling error of "
+              f"one rollout of {s['config']['ppo']['batch_size']} responses)." if pen.estimator in ("k1", "k3") else
               " (k2 is a biased value of KL)." if pen.estimator == "k2" else ".")
            if pen.estimator != "exact" else "It charged the exact KL itself, with no sampling noise.")
         + ("" if pen.gradient == "unbiased" else
