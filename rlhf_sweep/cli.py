@@ -102,7 +102,7 @@ def _trajectory_figure(summary: dict, cfg) -> str | None:
         from . import plots
 
         c = cfg.ppo
-        title = f"rlhf-sweep run, seed {cfg.seed}: β={c.beta:g}, clip ε={c.clip_eps:g}, KL estimator {c.kl_estimator}"
+        title = f"rlhf-sweep run, seed {cfg.seed}: β={c.beta:g}, clip ε={c.clip_eps:g}, KL penalty {c.kl_in}+{c.kl_estimator}"
         return plots.trajectory(summary["history"], os.path.join(cfg.run_dir, "trajectory.png"), title=title)
     except Exception as e:
         print(f"warning: no trajectory figure ({type(e).__name__}: {e})", file=sys.stderr)

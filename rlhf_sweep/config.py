@@ -17,6 +17,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from . import kl
 from .paths import PathsError, config_dirs, shipped_conf_dir, with_user_config_dirs
 
 
@@ -125,8 +126,8 @@ class RMConfig:
     ensemble_lambda: float = 1.0  # lambda of mean_std
 
 
-KL_ESTIMATORS = ("k1", "k3", "exact")
-KL_IN = ("reward", "loss")
+KL_ESTIMATORS = kl.ESTIMATORS
+KL_IN = kl.PLACEMENTS
 
 
 @dataclass
@@ -139,9 +140,19 @@ class PPOConfig:
     minibatches: int = 2
     lr: float = 1e-4
     max_grad_norm: float = 1.0
-    beta: float = 0.03  # KL coefficient (initial value when adaptive_kl)
-    kl_estimator: str = "k1"  # k1 | k3 | exact: what the penalty uses per token
-    kl_in: str = "reward"  # reward (per-token penalty, InstructGPT) | loss (GRPO-style)
+    # KL coefficient (initial value when adaptive_kl), in RM-score units per nat of sequence KL in every
+    # placement: the loss placement's token mean is the PPO loss's own token mean, and it is scaled by
+    # the factor that whitening applied to the advantages, so the same beta charges the same KL
+    beta: float = 0.03
+    # The penalty: what it uses per token (k1 | k2 | k3 | exact: the full-vocabulary KL) and where it goes
+    # (reward: per token inside the return, InstructGPT | loss: a term of the PPO loss, GRPO-style | both:
+    # exact only, the per-position gradient in the loss plus the later positions' KL in the return).
+    # kl.PENALTIES declares each pair's gradient. Unbiased (the gradient of the sequence KL): reward+k1,
+    # both+exact. Partial (per token, blind to a token's effect on later states): loss+k2, loss+exact.
+    # Biased: reward+k3, reward+exact, loss+k1 (zero in expectation), loss+k3 (forward KL per token).
+    # A run with a non-unbiased pair prints one warning line and tags its summary kl/gradient.
+    kl_estimator: str = "k1"
+    kl_in: str = "reward"
     adaptive_kl: bool = False  # Ziegler et al. 2019 proportional controller
     target_kl: float = 6.0  # sequence nats, for adaptive_kl
     horizon: int = 10000  # episodes, for adaptive_kl
@@ -156,6 +167,8 @@ class PPOConfig:
     reward_norm: bool = False  # running mean/std normalisation of RM scores
     reward_clip: float = 0.0  # clip normalised scores to [-c, c]; 0 turns it off
     early_stop_kl: float = 0.0  # stop an iteration's epochs once approx_kl exceeds it; 0 = off
+    # sampling temperature of the rollouts; log-probs, KL, the PPO ratio and the held-out evaluation use the
+    # distribution sampled from (policy and reference logits / temperature, so the policy starts at KL 0)
     temperature: float = 1.0
 
 
@@ -250,8 +263,10 @@ def validate(c: Config) -> None:
     _require(p.beta >= 0, "ppo.beta", p.beta, "a number >= 0")
     _require(p.clip_eps > 0, "ppo.clip_eps", p.clip_eps, "a number > 0 (0.2 is usual)")
     _require(p.vf_clip >= 0, "ppo.vf_clip", p.vf_clip, "a number >= 0 (0 turns value clipping off)")
-    _require(p.kl_estimator in KL_ESTIMATORS, "ppo.kl_estimator", p.kl_estimator, " | ".join(KL_ESTIMATORS))
-    _require(p.kl_in in KL_IN, "ppo.kl_in", p.kl_in, " | ".join(KL_IN))
+    try:  # one line naming the key, the accepted values and which pairs are unbiased
+        kl.penalty(p.kl_estimator, p.kl_in)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     _require(p.iterations >= 1, "ppo.iterations", p.iterations, "an integer >= 1")
     _require(p.batch_size >= 2, "ppo.batch_size", p.batch_size, "an integer >= 2")
     _require(p.epochs >= 1, "ppo.epochs", p.epochs, "an integer >= 1")

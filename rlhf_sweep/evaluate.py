@@ -133,11 +133,15 @@ def observations(metrics: dict[str, float], history: list[dict], beta: float, wi
 
 # ----- held-out evaluation ---------------------------------------------------------------------
 @torch.no_grad()
-def kl_terms(policy_lm: nn.Module, ref_lm: nn.Module, prompts: torch.Tensor, responses: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per-token exact KL, k1 and k3 on policy samples (masked to the response)."""
+def kl_terms(policy_lm: nn.Module, ref_lm: nn.Module, prompts: torch.Tensor, responses: torch.Tensor,
+             temperature: float = 1.0) -> dict[str, torch.Tensor]:
+    """Per-token exact KL, k1 and k3 on policy samples (masked to the response), between the
+    distributions sampled from (both at `temperature`)."""
     seqs = torch.cat([prompts, responses], 1)
     logits = response_logits(lm_logits(policy_lm, seqs))
     ref_logits = response_logits(lm_logits(ref_lm, seqs))
+    if temperature != 1:
+        logits, ref_logits = logits / temperature, ref_logits / temperature
     lp, rlp = token_logprobs(logits, responses), token_logprobs(ref_logits, responses)
     mask = response_mask(responses)
     return {"exact": klmod.exact(logits, ref_logits) * mask, "k1": klmod.k1(lp, rlp) * mask, "k3": klmod.k3(lp, rlp) * mask, "mask": mask}
@@ -164,14 +168,16 @@ def evaluate(
     rng: np.random.Generator,
     gen: torch.Generator,
     device: torch.device,
+    temperature: float = 1.0,
 ) -> tuple[dict[str, float], dict]:
-    """Paired samples from policy and reference on the same held-out prompts."""
+    """Paired samples from policy and reference on the same held-out prompts, both at the PPO
+    sampling temperature (the policy as trained, against the reference it started from)."""
     T = world.cfg.max_new_tokens
     prompts = world.sample_prompts(n_prompts, rng)
-    pol = sample(policy_lm, prompts.to(device), T, gen).cpu()
-    ref = sample(ref_lm, prompts.to(device), T, gen).cpu()
+    pol = sample(policy_lm, prompts.to(device), T, gen, temperature).cpu()
+    ref = sample(ref_lm, prompts.to(device), T, gen, temperature).cpu()
     P, R = _side(world, rm, prompts, pol, device), _side(world, rm, prompts, ref, device)
-    kt = {k: v.cpu() for k, v in kl_terms(policy_lm, ref_lm, prompts.to(device), pol.to(device)).items()}
+    kt = {k: v.cpu() for k, v in kl_terms(policy_lm, ref_lm, prompts.to(device), pol.to(device), temperature).items()}
     m: dict[str, float] = {}
     for key in ("rm", "gold"):
         m[f"{key}/policy"], m[f"{key}/policy_lo"], m[f"{key}/policy_hi"] = mean_ci(P[key], confidence)

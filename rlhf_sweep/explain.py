@@ -99,10 +99,45 @@ def part_ppo(s: dict) -> list[str]:
     return lines
 
 
+def penalty_lines(s: dict) -> list[str]:
+    """Which KL penalty the run used, what its expected gradient is (kl.PENALTIES), and what it charged."""
+    from . import kl
+
+    p, h, m = s["config"]["ppo"], s["history"], s["metrics"]
+    pen = kl.penalty(p["kl_estimator"], p["kl_in"])
+    # what the penalty's own estimator charged per sequence (older runs: its logged twin, where there is one)
+    key = "kl/penalty" if "kl/penalty" in h[-1] else {"k1": "kl/k1", "k3": "kl/k3", "exact": "kl/exact"}.get(pen.estimator)
+    where = {"reward": "per token inside the return", "loss": "as a term of the PPO loss",
+             "both": "per position in the PPO loss and, for the later positions, inside the return"}[pen.placement]
+    gradient = ("the gradient of the sequence KL(pi || ref), so beta trades RM score against the KL the run reports"
+                if pen.gradient == "unbiased" else
+                f"not the gradient of the sequence KL(pi || ref): it minimizes {pen.minimizes}")
+    lines = [f"- **Penalty: {pen.estimator} {where} (ppo.kl_in={pen.placement}, ppo.kl_estimator={pen.estimator}); "
+             f"its expected update is {pen.gradient}** (rlhf_sweep/kl.py): {gradient}."]
+    if key is None:
+        return lines
+    first, last = h[0][key], h[-1][key]
+    ex_first, ex_last = h[0]["kl/exact"], h[-1]["kl/exact"]
+    gap = last - ex_last
+    lines.append(
+        f"- **What it charged: {_f(first)} -> {_f(last)} nats per sequence by its own estimate (first to last iteration), "
+        f"while the exact KL went {_f(ex_first)} -> {_f(ex_last)}; at beta {fmt(h[-1]['ppo/beta'])} that is "
+        f"{_f(h[-1]['ppo/beta'] * last)} per sequence at the end; the held-out exact KL is {_f(m['kl/exact'])} nats.** "
+        + (f"Its estimate ended {_f(abs(gap))} nats {'above' if gap > 0 else 'below'} the exact KL"
+           + (f" (k1 and k3 are unbiased values of the KL: their expected gap is zero, so this one is the sampling error of "
+              f"one rollout of {s['config']['ppo']['batch_size']} responses)." if pen.estimator in ("k1", "k3") else
+              " (k2 is a biased value of KL)." if pen.estimator == "k2" else ".")
+           if pen.estimator != "exact" else "It charged the exact KL itself, with no sampling noise.")
+        + ("" if pen.gradient == "unbiased" else
+           " The charge is a number; what moves the policy is its gradient, which here is not the sequence KL's: "
+           "`rlhf-sweep sweep kl_placement` measures how much KL each such penalty lets through against reward+k1 at equal beta."))
+    return lines
+
+
 def part_kl(s: dict) -> list[str]:
     d, m = s["diagnosis"]["kl"], s["metrics"]
     g = kl_growth(s["history"])  # the same function the diagnosis uses, on the run's history
-    lines = ["## (c) The KL term: what the penalty actually charges", ""]
+    lines = ["## (c) The KL term: what the penalty actually charges", "", *penalty_lines(s)]
     e, last = g["early"], g["last"]
     lines.append(f"- **Sequence KL = per-token KL x tokens: {_f(e['seq_kl'])} = {_f(e['per_token_kl'], 3)} x {_f(e['tokens_per_seq'])} "
                  f"at iteration {e['iteration']}, {_f(last['seq_kl'])} = {_f(last['per_token_kl'], 3)} x {_f(last['tokens_per_seq'])} "

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from . import __version__
+from . import kl as klmod
 from .config import Config, config_hash, to_dict
 from .evaluate import advantage_record, advantage_stats_from, diagnose, evaluate, observations, rm_filler_curve
 from .models import PolicyWithValue, build_lm, train_sft
@@ -283,6 +284,9 @@ def run(cfg: Config, say=print) -> dict:
         torch.use_deterministic_algorithms(True, warn_only=True)
     world = World(cfg.world)
     timer = Timer()
+    penalty = klmod.penalty(cfg.ppo.kl_estimator, cfg.ppo.kl_in)
+    if klmod.warning(penalty):
+        say(klmod.warning(penalty))
 
     with timer.stage("sft"):
         ref, sft_info = get_reference(cfg, world, device, say)
@@ -304,7 +308,8 @@ def run(cfg: Config, say=print) -> dict:
         history = train_ppo(policy, ref, rm, world, cfg.ppo, rng, gen, device, cfg.progress, on_iteration)
     with timer.stage("eval"):
         rng, gen = streams(cfg.seed, "eval", device)
-        metrics, samples = evaluate(policy.lm, ref, rm, world, cfg.eval.n_prompts, cfg.eval.confidence, rng, gen, device)
+        metrics, samples = evaluate(policy.lm, ref, rm, world, cfg.eval.n_prompts, cfg.eval.confidence, rng, gen, device,
+                                    cfg.ppo.temperature)
         metrics["rm/acc_labels"] = rm_info["rm/acc_labels"]
         metrics["rm/acc_gold"] = rm_info["rm/acc_gold"]
         for k in ("ppo/beta", "ppo/clipfrac", "ppo/approx_kl", "ppo/entropy", "ppo/value_loss"):
@@ -320,9 +325,12 @@ def run(cfg: Config, say=print) -> dict:
         {"prompt": world.vocab.decode(samples["prompts"][i]), "policy": world.vocab.decode(samples["policy"][i]), "ref": world.vocab.decode(samples["ref"][i])}
         for i in range(5)
     ]
+    # what the KL penalty's gradient is (kl.PENALTIES): in the config it ran with, and as a tag for MLflow
+    tags = {"kl/gradient": penalty.gradient}
     summary = {
         "version": __version__,
-        "config": to_dict(cfg),
+        "config": {**to_dict(cfg), **tags},
+        "tags": tags,
         "device": str(device),
         "metrics": metrics,
         "history": history,

@@ -384,3 +384,55 @@ def fixes_figure(diffs: dict[str, dict[str, dict]], metrics: Sequence[tuple[str,
     ax.legend(fontsize=8, loc="best")
     fig.suptitle(title or "Each fix minus the baseline, paired by seed (filled: interval excludes 0)")
     return save(fig, path)
+
+
+# ----- KL penalties ---------------------------------------------------------------------------------
+GRADIENT_STYLE = {"unbiased": "-", "partial": "--", "biased": ":"}
+
+
+def kl_placement(table: pd.DataFrame, pts: pd.DataFrame, fits: dict, labels: dict[str, str], gold_ref: float,
+                 path: str | Path, title: str = "") -> str:
+    """A study of KL penalties: exact KL against beta per penalty, and gold gain against d = sqrt(KL) with
+    Gao et al.'s RL form fitted per penalty.
+
+    table: penalty, beta, kl (seed mean); pts: penalty, gradient, beta, kl, gold (one row per trial x seed);
+    fits: {penalty: gao.GaoFit} on (d, gold - gold_ref); labels: {penalty: legend text}, in drawing order.
+    """
+    use_style()
+    names = list(labels)
+    colors = dict(zip(names, trial_colors(len(names)), strict=True))
+    gradient = {n: pts.loc[pts["penalty"] == n, "gradient"].iloc[0] for n in names}
+    fig, axes = plt.subplots(1, 2, figsize=(15, 6), constrained_layout=True)
+    ax = axes[0]
+    for n in names:
+        t = table[table["penalty"] == n].sort_values("beta")
+        p = pts[pts["penalty"] == n]
+        ax.plot(t["beta"], t["kl"], GRADIENT_STYLE[gradient[n]], marker="o", color=colors[n], lw=2, label=labels[n])
+        ax.scatter(p["beta"] * np.exp(np.random.default_rng(0).uniform(-0.06, 0.06, len(p))), p["kl"],
+                   color=colors[n], s=12, alpha=0.5)  # the seeds, jittered along beta
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("β, KL coefficient (log scale)")
+    ax.set_ylabel(KL_LABEL + " (log scale)")
+    ax.set_title("KL reached at equal β")
+    ax = axes[1]
+    d_all = np.sqrt(np.clip(pts["kl"].to_numpy(dtype=float), 0, None))
+    for n in names:
+        p = pts[pts["penalty"] == n]
+        d = np.sqrt(np.clip(p["kl"].to_numpy(dtype=float), 0, None))
+        ax.scatter(d, p["gold"] - gold_ref, color=colors[n], s=18, alpha=0.7)
+        f = fits.get(n)
+        if f is not None and f.ok and len(d):
+            grid = np.linspace(0, float(d.max()), 200)  # over its own points only, never extrapolated
+            ax.plot(grid, f.predict(grid), GRADIENT_STYLE[gradient[n]], color=colors[n], lw=2,
+                    label=f"{labels[n].split(' (')[0]}: {f.label()}")
+    ax.axhline(0, color=REF_COLOR, lw=0.8, ls=":")
+    ax.set_xlim(0, float(d_all.max()) * 1.05 if len(d_all) else 1.0)
+    ax.set_xlabel(D_LABEL)
+    ax.set_ylabel("gold gain over the reference, Δh")
+    ax.set_title("gold against KL: the frontier of each penalty (RL form d(a − b ln d))")
+    axes[0].legend(fontsize=8.5, loc="best", title="penalty (gradient)", title_fontsize=9)
+    axes[1].legend(fontsize=8, loc="best", title="Gao RL fit per penalty", title_fontsize=9)
+    if title:
+        fig.suptitle(title)
+    return save(fig, path)

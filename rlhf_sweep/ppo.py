@@ -7,6 +7,14 @@ lambda 0.95); whitened advantages; then several epochs of minibatch updates of
 the clipped surrogate plus a clipped value loss. The KL penalty sees only the
 log-probabilities of the sampled tokens (unless kl_estimator=exact), and its
 sequence total grows with length: that is what `kl/exact` and friends measure.
+
+Where the penalty goes is `ppo.kl_in` (kl.PENALTIES declares what each choice's gradient
+is): inside the return (`kl_rewards`), as a loss term (`kl_loss`), or both. One beta for
+all: the PPO loss is a token mean of whitened advantages, so a charge of beta per nat in
+the return reaches the gradient as beta x (tokens per minibatch)^-1 x (whitening factor);
+`kl_loss` uses exactly that normalisation, so beta charges per nat of sequence KL in every
+placement. With `ppo.temperature != 1` every log-prob, KL and ratio uses the distribution
+sampled from: policy and reference logits divided by the temperature.
 """
 
 from __future__ import annotations
@@ -32,9 +40,14 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
     mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
-    out = (x - mean) * torch.rsqrt(var + 1e-8)
+    out = (x - mean) * whiten_scale(x, mask)
     return out if shift_mean else out + mean
+
+
+def whiten_scale(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The factor `whiten` multiplies by: 1 / std over the masked entries."""
+    mean = masked_mean(x, mask)
+    return torch.rsqrt(masked_mean((x - mean) ** 2, mask) + 1e-8)
 
 
 def gae(
@@ -80,6 +93,58 @@ def clipped_value_loss(
     return 0.5 * masked_mean(err, mask)
 
 
+def kl_rewards(
+    pen: klmod.Penalty, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kl_exact: torch.Tensor, scores: torch.Tensor,
+    mask: torch.Tensor, beta: float, length_bonus: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token rewards and the per-token KL values of the penalty's estimator (kl_t).
+
+    Rewards: `length_bonus` per content token, `-beta * kl_t` where the penalty sits in the return,
+    and the RM score on the last token (EOS, or the last one when a response never ended).
+    """
+    kl_t = kl_exact if pen.estimator == "exact" else klmod.per_token(pen.estimator, logprobs, ref_logprobs)
+    last = (mask.sum(1) - 1).long()
+    rows = torch.arange(len(last), device=mask.device)
+    content = mask.clone()
+    content[rows, last] = 0.0  # EOS is not a content token
+    rewards = length_bonus * content
+    if pen.in_reward:
+        rewards = rewards - beta * kl_t * mask
+    rewards[rows, last] += scores
+    return rewards, kl_t
+
+
+def advantages_and_returns(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, cfg: PPOConfig
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GAE, then whitening when cfg.whiten_advantages; returns (advantages, returns, adv_scale), where
+    adv_scale is the factor whitening multiplied the advantages by (1 without whitening): `kl_loss`
+    applies the same factor, so beta means the same in the return and in the loss."""
+    advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
+    if not cfg.whiten_advantages:
+        return advantages, returns, torch.ones((), device=rewards.device, dtype=rewards.dtype)
+    return whiten(advantages, mask), returns, whiten_scale(advantages, mask)
+
+
+def kl_loss(
+    pen: klmod.Penalty,
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    logits: torch.Tensor,
+    ref_logits: torch.Tensor,
+    mask: torch.Tensor,
+    beta: float,
+    adv_scale: torch.Tensor | float,
+) -> torch.Tensor:
+    """The penalty as a loss term (0 when it sits only in the return), normalised like the policy loss:
+    a token mean (as `clipped_surrogate`'s), times the factor whitening applied to the advantages.
+    `mask` weighs the tokens (the response mask, or any weights)."""
+    if not pen.in_loss:
+        return logprobs.new_zeros(())
+    kl_t = klmod.per_token(pen.estimator, logprobs, ref_logprobs, logits, ref_logits)
+    return beta * adv_scale * masked_mean(kl_t, mask)
+
+
 def entropy_from_logprobs(logp: torch.Tensor) -> torch.Tensor:
     """Per-token entropy from full-vocabulary log-probabilities."""
     return -(logp.exp() * logp).sum(-1)
@@ -122,6 +187,8 @@ def rollout(
     with torch.no_grad():
         values = policy.v_head(hidden).squeeze(-1)
         ref_logits = response_logits(lm_logits(ref, seqs))
+        if cfg.temperature != 1:  # the distributions sampled from (the reference's at the same temperature)
+            logits, ref_logits = logits / cfg.temperature, ref_logits / cfg.temperature
         logprobs = token_logprobs(logits, responses)
         ref_logprobs = token_logprobs(ref_logits, responses)
         kl_exact = klmod.exact(logits, ref_logits)
@@ -132,22 +199,13 @@ def rollout(
         scores = (scores - moments.mean) / max(moments.var**0.5, 1e-6)
     if cfg.reward_clip > 0:
         scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
-    kl_t = kl_exact if cfg.kl_estimator == "exact" else klmod.per_token(cfg.kl_estimator, logprobs, ref_logprobs)
-    last = (mask.sum(1) - 1).long()
-    rows = torch.arange(len(last), device=device)
-    content = mask.clone()
-    content[rows, last] = 0.0  # EOS is not a content token
-    rewards = cfg.length_bonus * content
-    if cfg.kl_in == "reward":
-        rewards = rewards - beta * kl_t * mask
-    rewards[rows, last] += scores
-    advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
-    if cfg.whiten_advantages:
-        advantages = whiten(advantages, mask)
+    pen = klmod.penalty(cfg.kl_estimator, cfg.kl_in)
+    rewards, kl_t = kl_rewards(pen, logprobs, ref_logprobs, kl_exact, scores, mask, beta, cfg.length_bonus)
+    advantages, returns, adv_scale = advantages_and_returns(rewards, values, mask, cfg)
     return dict(
         prompts=prompts, responses=responses, seqs=seqs, mask=mask, logprobs=logprobs, ref_logprobs=ref_logprobs,
         ref_logits=ref_logits, values=values, advantages=advantages, returns=returns, rewards=rewards,
-        scores=raw_scores, scores_used=scores, kl_exact=kl_exact, kl_t=kl_t,
+        scores=raw_scores, scores_used=scores, kl_exact=kl_exact, kl_t=kl_t, adv_scale=adv_scale,
     )
 
 
@@ -158,6 +216,7 @@ def update(
     """Epochs of minibatch steps on one rollout; returns the iteration's mean statistics."""
     n = batch["seqs"].shape[0]
     mb = n // cfg.minibatches
+    pen = klmod.penalty(cfg.kl_estimator, cfg.kl_in)
     stats: dict[str, list[float]] = {k: [] for k in ("clipfrac", "approx_kl", "entropy", "value_loss", "pg_loss")}
     for _ in range(cfg.epochs):
         perm = torch.from_numpy(rng.permutation(n)).to(batch["seqs"].device)
@@ -166,6 +225,8 @@ def update(
             m = batch["mask"][idx]
             logits, values = policy(batch["seqs"][idx])
             logits, values = response_logits(logits), values[:, PROMPT_LEN - 1 : -1]
+            if cfg.temperature != 1:  # the distribution the rollout sampled from
+                logits = logits / cfg.temperature
             logp = torch.log_softmax(logits.float(), -1)  # once, for the log-probs and the entropy
             logprobs = logp.gather(-1, batch["responses"][idx].unsqueeze(-1)).squeeze(-1)
             pg_loss, clipfrac = clipped_surrogate(logprobs, batch["logprobs"][idx], batch["advantages"][idx], m, cfg.clip_eps)
@@ -173,9 +234,9 @@ def update(
             with torch.set_grad_enabled(cfg.ent_coef != 0):  # a logged statistic unless it is in the loss
                 entropy = masked_mean(entropy_from_logprobs(logp), m)
             loss = pg_loss + cfg.vf_coef * vf_loss - cfg.ent_coef * entropy
-            if cfg.kl_in == "loss":
-                kl_t = klmod.per_token(cfg.kl_estimator, logprobs, batch["ref_logprobs"][idx], logits, batch["ref_logits"][idx])
-                loss = loss + beta * masked_mean(kl_t, m)
+            if pen.in_loss:
+                loss = loss + kl_loss(pen, logprobs, batch["ref_logprobs"][idx], logits, batch["ref_logits"][idx], m, beta,
+                                      batch["adv_scale"])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
@@ -231,6 +292,7 @@ def train_ppo(
             "kl/k1": klmod.sequence_sum(klmod.k1(cpu["logprobs"], cpu["ref_logprobs"]), m).mean().item(),
             "kl/k3": klmod.sequence_sum(klmod.k3(cpu["logprobs"], cpu["ref_logprobs"]), m).mean().item(),
             "kl/exact_per_token": (kl_seq.sum() / m.sum()).item(),
+            "kl/penalty": klmod.sequence_sum(cpu["kl_t"], m).mean().item(),  # what the penalty's estimator charged
             "ppo/beta": beta,
             "ppo/non_score_reward": (cpu["rewards"].sum(1) - cpu["scores_used"]).mean().item(),
             **stats,
@@ -239,7 +301,6 @@ def train_ppo(
         if on_iteration is not None:
             on_iteration(it, entry, cpu)
         if cfg.adaptive_kl:
-            kl_pen = klmod.sequence_sum(cpu["kl_t"], m).mean().item()
-            beta = klmod.adaptive_beta(beta, kl_pen, cfg.target_kl, cfg.batch_size, cfg.horizon)
+            beta = klmod.adaptive_beta(beta, entry["kl/penalty"], cfg.target_kl, cfg.batch_size, cfg.horizon)
         bar.set_postfix(rm=f"{entry['rm']:.2f}", gold=f"{entry['gold']:.2f}", kl=f"{entry['kl/exact']:.2f}")
     return history

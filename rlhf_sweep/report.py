@@ -26,7 +26,7 @@ import optuna
 import pandas as pd
 from optuna.trial import TrialState
 
-from . import gao, journal, preflight
+from . import gao, journal, kl_study, preflight
 from .study import StudyError, StudySpec, load_spec
 from .sweep import open_storage
 from .tables import fmt, md_table
@@ -52,6 +52,7 @@ FIGURES = {
                      "trials, and what best-of-n selection does to them",
     "importance": "Hyperparameter importances per objective (Optuna's PED-ANOVA)",
     "slices": "Slices: each objective against each searched knob, one point per complete trial",
+    "kl_placement": "KL penalties: exact KL against beta per penalty, and gold against KL with Gao et al.'s RL form per penalty",
 }
 
 
@@ -73,6 +74,7 @@ class StudyData:
     bon: pd.DataFrame | None = None
     bon_info: str = ""
     notes: list[str] = field(default_factory=list)
+    sections: list[str] = field(default_factory=list)  # markdown of study-specific sections, after the standard four
 
 
 # ----- where the study is --------------------------------------------------------------------------
@@ -423,6 +425,7 @@ def write_markdown(data: StudyData, files: dict[str, str], fits: dict[int, gao.G
         out += [md_table(["objective", *params], [[o, *[v.get(p, math.nan) for p in params]] for o, v in imps.items()]), ""]
     out += [_figure(files, "importance", 4), _figure(files, "slices", 5 if "importance" in files else 4)]
 
+    out += data.sections
     if data.notes:
         out += ["## Notes", "", *[f"- {n}" for n in data.notes], ""]
     return "\n".join(x for x in out if x is not None) + "\n"
@@ -515,6 +518,13 @@ def report(study: str, storage: str | None = None, tracking_uri: str | None = No
     params = [(p.name, p.log, p.kind == "categorical") for p in spec.space]
     files["slices"] = plots.slices(df, [(o.metric, o.direction) for o in spec.objectives], params, out_dir / "slices.png",
                                    title=title)
+    if kl_study.searched(spec):  # a study of KL penalties: what each lets through at equal beta, and its frontier
+        a = kl_study.analyse(kl_study.points(spec, ostudy), ref["gold"])
+        files["kl_placement"] = plots.kl_placement(
+            a.table, a.points, {n: c.fit for n, c in a.comparisons.items()},
+            {n: f"{kl_study.label(n)} ({c.gradient})" for n, c in a.comparisons.items()}, a.gold_ref,
+            out_dir / "kl_placement.png", title=title)
+        data.sections += kl_study.section(a, Path(files["kl_placement"]).name, 5, 6 if "importance" in files else 5)
     # figures of an earlier report that this one did not draw would be stale
     for key in FIGURES:
         stale = out_dir / f"{key}.png"

@@ -298,7 +298,8 @@ def combine_seeds(summaries: list[dict], seeds: list[int]) -> dict:
     timing = {k: sum(s["timing"].get(k, 0.0) for s in summaries) for k in summaries[0]["timing"]}
     config = json.loads(json.dumps(summaries[0]["config"], default=str))
     config["seed"] = ",".join(map(str, seeds))
-    return {"config": config, "metrics": metrics, "history": history, "observations": observations, "timing": timing}
+    return {"config": config, "metrics": metrics, "history": history, "observations": observations, "timing": timing,
+            "tags": summaries[0].get("tags", {})}
 
 
 def _clean(v: Any) -> Any:

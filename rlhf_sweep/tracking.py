@@ -173,8 +173,8 @@ def log_summary(
     summary: dict,
     run_dir: str | None = None,
 ) -> None:
-    """Log one trial's config, history, final metrics, verdicts and summary.json to `run_id`."""
-    from mlflow.entities import Metric, Param
+    """Log one trial's config, history, final metrics, verdicts, tags (e.g. `kl/gradient`) and summary.json to `run_id`."""
+    from mlflow.entities import Metric, Param, RunTag
 
     now = int(time.time() * 1000)
     params = [Param(k, str(v)[:6000]) for k, v in flatten(summary["config"]).items()]
@@ -189,6 +189,8 @@ def log_summary(
     metrics += [Metric(f"timing/{k}", float(v), now, final_step) for k, v in summary["timing"].items()]
     for chunk in chunks(params, MAX_PARAMS_PER_CALL):
         client.log_batch(run_id, params=chunk)
+    if summary.get("tags"):
+        client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in summary["tags"].items()])
     for chunk in chunks(metrics, MAX_METRICS_PER_CALL):
         client.log_batch(run_id, metrics=chunk)
     if run_dir and (Path(run_dir) / "summary.json").exists():

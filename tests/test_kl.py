@@ -60,8 +60,9 @@ def test_per_token_dispatch_and_sequence_sum():
     lp, rlp = torch.tensor([[-1.0, -2.0, -0.5]]), torch.tensor([[-1.5, -1.0, -0.5]])
     mask = torch.tensor([[1.0, 1.0, 0.0]])
     assert kl.sequence_sum(kl.per_token("k1", lp, rlp), mask).item() == pytest.approx(0.5 - 1.0)
-    with pytest.raises(ValueError, match="k1 | k3 | exact"):
-        kl.per_token("k2", lp, rlp)
+    assert kl.per_token("k2", lp, rlp)[0].tolist() == pytest.approx([0.125, 0.5, 0.0])  # (log r)^2 / 2
+    with pytest.raises(ValueError, match="k1 | k2 | k3 | exact"):
+        kl.per_token("k9", lp, rlp)
 
 
 def test_adaptive_beta_hand_values():
