@@ -165,12 +165,12 @@ def test_gp_sampler_handles_two_objectives_constraints_and_its_options():
 
     def proposals(sampler) -> list[float]:
         study = optuna.create_study(directions=GOLD_KL, sampler=sampler)
-        for _ in range(8):
+        for _ in range(7):
             t = study.ask()
             x = t.suggest_float("x", 0.0, 1.0)
             t.set_constraint("c", x - 0.8)  # feasible below 0.8
             study.tell(t, [x, (x - 0.3) ** 2])
-        assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 8
+        assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 7
         return [t.params["x"] for t in study.trials]
 
     gp, random = proposals(make_sampler(spec, seed=3)), proposals(optuna.samplers.RandomSampler(seed=3))
