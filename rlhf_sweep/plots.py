@@ -387,12 +387,13 @@ def fixes_figure(diffs: dict[str, dict[str, dict]], metrics: Sequence[tuple[str,
 
 
 # ----- hypervolume ------------------------------------------------------------------------------------
-def hypervolume_curve(values: Sequence[float], numbers: Sequence[int], path: str | Path, reference: str = "",
-                      share: float = 0.9, title: str = "") -> str:
+def hypervolume_curve(values: Sequence[float], numbers: Sequence[int], path: str | Path, objectives: Sequence[str] = (),
+                      reference: str = "", share: float = 0.9, title: str = "") -> str:
     """A study's hypervolume after each complete trial (completion order), with the share-of-final line.
 
-    values: the hypervolume once the k-th trial was in; numbers: their trial numbers; reference: how the
-    reference point was set (a subtitle); share: the fraction of the final value marked by a line.
+    values: the hypervolume once the k-th trial was in; numbers: their trial numbers; objectives: the
+    metrics whose product is its unit; reference: the reference point (a footnote); share: the fraction
+    of the final value marked by a line.
     """
     use_style()
     v = np.asarray(values, dtype=float)
@@ -412,7 +413,7 @@ def hypervolume_curve(values: Sequence[float], numbers: Sequence[int], path: str
     ax.set_ylim(0, final * 1.15 if final > 0 else 1.0)
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("complete trials, in the order they finished")
-    ax.set_ylabel("hypervolume (objective units²)")
+    ax.set_ylabel("hypervolume" + (f" ({' × '.join(objectives)})" if objectives else ""))
     ax.legend(loc="lower right", fontsize=8)
     ax.set_title(title or "Hypervolume after each trial", loc="left")
     if reference:

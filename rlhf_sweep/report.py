@@ -458,7 +458,7 @@ def hypervolume_section(data: StudyData, files: dict[str, str]) -> list[str]:
     before = hv.values[n - tail - 1] if n > tail else 0.0
     gain = (final - before) / final
     out += [f"Final hypervolume {fmt(final)} after {n} complete trials; {HV_SHARE:.0%} of it was reached after trial "
-            f"{hit} of {n}. The last {tail} trial{'s' if tail > 1 else ''} added {gain:.0%} of the final hypervolume"
+            f"{hit} of {n}. The last {f'{tail} trials' if tail > 1 else 'trial'} added {gain:.0%} of the final hypervolume"
             + (": the front was still moving, and more trials may move it further." if gain >= HV_MOVING else
                ": the front had settled for this sampler and budget.") + " (Values per trial: the `hypervolume` column of "
             "`trials.csv`.)", ""]
@@ -551,7 +551,8 @@ def report(study: str, storage: str | None = None, tracking_uri: str | None = No
     data.hypervolume = frontier.study_hypervolume(spec, all_trials)
     if data.hypervolume is not None:
         files["hypervolume"] = plots.hypervolume_curve(data.hypervolume.values, data.hypervolume.numbers,
-                                                       out_dir / "hypervolume.png", reference=reference_text(spec, data.hypervolume),
+                                                       out_dir / "hypervolume.png", objectives=[o.metric for o in spec.objectives],
+                                                       reference=reference_text(spec, data.hypervolume),
                                                        share=HV_SHARE, title=f"{title}: hypervolume after each trial")
     # figures of an earlier report that this one did not draw would be stale
     for key in FIGURES:
