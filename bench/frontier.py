@@ -180,8 +180,9 @@ def fmt_range(med, lo, hi, unit: str = "", digits: int = 1) -> str:
     return f"{f(med)} [{f(lo)}, {f(hi)}]"
 
 
-def compare(runs: dict[str, list[dict]], key: str, base: str) -> dict[str, float | None]:
-    """One-sided Mann-Whitney U p-values: is each sampler's `key` (lower is better; never = worst) below `base`'s?"""
+def compare(runs: dict[str, list[dict]], key: str, base: str, lower_is_better: bool = True) -> dict[str, float | None]:
+    """One-sided Mann-Whitney U p-values over seeds: is each sampler's `key` better than `base`'s?
+    A seed that never reached the share (None) ranks worst."""
     from scipy.stats import mannwhitneyu
 
     def vals(s):
@@ -191,7 +192,7 @@ def compare(runs: dict[str, list[dict]], key: str, base: str) -> dict[str, float
     for s in runs:
         if s != base and base in runs:
             a, b = vals(s), vals(base)
-            out[s] = None if a == b else float(mannwhitneyu(a, b, alternative="less").pvalue)
+            out[s] = None if sorted(a) == sorted(b) else float(mannwhitneyu(a, b, alternative="less" if lower_is_better else "greater").pvalue)
     return out
 
 
@@ -248,9 +249,11 @@ def main() -> None:
             rec = run_sampler(spec, raw, s, seed, a.startup, out, a.workers, uri)
             share = frontier.hypervolume_history(points(rec["trials"]), reference, directions) / ref_hv
             k = frontier.trials_to_share(share, 1.0, a.share)
+            k_all = frontier.trials_to_share(share, 1.0, 1.0)
             minutes = [t["minutes"] for t in rec["trials"]]
             runs[s].append({"seed": seed, "share": share.tolist(), "minutes": minutes, "trials_to": k,
-                            "minutes_to": minutes[k - 1] if k else None, "final_share": float(share[-1]),
+                            "minutes_to": minutes[k - 1] if k else None, "trials_to_grid": k_all,
+                            "minutes_to_grid": minutes[k_all - 1] if k_all else None, "final_share": float(share[-1]),
                             "wall_minutes": rec["wall_minutes"], "trial_seconds": float(np.mean([t["seconds"] for t in rec["trials"]]))})
 
     from rlhf_sweep import plots
@@ -260,25 +263,38 @@ def main() -> None:
                                title=f"{spec.name}: hypervolume share of the {a.grid} grid's front, {spec.n_trials} trials, "
                                      f"{a.workers} workers (median over {a.seeds} seeds, band: min to max)")
     rows, result = [], {}
-    p_min = compare(runs, "minutes_to", "tpe")
-    p_trials = compare(runs, "trials_to", "tpe")
+    base = spec.sampler  # the study's own sampler: is another one better?
+    p_min = compare(runs, "minutes_to", base)
+    p_trials = compare(runs, "trials_to", base)
+    p_final = compare(runs, "final_share", base, lower_is_better=False)
+
+    def p_text(p: dict, s: str) -> str:
+        return "" if p.get(s) is None else f"{p[s]:.2f}"
+
     for s, rs in runs.items():
         t = summarize([r["trials_to"] for r in rs])
         m = summarize([r["minutes_to"] for r in rs])
+        g = summarize([r["trials_to_grid"] for r in rs])
         f = summarize([r["final_share"] for r in rs])
         w = summarize([r["wall_minutes"] for r in rs])
         rows.append([s, f"{sum(r['trials_to'] is not None for r in rs)}/{len(rs)}", fmt_range(*t, digits=0), fmt_range(*m),
+                     f"{sum(r['trials_to_grid'] is not None for r in rs)}/{len(rs)}: " + fmt_range(*g, digits=0),
                      fmt_range(*f, digits=2), fmt_range(*w), f"{np.mean([r['trial_seconds'] for r in rs]):.1f}",
-                     "" if s not in p_min or p_min[s] is None else f"{p_min[s]:.2f}"])
+                     p_text(p_min, s), p_text(p_final, s)])
         result[s] = {"trials_to_share": [r["trials_to"] for r in rs], "minutes_to_share": [round(r["minutes_to"], 2) if r["minutes_to"] else None for r in rs],
                      "median_trials_to_share": t[0], "median_minutes_to_share": None if m[0] is None else round(m[0], 2),
+                     "trials_to_grid": [r["trials_to_grid"] for r in rs],
+                     "minutes_to_grid": [round(r["minutes_to_grid"], 2) if r["minutes_to_grid"] else None for r in rs],
                      "final_share": [round(r["final_share"], 3) for r in rs], "wall_minutes": [round(r["wall_minutes"], 2) for r in rs],
-                     "p_minutes_below_tpe": p_min.get(s), "p_trials_below_tpe": p_trials.get(s)}
-    print(format_table(["sampler", f"reached {a.share:.0%}", "trials to it: median [min, max]", "minutes to it", "final share",
-                        "wall minutes per run", "s per trial (worker)", "p (minutes < tpe's)"], rows,
+                     f"p_minutes_below_{base}": p_min.get(s), f"p_trials_below_{base}": p_trials.get(s),
+                     f"p_final_share_above_{base}": p_final.get(s)}
+    print(format_table(["sampler", f"reached {a.share:.0%}", "trials to it: median [min, max]", "minutes to it",
+                        "reached 100%: trials to it", f"share after {spec.n_trials}", "wall minutes per run", "s per trial (worker)",
+                        f"p: minutes < {base}'s", f"p: share > {base}'s"], rows,
                        title=f"\n{spec.name}, {spec.n_trials} trials per run, {a.workers} workers, seeds 0..{a.seeds - 1}: hypervolume "
                              f"share of the {a.grid} grid's front ({len(grid)} trials, hypervolume {ref_hv:.4g})"))
-    print(f"figure: {fig}; p: one-sided Mann-Whitney U over seeds (a seed that never reached the share ranks last)")
+    print(f"figure: {fig}\np: one-sided Mann-Whitney U over seeds against the study's sampler ({base}); a seed that never "
+          "reached the share ranks last. Every sampler's start-up trials are the same random draws for the same seed.")
     summary = {"study": spec.name, "n_trials": spec.n_trials, "workers": a.workers, "seeds": a.seeds, "startup": a.startup,
                "grid": a.grid, "grid_trials": len(grid), "reference_point": reference, "reference_hypervolume": round(ref_hv, 6),
                "share": a.share, "samplers": result}

@@ -430,6 +430,7 @@ def frontier_bench(runs: dict[str, list[dict]], path: str | Path, share: float =
     use_style()
     fig, (a_trials, a_min) = plt.subplots(1, 2, figsize=(14, 5.2), constrained_layout=True, sharey=True)
     colors = dict(zip(runs, trial_colors(len(runs)), strict=True))
+    styles = dict(zip(runs, ["-", "--", "-.", ":"] * len(runs), strict=False))  # lines that overlap stay apart
     t_end = max((m for rs in runs.values() for r in rs for m in r["minutes"][-1:]), default=1.0)
     grid = np.linspace(0, t_end, 400)
     for sampler, rs in runs.items():
@@ -437,12 +438,12 @@ def frontier_bench(runs: dict[str, list[dict]], path: str | Path, share: float =
         by_trial = np.array([r["share"][:n] for r in rs], dtype=float)
         k = np.arange(1, n + 1)
         med = np.median(by_trial, axis=0)
-        a_trials.step(k, med, where="post", color=colors[sampler], lw=2, label=f"{sampler} (median of {len(rs)} seeds)")
+        a_trials.step(k, med, where="post", color=colors[sampler], ls=styles[sampler], lw=2, label=f"{sampler} (median of {len(rs)} seeds)")
         a_trials.fill_between(k, by_trial.min(0), by_trial.max(0), step="post", color=colors[sampler], alpha=0.18)
         # the share in force at each minute: a step function of the completion times (0 before the first)
         by_time = np.array([[r["share"][i - 1] if (i := np.searchsorted(r["minutes"], g, side="right")) else 0.0 for g in grid]
                             for r in rs], dtype=float)
-        a_min.plot(grid, np.median(by_time, axis=0), color=colors[sampler], lw=2, label=sampler)
+        a_min.plot(grid, np.median(by_time, axis=0), color=colors[sampler], ls=styles[sampler], lw=2, label=sampler)
         a_min.fill_between(grid, by_time.min(0), by_time.max(0), color=colors[sampler], alpha=0.18)
     for ax in (a_trials, a_min):
         ax.axhline(share, color=REF_COLOR, ls="--", lw=1, label=f"{share:.0%} of the reference")
