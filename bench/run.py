@@ -1,6 +1,6 @@
 """Performance in one run: PPO against its compute floor and TRL, sweep workers, cost growth.
 
-    python bench/run.py [--quick] [--device cpu|cuda] [--threads N] [--skip-trl] [--skip-sweep]
+    python bench/run.py [--quick] [--device cpu|cuda] [--threads N] [--skip-trl] [--skip-sweep] [--workers-list 1,2,4,8]
 
 1. PPO throughput for the default model and batch (the cached SFT reference and RM), and the
    compute floor in the same process: the same sampling steps, forwards and forward/backward
@@ -10,10 +10,16 @@
    the identical tiny GPT-2 (random weights, so every completion runs the full 24 tokens):
    64 completions, 24 new tokens, one update per batch (PPO: one epoch, one minibatch).
    trl_ratio = our completions/s / TRL's completions/s.
-3. Sweep throughput: the same grid of trials with 1 and 2 worker processes (bench/sweep_workers.py).
-   workers_speedup = trials/hour with 2 workers / trials/hour with 1.
+3. Sweep throughput: the same grid of trials with each worker count of `--workers-list` (default 1,2;
+   bench/sweep_workers.py), CPU trials (device=cpu) with cores // workers threads each. Counts above
+   this machine's cores are not run (a worker per core is the most a sweep gives a trial; beyond it
+   workers only share cores), and the output says so. workers_speedup = trials/hour with 2 workers /
+   trials/hour with 1; workers_speedup_N for every other N measured.
 4. Cost growth: time per PPO iteration as max_new_tokens and batch double (random weights, so
    the tokens really double).
+
+With --device cuda, PPO also runs on this machine's CPU in the same process: cuda_speedup = CUDA
+completions/s / CPU completions/s (the throughput line of the table above, on each device).
 
 The last line printed is one JSON object. Ratios are measured in this one run, on this machine:
 run it on an otherwise idle machine.
@@ -46,7 +52,8 @@ from rlhf_sweep.reward import RewardModel  # noqa: E402
 from rlhf_sweep.tables import format_table  # noqa: E402
 from rlhf_sweep.world import PROMPT_LEN, World  # noqa: E402
 
-TARGETS = {"floor_ratio": ("<=", 1.5), "trl_ratio": (">=", 2.0), "workers_speedup": (">=", 1.8)}
+TARGETS = {"floor_ratio": ("<=", 1.5), "trl_ratio": (">=", 2.0), "workers_speedup": (">=", 1.8),
+           "workers_speedup_4": (">=", 3.0), "workers_speedup_8": (">=", 5.0)}
 
 
 def sync(device: torch.device) -> None:
@@ -247,24 +254,46 @@ def bench_growth(device: torch.device, threads: int, quick: bool) -> list[dict]:
     return rows
 
 
-def bench_sweep(quick: bool) -> dict:
+def bench_sweep(quick: bool, counts: list[int]) -> dict:
+    """trials/hour of the same grid for each worker count that this machine's cores allow."""
     import sweep_workers as sw
 
-    # full: trials the size of a shipped study's (default PPO: 150 iterations of 64); quick: small ones,
-    # where each worker's start-up (a fresh interpreter importing torch) weighs more
-    trials, iterations, batch = (4, 40, 32) if quick else (8, 150, 64)
+    from rlhf_sweep.runtime import cores
+
+    n_cores = cores()
+    measured = [w for w in counts if w <= n_cores]
+    skipped = [w for w in counts if w > n_cores]
+    # full: trials the size of a shipped study's (default PPO: 150 iterations of 64), at least two per worker;
+    # quick: small ones, where each worker's start-up (a fresh interpreter importing torch) weighs more
+    trials, iterations, batch = (4, 40, 32) if quick else (max(8, 2 * max(measured, default=1)), 150, 64)
+    trials += trials % 2  # the grid is (trials / 2) betas x 2 clip ranges
     study = sw.OUT / "bench_grid.yaml"
     if sw.OUT.exists():
         import shutil
 
         shutil.rmtree(sw.OUT)
     sw.OUT.mkdir(parents=True)
-    sw.write_study(study, trials, iterations, batch)
-    sw.sweep(study, "warm", 1, n_trials=1)  # SFT and RM into the cache: both timed sweeps start warm
-    t1 = sw.sweep(study, "workers1", 1)
-    t2 = sw.sweep(study, "workers2", 2)
-    return {"trials": trials, "iterations": iterations, "batch_size": batch, "wall_1": t1, "wall_2": t2,
-            "trials_per_hour_1": 3600 * trials / t1, "trials_per_hour_2": 3600 * trials / t2, "workers_speedup": t1 / t2}
+    sw.write_study(study, trials, iterations, batch, device="cpu")
+    threads = {w: max(1, n_cores // w) for w in measured}
+    for t in sorted(set(threads.values())):  # SFT and RM into the cache for every thread count: every timed sweep starts warm
+        sw.sweep(study, f"warm{t}", n_cores // t, n_trials=n_cores // t)
+    walls = {w: sw.sweep(study, f"workers{w}", w) for w in measured}
+    base = min(walls) if walls else None
+    return {"trials": trials, "iterations": iterations, "batch_size": batch, "cores": n_cores, "threads": threads, "wall": walls,
+            "trials_per_hour": {w: 3600 * trials / t for w, t in walls.items()},
+            "speedup": {w: walls[base] / t for w, t in walls.items()}, "base": base,
+            "skipped": {w: f"{w} workers need {w} cores, this machine has {n_cores}: beyond a worker per core they only share "
+                           f"cores, so trials/hour is bounded by what {n_cores} worker(s) give" for w in skipped}}
+
+
+def workers_list(text: str) -> list[int]:
+    try:
+        ws = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        sys.exit(f"--workers-list: expected worker counts like 1,2,4,8, got {text!r}")
+    if not ws or ws[0] < 1:
+        sys.exit(f"--workers-list: expected worker counts >= 1 like 1,2,4,8, got {text!r}")
+    return ws
 
 
 def main() -> None:
@@ -274,6 +303,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads for the in-process benches")
     ap.add_argument("--skip-trl", action="store_true")
     ap.add_argument("--skip-sweep", action="store_true", help="the sweep bench runs CPU worker processes")
+    ap.add_argument("--workers-list", default="1,2", help="worker counts of the sweep bench, e.g. 1,2,4,8 (those above the cores are not run)")
     a = ap.parse_args()
     device = torch.device(a.device)
     torch.set_num_threads(a.threads)
@@ -311,17 +341,37 @@ def main() -> None:
              "positions: prompt + padded response, every row, which is what the forwards and backwards process)"))
     out["growth"] = [{k: round(v, 3) for k, v in r.items()} for r in growth]
 
-    if a.skip_sweep or device.type != "cpu":
-        out["workers_speedup"] = None
-    else:
-        sw = bench_sweep(a.quick)
-        print(format_table(("sweep, same grid", "1 worker", "2 workers"), [
-            ("wall seconds", f"{sw['wall_1']:.1f}", f"{sw['wall_2']:.1f}"),
-            ("trials/hour", f"{sw['trials_per_hour_1']:.0f}", f"{sw['trials_per_hour_2']:.0f}"),
-            ("workers_speedup (>= 1.8)", "", f"{sw['workers_speedup']:.2f}"),
-        ], title=f"\n{sw['trials']} trials of {sw['iterations']} PPO iterations x {sw['batch_size']}, warm cache"))
-        out.update({"workers_speedup": round(sw["workers_speedup"], 3), "trials_per_hour_1": round(sw["trials_per_hour_1"], 1),
-                    "trials_per_hour_2": round(sw["trials_per_hour_2"], 1)})
+    if device.type == "cuda":
+        cpu = bench_ppo(torch.device("cpu"), a.threads, a.quick)
+        print(format_table(("PPO, default model and batch", "cuda", "cpu"), [
+            ("completions/s", f"{ppo['completions_per_s']:.0f}", f"{cpu['completions_per_s']:.0f}"),
+            ("ms per iteration", f"{ppo['ms_per_iteration']:.1f}", f"{cpu['ms_per_iteration']:.1f}"),
+            ("cuda_speedup", f"{ppo['completions_per_s'] / cpu['completions_per_s']:.2f}", ""),
+        ], title=f"\nCUDA against this machine's CPU ({a.threads} threads), same run"))
+        out.update({"cpu_completions_per_s": round(cpu["completions_per_s"], 3),
+                    "cuda_speedup": round(ppo["completions_per_s"] / cpu["completions_per_s"], 3)})
+
+    out["workers_speedup"] = None
+    if not a.skip_sweep:
+        sw = bench_sweep(a.quick, workers_list(a.workers_list))
+        ws = sorted(sw["wall"])
+        rows = [("threads per worker", *[sw["threads"][w] for w in ws]),
+                ("wall seconds", *[f"{sw['wall'][w]:.1f}" for w in ws]),
+                ("trials/hour", *[f"{sw['trials_per_hour'][w]:.0f}" for w in ws]),
+                (f"speedup vs {sw['base']} worker(s)", *[f"{sw['speedup'][w]:.2f}" for w in ws])]
+        print(format_table(("sweep, same grid", *[f"{w} worker{'s' if w > 1 else ''}" for w in ws]), rows,
+                           title=f"\n{sw['trials']} trials of {sw['iterations']} PPO iterations x {sw['batch_size']}, warm cache, "
+                                 f"CPU trials, {sw['cores']} cores"))
+        for why in sw["skipped"].values():
+            print(f"not run: {why}")
+        out["workers"] = {str(w): {"threads": sw["threads"][w], "wall_s": round(sw["wall"][w], 1),
+                                   "trials_per_hour": round(sw["trials_per_hour"][w], 1), "speedup": round(sw["speedup"][w], 3)}
+                          for w in ws}
+        out["workers_not_run"] = {str(w): why for w, why in sw["skipped"].items()}
+        for w in ws:
+            out[f"trials_per_hour_{w}"] = round(sw["trials_per_hour"][w], 1)
+            if w != sw["base"] and sw["base"] == 1:
+                out["workers_speedup" if w == 2 else f"workers_speedup_{w}"] = round(sw["speedup"][w], 3)
 
     misses = [f"{k} {out[k]} (target {op} {v})" for k, (op, v) in TARGETS.items()
               if out.get(k) is not None and not (out[k] <= v if op == "<=" else out[k] >= v)]

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "outputs" / "bench" / "sweep_workers"
 
 
-def write_study(path: Path, trials: int, iterations: int, batch_size: int) -> None:
+def write_study(path: Path, trials: int, iterations: int, batch_size: int, device: str = "auto") -> None:
     spec = yaml.safe_load((ROOT / "studies" / "smoke.yaml").read_text())
     betas = [round(0.01 * 3 ** i, 4) for i in range((trials + 1) // 2)]
     spec.update(
@@ -39,7 +39,7 @@ def write_study(path: Path, trials: int, iterations: int, batch_size: int) -> No
         space={"ppo.beta": {"type": "float", "log": True, "grid": betas}, "ppo.clip_eps": {"type": "float", "grid": [0.1, 0.3]}},
         seeds=1, n_trials=len(betas) * 2, sampler="grid", sampler_options={},
     )
-    spec["fixed"].update({"ppo.iterations": iterations, "ppo.batch_size": batch_size, "eval.n_prompts": 64})
+    spec["fixed"].update({"ppo.iterations": iterations, "ppo.batch_size": batch_size, "eval.n_prompts": 64, "device": device})
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
 
 

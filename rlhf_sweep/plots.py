@@ -436,3 +436,76 @@ def kl_placement(table: pd.DataFrame, pts: pd.DataFrame, fits: dict, labels: dic
     if title:
         fig.suptitle(title)
     return save(fig, path)
+
+
+# ----- hypervolume ------------------------------------------------------------------------------------
+def hypervolume_curve(values: Sequence[float], numbers: Sequence[int], path: str | Path, objectives: Sequence[str] = (),
+                      reference: str = "", share: float = 0.9, title: str = "") -> str:
+    """A study's hypervolume after each complete trial (completion order), with the share-of-final line.
+
+    values: the hypervolume once the k-th trial was in; numbers: their trial numbers; objectives: the
+    metrics whose product is its unit; reference: the reference point (a footnote); share: the fraction
+    of the final value marked by a line.
+    """
+    use_style()
+    v = np.asarray(values, dtype=float)
+    k = np.arange(1, len(v) + 1)
+    fig, ax = plt.subplots(figsize=(8.5, 4.6), constrained_layout=True)
+    ax.step(k, v, where="post", color="C0", lw=2, label="hypervolume of the front so far")
+    ax.scatter(k, v, color="C0", s=18, zorder=3)
+    gains = np.flatnonzero(np.diff(np.concatenate([[0.0], v])) > 0)
+    for i in gains:  # the trials that moved the front
+        ax.annotate(f"t{numbers[i]}", (k[i], v[i]), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7, color="0.3")
+    final = float(v[-1]) if len(v) else 0.0
+    if final > 0:
+        ax.axhline(share * final, color=REF_COLOR, ls="--", lw=1, label=f"{share:.0%} of the final hypervolume")
+        hit = int(np.flatnonzero(v >= share * final)[0]) + 1
+        ax.axvline(hit, color="C3", ls=":", lw=1.2, label=f"reached after {hit} of {len(v)} trials")
+    ax.set_xlim(0.5, len(v) + 0.5)
+    ax.set_ylim(0, final * 1.15 if final > 0 else 1.0)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.set_xlabel("complete trials, in the order they finished")
+    ax.set_ylabel("hypervolume" + (f" ({' × '.join(objectives)})" if objectives else ""))
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title(title or "Hypervolume after each trial", loc="left")
+    if reference:
+        fig.text(0.01, -0.02, f"reference point: {reference}", fontsize=8, color="0.3", ha="left", va="top", wrap=True)
+    return save(fig, path)
+
+
+def frontier_bench(runs: dict[str, list[dict]], path: str | Path, share: float = 0.9, title: str = "") -> str:
+    """bench/frontier.py: hypervolume share of the reference front against trials and against wall minutes.
+
+    runs: {sampler: [{"share": [share after each trial], "minutes": [wall minutes at each trial]} per seed]};
+    one line per sampler (the median over seeds) with its spread (min to max) shaded.
+    """
+    use_style()
+    fig, (a_trials, a_min) = plt.subplots(1, 2, figsize=(14, 5.2), constrained_layout=True, sharey=True)
+    colors = dict(zip(runs, trial_colors(len(runs)), strict=True))
+    styles = dict(zip(runs, ["-", "--", "-.", ":"] * len(runs), strict=False))  # lines that overlap stay apart
+    t_end = max((m for rs in runs.values() for r in rs for m in r["minutes"][-1:]), default=1.0)
+    grid = np.linspace(0, t_end, 400)
+    for sampler, rs in runs.items():
+        n = min(len(r["share"]) for r in rs)
+        by_trial = np.array([r["share"][:n] for r in rs], dtype=float)
+        k = np.arange(1, n + 1)
+        med = np.median(by_trial, axis=0)
+        a_trials.step(k, med, where="post", color=colors[sampler], ls=styles[sampler], lw=2, label=f"{sampler} (median of {len(rs)} seeds)")
+        a_trials.fill_between(k, by_trial.min(0), by_trial.max(0), step="post", color=colors[sampler], alpha=0.18)
+        # the share in force at each minute: a step function of the completion times (0 before the first)
+        by_time = np.array([[r["share"][i - 1] if (i := np.searchsorted(r["minutes"], g, side="right")) else 0.0 for g in grid]
+                            for r in rs], dtype=float)
+        a_min.plot(grid, np.median(by_time, axis=0), color=colors[sampler], ls=styles[sampler], lw=2, label=sampler)
+        a_min.fill_between(grid, by_time.min(0), by_time.max(0), color=colors[sampler], alpha=0.18)
+    for ax in (a_trials, a_min):
+        ax.axhline(share, color=REF_COLOR, ls="--", lw=1, label=f"{share:.0%} of the reference")
+        ax.axhline(1.0, color="0.2", lw=0.8)
+    a_trials.set_xlabel("complete trials, in the order they finished")
+    a_min.set_xlabel("wall minutes since the sweep command started")
+    a_trials.set_ylabel("hypervolume / the dense grid's hypervolume")
+    a_trials.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    a_trials.legend(loc="lower right", fontsize=8)
+    a_trials.set_title("per trial", loc="left")
+    a_min.set_title("per wall minute", loc="left")
+    fig.suptitle(title or "How fast each sampler finds the gold/KL front (line: median over seeds; band: min to max)")
+    return save(fig, path)

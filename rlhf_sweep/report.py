@@ -26,7 +26,7 @@ import optuna
 import pandas as pd
 from optuna.trial import TrialState
 
-from . import gao, journal, kl_study, preflight
+from . import frontier, gao, journal, kl_study, preflight
 from .study import StudyError, StudySpec, load_spec
 from .sweep import open_storage
 from .tables import fmt, md_table
@@ -37,6 +37,8 @@ BON_STREAM = 6  # a random stream of its own (pipeline.STREAMS uses 1-5), so the
 SAMPLE_CHUNK = 4096  # sequences per sampling call
 MAX_CURVES = 6  # trials drawn in the over-optimization figure
 MIN_IMPORTANCE_TRIALS = 10  # PED-ANOVA compares the top 10% of trials with all: fewer is noise
+HV_SHARE = 0.9  # the report says after how many trials the study's hypervolume reached this share of its final value
+HV_MOVING = 0.05  # a last quarter of the trials that added this share of the final hypervolume or more: the front still moved
 
 # keys whose change alters the reference or the RM: the best-of-n baseline cannot follow them
 MODEL_KEYS = ("world.", "model", "sft.", "rm.")
@@ -53,6 +55,8 @@ FIGURES = {
     "importance": "Hyperparameter importances per objective (Optuna's PED-ANOVA)",
     "slices": "Slices: each objective against each searched knob, one point per complete trial",
     "kl_placement": "KL penalties: exact KL against beta per penalty, and gold against KL with Gao et al.'s RL form per penalty",
+    "hypervolume": "Hypervolume after each trial: the area of the objective plane the front dominates up to the "
+                   "reference point, as the trials finished; labels name the trials that moved the front",
 }
 
 
@@ -75,6 +79,7 @@ class StudyData:
     bon_info: str = ""
     notes: list[str] = field(default_factory=list)
     sections: list[str] = field(default_factory=list)  # markdown of study-specific sections, after the standard four
+    hypervolume: frontier.StudyHypervolume | None = None
 
 
 # ----- where the study is --------------------------------------------------------------------------
@@ -426,9 +431,43 @@ def write_markdown(data: StudyData, files: dict[str, str], fits: dict[int, gao.G
     out += [_figure(files, "importance", 4), _figure(files, "slices", 5 if "importance" in files else 4)]
 
     out += data.sections
+    out += hypervolume_section(data, files)
+
     if data.notes:
         out += ["## Notes", "", *[f"- {n}" for n in data.notes], ""]
     return "\n".join(x for x in out if x is not None) + "\n"
+
+
+def reference_text(spec: StudySpec, hv: frontier.StudyHypervolume) -> str:
+    return ", ".join(f"{o.metric} {'≥' if o.direction == 'maximize' else '≤'} {fmt(v)}"
+                     for o, v in zip(spec.objectives, hv.reference, strict=True))
+
+
+def hypervolume_section(data: StudyData, files: dict[str, str]) -> list[str]:
+    """report.md: the study's hypervolume after each trial, its reference point, and whether the budget was enough."""
+    s, hv = data.spec, data.hypervolume
+    if hv is None:
+        return ["## Hypervolume after each trial", "",
+                f"Not computed: the hypervolume is drawn for one or two objectives, this study has {len(s.objectives)}.", ""]
+    number = sum(k in files for k in FIGURES if k != "hypervolume") + 1
+    out = ["## Hypervolume after each trial", "", _figure(files, "hypervolume", number)]
+    out += [f"Reference point: {reference_text(s, hv)} (" + "; ".join(hv.sources) + "). A trial adds area only where it "
+            "beats the reference point on every objective; infeasible trials add none. Set `reference_point` in the study "
+            "file to fix it (rlhf_sweep/frontier.py has the default rule).", ""]
+    n, final = len(hv.values), hv.final
+    if final <= 0:
+        out += [f"No complete trial beat the reference point on every objective: the hypervolume is 0 after all {n} trials.", ""]
+        return out
+    hit = frontier.trials_to_share(hv.values, final, HV_SHARE)
+    tail = max(1, n // 4)
+    before = hv.values[n - tail - 1] if n > tail else 0.0
+    gain = (final - before) / final
+    out += [f"Final hypervolume {fmt(final)} after {n} complete trials; {HV_SHARE:.0%} of it was reached after trial "
+            f"{hit} of {n}. The last {f'{tail} trials' if tail > 1 else 'trial'} added {gain:.0%} of the final hypervolume"
+            + (": the front was still moving, and more trials may move it further." if gain >= HV_MOVING else
+               ": the front had settled for this sampler and budget.") + " (Values per trial: the `hypervolume` column of "
+            "`trials.csv`.)", ""]
+    return out
 
 
 # ----- the report ---------------------------------------------------------------------------------------
@@ -525,6 +564,12 @@ def report(study: str, storage: str | None = None, tracking_uri: str | None = No
             {n: f"{kl_study.label(n)} ({c.gradient})" for n, c in a.comparisons.items()}, a.gold_ref,
             out_dir / "kl_placement.png", title=title)
         data.sections += kl_study.section(a, Path(files["kl_placement"]).name, 5, 6 if "importance" in files else 5)
+    data.hypervolume = frontier.study_hypervolume(spec, all_trials)
+    if data.hypervolume is not None:
+        files["hypervolume"] = plots.hypervolume_curve(data.hypervolume.values, data.hypervolume.numbers,
+                                                       out_dir / "hypervolume.png", objectives=[o.metric for o in spec.objectives],
+                                                       reference=reference_text(spec, data.hypervolume),
+                                                       share=HV_SHARE, title=f"{title}: hypervolume after each trial")
     # figures of an earlier report that this one did not draw would be stale
     for key in FIGURES:
         stale = out_dir / f"{key}.png"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ from .paths import PathsError, shipped_studies_dir, study_dirs
 from .tables import fmt
 
 STUDIES_DIR = shipped_studies_dir()
-SAMPLERS = ("tpe", "nsga2", "random", "grid")
+SAMPLERS = ("tpe", "nsga2", "random", "grid", "gp")
 DIRECTIONS = {"maximize": "maximize", "max": "maximize", "minimize": "minimize", "min": "minimize"}
 PARAM_TYPES = ("float", "int", "categorical")
 
@@ -123,10 +124,12 @@ class StudySpec:
     fixed: overrides applied to every trial (`key: value`, as on the `rlhf-sweep run` command line).
     seeds: the config seeds each trial runs; objectives are averaged over them.
     n_trials: how many COMPLETE trials the study ends with.
-    sampler: tpe | nsga2 | random | grid.
+    sampler: tpe | nsga2 | random | grid | gp (Gaussian-process Bayesian optimization).
     sampler_seed: base seed of the sampler (each worker derives its own from it).
     sampler_options: extra keyword arguments of the Optuna sampler (e.g. n_startup_trials, population_size).
     constraints: `metric <= bound` / `metric >= bound`; infeasible trials stay off the Pareto front.
+    reference_point: the hypervolume's reference point, {metric: value} for every objective (one or
+        two); empty: the default rule of frontier.py (the reference model's values and a KL cap).
     """
 
     name: str
@@ -141,6 +144,7 @@ class StudySpec:
     sampler_seed: int = 0
     sampler_options: dict[str, Any] = field(default_factory=dict)
     constraints: list[Constraint] = field(default_factory=list)
+    reference_point: dict[str, float] = field(default_factory=dict)
 
     @property
     def directions(self) -> list[str]:
@@ -313,7 +317,7 @@ def load_spec(study: str, check_config: bool = True) -> StudySpec:
     if not isinstance(raw, dict):
         raise StudyError(f"{where}: expected a mapping with objectives, space, n_trials, ...")
     _check_keys(raw, ("description", "objectives", "space", "fixed", "seeds", "n_trials", "sampler",
-                      "sampler_seed", "sampler_options", "constraints"), where)
+                      "sampler_seed", "sampler_options", "constraints", "reference_point"), where)
 
     objectives_raw = raw.get("objectives")
     if isinstance(objectives_raw, str):  # a single metric to maximize? no: make the direction explicit
@@ -374,9 +378,11 @@ def load_spec(study: str, check_config: bool = True) -> StudySpec:
             raise StudyError(f"{where}: constraints: {c!r} is not 'metric <= number' or 'metric >= number'")
         constraints.append(Constraint(_metric(m.group(1), f"{where}: constraints"), m.group(2), float(m.group(3))))
 
+    reference_point = _reference_point(raw.get("reference_point"), objectives, where)
     spec = StudySpec(name=name, path=str(path), description=str(raw.get("description", "")).strip(), objectives=objectives,
                      space=space, fixed=dict(fixed), seeds=seeds, n_trials=n_trials, sampler=sampler,
-                     sampler_seed=sampler_seed, sampler_options=dict(options), constraints=constraints)
+                     sampler_seed=sampler_seed, sampler_options=dict(options), constraints=constraints,
+                     reference_point=reference_point)
     try:
         make_sampler(spec, seed=0)
     except (TypeError, ValueError) as e:
@@ -384,6 +390,23 @@ def load_spec(study: str, check_config: bool = True) -> StudySpec:
     if check_config:
         check_against_config(spec)
     return spec
+
+
+def _reference_point(raw: Any, objectives: list[Objective], where: str) -> dict[str, float]:
+    """`reference_point: {gold/policy: 0.5, kl/exact: 20}`: a number for each objective, nothing else."""
+    if raw is None:
+        return {}
+    names = [o.metric for o in objectives]
+    example = "{" + ", ".join(f"{m}: ..." for m in names) + "}"
+    if len(names) > 2:
+        raise StudyError(f"{where}: reference_point: the hypervolume is computed for one or two objectives, this study has {len(names)}")
+    if not isinstance(raw, dict) or sorted(raw) != sorted(names):
+        raise StudyError(f"{where}: reference_point: expected a number for each objective, {example}, got {raw!r}")
+    point = {m: float(_number(raw[m], f"{where}: reference_point: {m}")) for m in names}
+    bad = [m for m, v in point.items() if not math.isfinite(v)]
+    if bad:
+        raise StudyError(f"{where}: reference_point: {bad[0]} must be a finite number")
+    return point
 
 
 def check_against_config(spec: StudySpec) -> None:
@@ -415,6 +438,10 @@ def make_sampler(spec: StudySpec, seed: int):
         return optuna.samplers.NSGAIISampler(seed=seed, **opts)
     if spec.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed, **opts)
+    if spec.sampler == "gp":
+        # log EHVI for several objectives; it reads constraints from trial.set_constraint, and
+        # other workers' running trials enter its acquisition as pending points
+        return optuna.samplers.GPSampler(seed=seed, **opts)
     # grid ids index a grid shuffled by the seed: every worker must use the same seed
     return _GridSampler({p.name: p.grid_values() for p in spec.space}, seed=spec.sampler_seed, **opts)
 

@@ -717,8 +717,12 @@ def write_report(name: str, storage: str, uri: str | None, out_dir: Path) -> Non
 
 
 # ----- outputs ------------------------------------------------------------------------------------
-def trial_rows(spec: StudySpec, trials) -> tuple[list[str], list[list[Any]]]:
-    """trials.csv / pareto.csv: objectives, params, constraints, per-seed objectives, bookkeeping."""
+def trial_rows(spec: StudySpec, trials, study_trials=None) -> tuple[list[str], list[list[Any]]]:
+    """trials.csv / pareto.csv: objectives, params, constraints, per-seed objectives, bookkeeping,
+    and the study's hypervolume once each complete trial was in (frontier.py; over `study_trials`,
+    every trial of the study, when `trials` is a subset such as the Pareto front)."""
+    from .frontier import study_hypervolume
+
     names = [p.name for p in spec.space]
     tracked = _tracked_metrics(spec)
     header = ["number", "state", *[o.metric for o in spec.objectives], *names]
@@ -729,6 +733,10 @@ def trial_rows(spec: StudySpec, trials) -> tuple[list[str], list[list[Any]]]:
     if len(spec.seeds) > 1:
         header += [f"{m}[seed={s}]" for s in spec.seeds for m in tracked]
     header += ["seconds", "datetime_start", "datetime_complete", "run_dir", "mlflow_run_id", "error"]
+    hv = study_hypervolume(spec, trials if study_trials is None else study_trials)
+    hv_at = hv.by_trial() if hv is not None else None
+    if hv_at is not None:
+        header.append("hypervolume")
     rows = []
     for t in trials:
         row: list[Any] = [t.number, t.state.name, *(t.values or [None] * len(spec.objectives)), *(t.params.get(n) for n in names)]
@@ -741,6 +749,8 @@ def trial_rows(spec: StudySpec, trials) -> tuple[list[str], list[list[Any]]]:
             row += [(per.get(str(s)) or {}).get(m) for s in spec.seeds for m in tracked]
         row += [t.user_attrs.get("seconds"), t.datetime_start, t.datetime_complete, t.user_attrs.get("run_dir"),
                 t.user_attrs.get("mlflow_run_id"), t.user_attrs.get("error")]
+        if hv_at is not None:
+            row.append(hv_at.get(t.number))
         rows.append(row)
     return header, rows
 
@@ -771,7 +781,7 @@ def finish(spec: StudySpec, name: str, storage: str, out_dir: Path, client, pare
     best = study.best_trials if complete else []
     header, rows = trial_rows(spec, trials)
     write_csv(out_dir / "trials.csv", header, rows)
-    write_csv(out_dir / "pareto.csv", *trial_rows(spec, best))
+    write_csv(out_dir / "pareto.csv", *trial_rows(spec, best, trials))
     table = pareto_table(spec, best, len(complete)) if best else "no Pareto-optimal trials yet" + (
         " (no complete trial satisfies the constraints)" if complete else "")
     n_failed = sum(t.state == TrialState.FAIL for t in trials)

@@ -62,7 +62,7 @@ def check_report_dir(out: Path) -> str:
     md = (out / "report.md").read_text()
     pngs = sorted(p.name for p in out.glob("*.png"))
     # the smoke study has 4 trials: too few for importances, every other figure is drawn
-    assert pngs == ["length_filler.png", "overoptimization.png", "pareto.png", "slices.png"]
+    assert pngs == ["hypervolume.png", "length_filler.png", "overoptimization.png", "pareto.png", "slices.png"]
     for name in pngs:
         check_png(out / name)
         assert f"`{name}`" in md and f"]({name})" in md, f"report.md does not name {name}"
@@ -70,13 +70,33 @@ def check_report_dir(out: Path) -> str:
     assert sorted(linked) == pngs  # and names no figure that is not there
     assert "importances: not computed, 4 complete trials" in md
     for section in ("## Settings", "## 1. Pareto frontier", "Best trial per objective", "## 2. Over-optimization",
-                    "## 3. Length and filler", "## 4. Hyperparameters"):
+                    "## 3. Length and filler", "## 4. Hyperparameters", "## Hypervolume after each trial"):
         assert section in md
+    check_hypervolume(out, md)
     # the best-of-n table reaches n = 256 at KL = log 256 - 255/256, and its fit has numbers
     assert re.search(r"^\| 256 \| 4\.549 \|", md, flags=re.M), md
     bon_row = next(line for line in md.splitlines() if line.startswith("| best-of-n (n = 1…256)"))
     assert "n/a" not in bon_row.split("|")[-5]  # R² of the best-of-n fit
     return md
+
+
+def check_hypervolume(out: Path, md: str) -> None:
+    """The smoke study has no reference_point: report.md states the default one (the mean of the trials' own
+    gold/ref, and its KL constraint's bound), and trials.csv carries the hypervolume after each trial with it."""
+    import optuna
+    import pandas as pd
+
+    from rlhf_sweep import frontier
+
+    study = optuna.load_study(study_name="smoke", storage=sweep.open_storage(str(out.parent / "study.journal")))
+    gold_ref = float(np.mean([t.user_attrs["metrics"]["gold/ref"] for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))]))
+    assert f"Reference point: gold/policy ≥ {gold_ref:.3f}, kl/exact ≤ 20.000 (gold/policy: the reference model's gold/ref" in md, md
+    trials = pd.read_csv(out / "trials.csv")
+    done = trials[trials["state"] == "COMPLETE"].sort_values(["datetime_complete", "number"])
+    expected = frontier.hypervolume_history(done[["gold/policy", "kl/exact"]].to_numpy(), [gold_ref, 20.0], ["maximize", "minimize"])
+    assert done["hypervolume"].to_numpy() == pytest.approx(expected)
+    assert ("Final hypervolume" in md) == (expected[-1] > 0)
+    assert ("No complete trial beat the reference point" in md) == (expected[-1] == 0)
 
 
 @pytest.mark.e2e
@@ -92,7 +112,7 @@ def test_smoke_report_written_by_the_sweep(smoke):
     study = optuna.load_study(study_name="smoke", storage=sweep.open_storage(str(smoke / "study.journal")))
     client = MlflowClient(f"sqlite:///{smoke / 'mlflow.db'}")
     logged = {Path(f.path).name for f in client.list_artifacts(study.user_attrs["mlflow_parent_run_id"], "report")}
-    assert logged == {"report.md", "pareto.png", "overoptimization.png", "length_filler.png", "slices.png"}
+    assert logged == {"report.md", "pareto.png", "overoptimization.png", "length_filler.png", "slices.png", "hypervolume.png"}
 
 
 @pytest.mark.e2e

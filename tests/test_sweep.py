@@ -190,9 +190,10 @@ BAD = {
     "unknown_key": (("space", "ppo.betta", {"type": "float", "low": 0.01, "high": 1.0}), "unknown config key 'ppo.betta'"),
     "low_above_high": (("space", "ppo.beta", {"type": "float", "low": 1.0, "high": 0.01, "log": True}), "space: ppo.beta: low 1.000 > high 0.010"),
     "unknown_metric": (("objectives", "gold/polcy", "maximize"), "unknown metric 'gold/polcy' (did you mean 'gold/policy'?)"),
-    "unknown_sampler": (("sampler", None, "cmaes"), "sampler 'cmaes' is not one of tpe, nsga2, random, grid"),
+    "unknown_sampler": (("sampler", None, "cmaes"), "sampler 'cmaes' is not one of tpe, nsga2, random, grid, gp"),
     "out_of_range_bound": (("space", "ppo.clip_eps", {"type": "float", "low": -0.1, "high": 0.3}), "ppo.clip_eps=-0.1 is invalid"),
     "bad_constraint": (("constraints", None, ["kl/exact < 20"]), "is not 'metric <= number'"),
+    "reference_point_short": (("reference_point", None, {"gold/policy": 0.5}), "reference_point: expected a number for each objective"),
 }
 
 
