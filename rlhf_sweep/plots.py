@@ -411,10 +411,10 @@ def world_robustness(shares: pd.DataFrame, preds: pd.DataFrame, outcomes: dict[s
     ax.set_xlim(0, 1)
     ax.set_xlabel("share (95% interval)")
     ax.set_title("where the observations hold")
-    ax.legend(fontsize=8.5, loc="lower right")
+    ax.legend(fontsize=8.5, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3)
     ax = axes[1]
     if len(preds):
-        r = preds.pivot_table(index="key", columns="param", values="r").reindex([k for k in outcomes if k in set(preds["key"])])
+        r = preds.pivot_table(index="key", columns="param", values="r").reindex([k for k in outcomes if k in set(preds["key"])]).astype(float)
         q = preds.pivot_table(index="key", columns="param", values="q").reindex(r.index)[r.columns]
         sns.heatmap(r, ax=ax, cmap="RdBu_r", vmin=-1, vmax=1, annot=True, fmt=".2f", annot_kws={"fontsize": 7},
                     cbar_kws={"label": "Pearson r over worlds"})

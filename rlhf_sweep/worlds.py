@@ -47,6 +47,7 @@ PHASES = {
 VERBOSE_TOKENS = 1.0  # verbosity drift: the policy's responses at least this many tokens longer than the reference's
 CONFIDENCE = 0.95
 Q_LEVEL = 0.10  # a world parameter is called a predictor when its Benjamini-Hochberg q-value is below this
+MIN_RM_GAIN = 0.25  # RM std units: below it the share of the RM's gain that length explains is a ratio of small numbers
 SMOOTH = 9  # iterations in the centred moving average that locates a PPO run's empirical gold peak
 
 
@@ -97,6 +98,11 @@ def run_row(summary: dict) -> dict:
     row.update(phase_indicators(summary["metrics"]))
     row["d_len"] = summary["metrics"]["len/policy"] - summary["metrics"]["len/ref"]
     row["d_gold"] = summary["metrics"]["gold/policy"] - summary["metrics"]["gold/ref"]
+    rm_diag = (summary.get("diagnosis") or {}).get("reward_model") or {}
+    # Singhal et al.'s question: how much of the RM's gain is length (the RM's length slope holding gold fixed x the
+    # length gain); NaN where the RM gained too little for the ratio to mean anything
+    row["rm_gain"] = rm_diag.get("rm_gain", math.nan)
+    row["length_share"] = rm_diag.get("share_of_rm_gain_from_length", math.nan) if row["rm_gain"] > MIN_RM_GAIN else math.nan
     row.update(artefacts(summary))
     return row
 
@@ -160,8 +166,11 @@ def cluster_mean_ci(groups: list[np.ndarray], confidence: float = CONFIDENCE) ->
     per = np.array([float(np.mean(g)) for g in groups])
     sizes = np.array([len(g) for g in groups], dtype=float)
     mean = float((per * sizes).sum() / sizes.sum())
-    if len(per) < 2 or np.all(per == per[0]):
-        return mean, mean, mean
+    if len(per) < 2:
+        return mean, math.nan, math.nan
+    if np.all(per == per[0]) and per[0] in (0.0, 1.0):
+        # every world alike: resampling worlds cannot move the mean; the exact interval over worlds says what n allows
+        return mean, *share_ci(int(per[0]) * len(per), len(per), confidence)[1:]
     res = bootstrap((per, sizes), lambda p, s: (p * s).sum() / s.sum(), paired=True, confidence_level=confidence,
                     method="percentile", n_resamples=9999, random_state=0)
     return mean, float(res.confidence_interval.low), float(res.confidence_interval.high)
@@ -174,7 +183,9 @@ def correlations(x: pd.DataFrame, y: pd.Series, confidence: float = CONFIDENCE) 
     rows = []
     for col in x.columns:
         xv, yv = x[col].to_numpy(dtype=float), y.to_numpy(dtype=float)
-        if np.ptp(xv) == 0 or np.ptp(yv) == 0 or len(xv) < 4:
+        keep = np.isfinite(xv) & np.isfinite(yv)
+        xv, yv = xv[keep], yv[keep]
+        if len(xv) < 4 or np.ptp(xv) == 0 or np.ptp(yv) == 0:
             continue
         res = pearsonr(xv, yv)
         ci = res.confidence_interval(confidence_level=confidence)
@@ -222,7 +233,16 @@ def robustness(runs: pd.DataFrame) -> pd.DataFrame:
 
 # outcomes whose predictors the robustness section looks for: the verdicts (share of seeds) and three sizes
 OUTCOMES = {**{k: v for k, v in OBSERVATIONS.items()}, "d_len": "length drift (tokens)", "d_gold": "gold change",
-            "kl/exact": "KL (nats)"}
+            "kl/exact": "KL (nats)", "length_share": "share of RM gain from length"}
+def length_share_line(runs: pd.DataFrame) -> str:
+    """The share of the RM's gain that length explains, over runs whose RM gain is not tiny (Singhal et al. 2023)."""
+    ok = runs[np.isfinite(runs["length_share"])]
+    if not len(ok):
+        return f"No run has an RM gain above {MIN_RM_GAIN} std units: the length share of the RM's gain is not read."
+    q = ok["length_share"].quantile([0.25, 0.5, 0.75])
+    return (f"Share of the RM's gain over the reference that length explains (the RM's length slope holding gold fixed x "
+            f"the length gain; Singhal et al. 2023 ask the same): median {q[0.5]:.2f} (quartiles {q[0.25]:.2f} to {q[0.75]:.2f}) "
+            f"over the {len(ok)} of {len(runs)} runs whose RM gain exceeds {MIN_RM_GAIN} std units.")
 
 
 def predictors(runs: pd.DataFrame) -> pd.DataFrame:
@@ -235,7 +255,11 @@ def predictors(runs: pd.DataFrame) -> pd.DataFrame:
         df.insert(0, "outcome", label)
         df.insert(1, "key", key)
         out.append(df)
-    return pd.concat(out, ignore_index=True) if out else pd.DataFrame()
+    if not out:
+        return pd.DataFrame()
+    # an outcome constant over the worlds contributes no rows (and would leave its empty frame's object dtype)
+    df = pd.concat([d for d in out if len(d)], ignore_index=True) if any(len(d) for d in out) else out[0]
+    return df.astype({c: float for c in ("r", "lo", "hi", "p", "q")})
 
 
 def worlds_section(runs: pd.DataFrame, out_dir: Path, title: str) -> tuple[list[str], dict[str, str]]:
@@ -274,6 +298,7 @@ def worlds_section(runs: pd.DataFrame, out_dir: Path, title: str) -> tuple[list[
     md += [md_table(["outcome", "world parameter", "r [95% CI]", "p", "q (BH)", "predictor"], rows), ""]
     if not len(sig):
         md += [f"No world parameter reaches q < {Q_LEVEL} for any outcome.", ""]
+    md += [length_share_line(runs), ""]
     files = {"world_robustness": plots.world_robustness(shares, preds, OUTCOMES, out_dir / "world_robustness.png", title=title)}
     md += [f"**Figure, `world_robustness.png`**: left, the share of worlds where each observation holds (every seed, "
            f"at least one, and of runs) with its interval; right, r of each outcome with each world parameter "
@@ -303,7 +328,7 @@ def phase_cells(runs: pd.DataFrame, bias: str) -> pd.DataFrame:
            "gold_win": ("gold/win_rate", "mean"), "d_filler": ("filler/policy", "mean"), "filler_ref": ("filler/ref", "mean"),
            "wrong": ("wrong/policy", "mean"), "wrong_ref": ("wrong/ref", "mean"),
            "repeat": ("repeat/policy", "mean"), "repeat_ref": ("repeat/ref", "mean"),
-           "humans": ("humans_prefer_reference", "mean")}
+           "humans": ("humans_prefer_reference", "mean"), "length_share": ("length_share", "median")}
     cells = runs.groupby([bias, "ppo.beta"]).agg(**agg).reset_index()
     cells["d_filler"] = cells["d_filler"] - cells["filler_ref"]
     return cells
@@ -354,10 +379,12 @@ def phase_section(runs: pd.DataFrame, spec, out_dir: Path, title: str) -> tuple[
         rows.append([fmt(beta) + (" (default)" if math.isclose(beta, default_beta) else ""),
                      *[boundary_text(*boundary(cells, bias, k, beta), bias) for k in PHASES]])
     md += [md_table(["beta", *PHASES.values()], rows), ""]
-    md += ["Per cell (mean over seeds): length change, gold change, KL, and the share of seeds where each observation holds.", ""]
-    md += [md_table([bias.rsplit(".", 1)[-1], "beta", "seeds", "Δlen", "Δgold", "KL", *PHASES.values()],
-                    [[r[bias], r["ppo.beta"], int(r["seeds"]), r["d_len"], r["d_gold"], r["kl"], *[r[k] for k in PHASES]]
+    md += ["Per cell (mean over seeds): length change, gold change, KL, the median share of the RM's gain that length "
+           "explains, and the share of seeds where each observation holds.", ""]
+    md += [md_table([bias.rsplit(".", 1)[-1], "beta", "seeds", "Δlen", "Δgold", "KL", "length share", *PHASES.values()],
+                    [[r[bias], r["ppo.beta"], int(r["seeds"]), r["d_len"], r["d_gold"], r["kl"], r["length_share"], *[r[k] for k in PHASES]]
                      for _, r in cells.sort_values([bias, "ppo.beta"]).iterrows()]), ""]
+    md += [length_share_line(runs), ""]
     md += unbiased_lines(cells, bias)
     panels = []
     annot = {"verbosity_drift": ("d_len", "Δlen {:+.1f}"), "gold_collapse": ("d_gold", "Δh {:+.2f}"), "kl_increasing": ("kl", "KL {:.0f}"),

@@ -223,3 +223,15 @@ def test_run_row_reads_a_summary(tmp_path):
     assert (row["rm.n_layer"], row["rm.n_embd"]) == (2, 64)  # null: the policy's size
     assert (row["all_three"], row["verbosity_drift"], row["gold_collapse"], row["d_len"]) == (False, True, True, 2.0)
     assert (row["rm_path"], row["rm_cached"], row["backbone_path"]) == ("x.pt", True, None)
+    diag = {"reward_model": {"rm_gain": 1.2, "share_of_rm_gain_from_length": 0.7}}
+    assert worlds.run_row({**s, "diagnosis": diag})["length_share"] == 0.7
+    diag["reward_model"]["rm_gain"] = 0.1  # too small a gain for its share to mean anything
+    assert math.isnan(worlds.run_row({**s, "diagnosis": diag})["length_share"])
+
+
+def test_cluster_interval_resamples_worlds():
+    """Two worlds of opposite verdicts: the run share is 0.5, and resampling whole worlds spans 0 to 1; when every
+    world agrees, the interval is the exact one over worlds, not a point."""
+    assert worlds.cluster_mean_ci([np.array([1.0, 1.0]), np.array([0.0, 0.0])]) == pytest.approx((0.5, 0.0, 1.0))
+    share, lo, hi = worlds.cluster_mean_ci([np.ones(2)] * 20)
+    assert (share, lo, hi) == pytest.approx((1.0, 0.025 ** (1 / 20), 1.0))
