@@ -61,6 +61,9 @@ class DemoConfig:
 
 @dataclass
 class WorldConfig:
+    # world.draw=N: a world sampled from the ranges in world.DRAW_RANGES, a pure function of N (its own
+    # random stream, not `seed`); null = the default world below. load_config fills in the drawn fields.
+    draw: int | None = None
     n_intents: int = 8
     n_details: int = 8
     n_filler: int = 8
@@ -124,6 +127,11 @@ class RMConfig:
     ensemble_size: int = 1
     ensemble_agg: str = "mean_std"  # mean_std (mean - lambda * std across members) | min | mean
     ensemble_lambda: float = 1.0  # lambda of mean_std
+    # the RM's own size (RM scaling): null = the policy's model.n_layer / model.n_embd and the policy's SFT
+    # reference as its backbone; another size starts from an SFT model of that size trained on the same
+    # demonstrations (cached under its own key), as Gao et al. 2022 start RMs from pretrained models of each size
+    n_layer: int | None = None
+    n_embd: int | None = None
 
 
 KL_ESTIMATORS = kl.ESTIMATORS
@@ -237,6 +245,11 @@ def load_config(cfg: DictConfig | dict) -> Config:
         msg = str(e).splitlines()[0]
         raise ConfigError(f"bad value for '{key}': {msg}") from None
     validate(conf)
+    if conf.world.draw is not None:
+        from .world import apply_draw
+
+        conf.world = apply_draw(conf.world)
+        validate(conf)  # the drawn world, with any fields set by hand
     return conf
 
 
@@ -289,12 +302,16 @@ def validate(c: Config) -> None:
     _require(r.ensemble_size >= 1, "rm.ensemble_size", r.ensemble_size, "an integer >= 1 (1 = a single reward model)")
     _require(r.ensemble_agg in ENSEMBLE_AGGS, "rm.ensemble_agg", r.ensemble_agg, " | ".join(ENSEMBLE_AGGS))
     _require(r.ensemble_lambda >= 0, "rm.ensemble_lambda", r.ensemble_lambda, "a number >= 0")
+    _require(r.n_layer is None or r.n_layer >= 1, "rm.n_layer", r.n_layer, "an integer >= 1, or null (the policy's model.n_layer)")
+    _require(r.n_embd is None or (r.n_embd >= 1 and r.n_embd % m.n_head == 0), "rm.n_embd", r.n_embd,
+             f"a positive multiple of model.n_head={m.n_head}, or null (the policy's model.n_embd)")
     _require(c.sft.lr > 0, "sft.lr", c.sft.lr, "a number > 0")
     _require(c.sft.n_demos >= 16, "sft.n_demos", c.sft.n_demos, "an integer >= 16")
     _require(c.sft.epochs >= 1, "sft.epochs", c.sft.epochs, "an integer >= 1")
     _require(c.sft.batch_size >= 1, "sft.batch_size", c.sft.batch_size, "an integer >= 1")
     _require(r.epochs >= 1, "rm.epochs", r.epochs, "an integer >= 1")
     _require(r.batch_size >= 1, "rm.batch_size", r.batch_size, "an integer >= 1")
+    _require(w.draw is None or w.draw >= 0, "world.draw", w.draw, "an integer >= 0, or null (the default world)")
     _require(w.n_intents >= 2, "world.n_intents", w.n_intents, "an integer >= 2")
     _require(w.n_details >= 2, "world.n_details", w.n_details, "an integer >= 2")
     _require(w.n_filler >= 1, "world.n_filler", w.n_filler, "an integer >= 1")
@@ -310,6 +327,11 @@ def validate(c: Config) -> None:
     _require(0 < c.eval.confidence < 1, "eval.confidence", c.eval.confidence, "a number in (0, 1)")
     _require(0 < c.eval.trend_window <= 1, "eval.trend_window", c.eval.trend_window, "a share in (0, 1]")
     _require(c.eval.n_prompts >= 16, "eval.n_prompts", c.eval.n_prompts, "an integer >= 16")
+
+
+def rm_model(c: Config) -> ModelConfig:
+    """The reward model's architecture: the policy's, with rm.n_layer / rm.n_embd where set."""
+    return dataclasses.replace(c.model, n_layer=c.rm.n_layer or c.model.n_layer, n_embd=c.rm.n_embd or c.model.n_embd)
 
 
 def to_dict(obj: Any) -> dict:

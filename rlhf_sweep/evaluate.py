@@ -190,6 +190,7 @@ def evaluate(
         m[f"directness/{name}"] = float(side["first_correct"][has].mean()) if has.any() else float("nan")
         m[f"correct/{name}"] = float(has.mean())
         m[f"wrong/{name}"] = float((side["n_wrong"] > 0).mean())
+        m[f"repeat/{name}"] = float((side["n_correct"] > 1).mean())  # the correct action more than once
         m[f"ended/{name}"] = float(side["ended"].mean())
     mask = kt["mask"]
     for est in ("exact", "k1", "k3"):

@@ -19,13 +19,13 @@ import torch
 
 from . import __version__
 from . import kl as klmod
-from .config import Config, config_hash, to_dict
+from .config import Config, ModelConfig, config_hash, rm_model, to_dict
 from .evaluate import advantage_record, advantage_stats_from, diagnose, evaluate, observations, rm_filler_curve
 from .models import PolicyWithValue, build_lm, train_sft
 from .ppo import train_ppo
 from .reward import EnsembleRM, RewardModel, calibrate, collect_pairs, pair_accuracy, train_rm
 from .runtime import cores, file_lock
-from .world import PROMPT_LEN, World
+from .world import PROMPT_LEN, World, WorldCheckError, describe_world
 
 # bump when the code of the world, SFT or RM changes what a cached artefact would hold
 CACHE_VERSION = 3
@@ -54,12 +54,27 @@ def threads(cfg: Config) -> int:
     return cfg.threads or cores()
 
 
-def sft_key(cfg: Config, device: torch.device) -> str:
+def world_key(cfg: Config) -> dict:
+    """The world as cache keys hold it: the default world (draw null) hashes as it did before draws existed."""
     w = to_dict(cfg.world)
+    if w["draw"] is None:
+        w.pop("draw")
+    return w
+
+
+def sft_key(cfg: Config, device: torch.device, model: ModelConfig | None = None) -> str:
+    """The SFT reference's cache key (`model`: another architecture on the same demonstrations, e.g. an RM backbone)."""
+    w = world_key(cfg)
     w.pop("gold"), w.pop("labeler")  # the reference never sees gold or labels
     # the thread count is in the key (and so in every RM key): it changes the float reduction order, and
     # weights 1e-3 apart send PPO elsewhere, so a cache made with another count would break "same seed, same run"
-    return "sft-" + config_hash(CACHE_VERSION, w, cfg.model, cfg.sft, cfg.seed, device.type, threads(cfg))
+    return "sft-" + config_hash(CACHE_VERSION, w, model or cfg.model, cfg.sft, cfg.seed, device.type, threads(cfg))
+
+
+def rm_size_differs(cfg: Config) -> bool:
+    """Whether the RM has a size of its own (rm.n_layer / rm.n_embd away from the policy's)."""
+    m = rm_model(cfg)
+    return (m.n_layer, m.n_embd) != (cfg.model.n_layer, cfg.model.n_embd)
 
 
 ENSEMBLE_KEYS = ("ensemble_size", "ensemble_agg", "ensemble_lambda")
@@ -71,7 +86,11 @@ def rm_key(cfg: Config, device: torch.device, member: int = 0) -> str:
     r = to_dict(cfg.rm)
     for k in ENSEMBLE_KEYS:
         r.pop(k)
-    parts = [sft_key(cfg, device), cfg.world, r, cfg.seed] + ([{"member": member}] if member else [])
+    if not rm_size_differs(cfg):  # the policy's size, named or not, is the RM of before rm.n_layer/n_embd existed
+        r.pop("n_layer"), r.pop("n_embd")
+    else:
+        r["n_layer"], r["n_embd"] = rm_model(cfg).n_layer, rm_model(cfg).n_embd
+    parts = [sft_key(cfg, device), world_key(cfg), r, cfg.seed] + ([{"member": member}] if member else [])
     return "rm-" + config_hash(*parts)
 
 
@@ -160,16 +179,19 @@ def freeze(module: torch.nn.Module) -> None:
         p.requires_grad_(False)
 
 
-def get_reference(cfg: Config, world: World, device: torch.device, say) -> tuple[torch.nn.Module, dict]:
+def get_reference(cfg: Config, world: World, device: torch.device, say, model: ModelConfig | None = None,
+                  what: str = "SFT reference") -> tuple[torch.nn.Module, dict]:
+    """The SFT model of `model` (default: the policy's, i.e. the frozen reference), trained or loaded."""
+    model = model or cfg.model
     torch.manual_seed(cfg.seed)
-    lm = build_lm(cfg.model, world.vocab.size, PROMPT_LEN + cfg.world.max_new_tokens).to(device)
+    lm = build_lm(model, world.vocab.size, PROMPT_LEN + cfg.world.max_new_tokens).to(device)
 
     def train() -> dict:
         rng, _ = streams(cfg.seed, "sft", device)
         return train_sft(lm, world, cfg.sft, rng, device, cfg.progress)
 
-    info = load_or_train(Path(cfg.cache_dir) / f"{sft_key(cfg, device)}.pt", lm, train, device)
-    say(f"SFT reference: {'cached' if info['cached'] else 'trained'}, loss {info['sft/loss']:.3f} ({info['path']})")
+    info = load_or_train(Path(cfg.cache_dir) / f"{sft_key(cfg, device, model)}.pt", lm, train, device)
+    say(f"{what}: {'cached' if info['cached'] else 'trained'}, loss {info['sft/loss']:.3f} ({info['path']})")
     freeze(lm)
     return lm, info
 
@@ -190,13 +212,18 @@ def get_rm_member(cfg: Config, world: World, ref: torch.nn.Module, device: torch
     the same labeled pairs (bagging): without new labels, that is where members disagree.
     `data` is a zero-argument function returning (pairs, held_out), so they are drawn only if needed.
     """
-    lm = build_lm(cfg.model, world.vocab.size, PROMPT_LEN + cfg.world.max_new_tokens).to(device)
-    lm.load_state_dict(ref.state_dict())  # the RM starts from the SFT backbone, as in InstructGPT
-    rm = RewardModel(lm, cfg.model.n_embd).to(device)
+    arch, own_size = rm_model(cfg), rm_size_differs(cfg)
+    lm = build_lm(arch, world.vocab.size, PROMPT_LEN + cfg.world.max_new_tokens).to(device)
+    if not own_size:
+        lm.load_state_dict(ref.state_dict())  # the RM starts from the SFT backbone, as in InstructGPT
+    rm = RewardModel(lm, arch.n_embd).to(device)
     data = data or (lambda: labeled_pairs(cfg, world, ref, device))
 
     def train() -> dict:
         t0, c0 = time.perf_counter(), time.process_time()
+        if own_size:  # an SFT model of the RM's size on the same demonstrations; the pairs still come from `ref`
+            backbone, b_info = get_reference(cfg, world, device, say, arch, f"RM backbone ({arch.n_layer} x {arch.n_embd})")
+            lm.load_state_dict(backbone.state_dict())
         pairs, held_out = data()
         train_pairs = pairs
         if member == 0:
@@ -207,9 +234,11 @@ def get_rm_member(cfg: Config, world: World, ref: torch.nn.Module, device: torch
             torch.manual_seed(cfg.seed + 1 + 1000 * member)
             n = len(pairs.prompts)
             train_pairs = pairs.subset(torch.from_numpy(rng_rm.integers(0, n, n)))
-        torch.nn.init.normal_(rm.head.weight, std=1.0 / (cfg.model.n_embd + 1) ** 0.5)
+        torch.nn.init.normal_(rm.head.weight, std=1.0 / (arch.n_embd + 1) ** 0.5)
         torch.nn.init.zeros_(rm.head.bias)
         info = train_rm(rm, train_pairs, cfg.rm, rng_rm, device, cfg.progress)
+        if own_size:  # which backbone, and whether this RM's training built it (the cache audit counts builds)
+            info["backbone"] = {"path": b_info["path"], "cached": b_info["cached"]}
         calibrate(rm, torch.cat([pairs.prompts, pairs.prompts]), torch.cat([pairs.first, pairs.second]), device)
         info.update(pair_accuracy(rm, held_out, device))
         decided = held_out.gold_diff.abs() > 1e-6
@@ -219,7 +248,7 @@ def get_rm_member(cfg: Config, world: World, ref: torch.nn.Module, device: torch
         return info
 
     info = load_or_train(Path(cfg.cache_dir) / f"{rm_key(cfg, device, member)}.pt", rm, train, device)
-    what = f"reward model{f' member {member}' if member else ''}"
+    what = f"reward model{f' member {member}' if member else ''}{f' ({arch.n_layer} x {arch.n_embd})' if own_size else ''}"
     say(f"{what}: {'cached' if info['cached'] else f'trained on {cfg.rm.n_pairs} {cfg.rm.pairs} pairs'}, "
         f"acc on labels {info['rm/acc_labels']:.3f}, on gold {info['rm/acc_gold']:.3f} ({info['path']})")
     freeze(rm)
@@ -283,6 +312,11 @@ def run(cfg: Config, say=print) -> dict:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
     world = World(cfg.world)
+    if cfg.world.draw is not None:
+        say(describe_world(cfg.world))
+        problems = world.check()
+        if problems:  # a draw range that makes a broken world: never run on it
+            raise WorldCheckError(f"world.draw={cfg.world.draw}: " + "; ".join(problems))
     timer = Timer()
     penalty = klmod.penalty(cfg.ppo.kl_estimator, cfg.ppo.kl_in)
     if klmod.warning(penalty):

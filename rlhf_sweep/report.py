@@ -577,7 +577,17 @@ def report(study: str, storage: str | None = None, tracking_uri: str | None = No
             stale.unlink()
 
     md = out_dir / "report.md"
-    md.write_text(write_markdown(data, files, fits, bon_fit, study_fit, imps))
+    text = write_markdown(data, files, fits, bon_fit, study_fit, imps)
+    # studies over drawn worlds, a labeler bias x beta, or reward-model size get their own analyses (worlds.py)
+    from . import worlds
+
+    try:
+        extra, extra_files = worlds.section(data, quiet)
+    except Exception as e:  # the generic report is still worth having
+        say(f"report: the world analyses failed: {type(e).__name__}: {e}")
+        extra, extra_files = f"\n## World analyses\n\nnot computed: {type(e).__name__}: {e}\n", {}
+    files.update(extra_files)
+    md.write_text(text + extra)
     if uri and parent:
         try:
             from . import tracking

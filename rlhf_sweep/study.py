@@ -34,7 +34,7 @@ PARAM_TYPES = ("float", "int", "categorical")
 METRIC_KEYS: tuple[str, ...] = (
     *(f"{k}/{s}" for k in ("rm", "gold") for s in (
         "policy", "policy_lo", "policy_hi", "ref", "ref_lo", "ref_hi", "win_rate", "win_rate_lo", "win_rate_hi")),
-    *(f"{k}/{side}" for side in ("policy", "ref") for k in ("len", "filler", "directness", "correct", "wrong", "ended")),
+    *(f"{k}/{side}" for side in ("policy", "ref") for k in ("len", "filler", "directness", "correct", "wrong", "ended", "repeat")),
     "kl/exact", "kl/k1", "kl/k3", "kl/exact_per_token",
     "rm/acc_labels", "rm/acc_gold",
     "ppo/beta", "ppo/clipfrac", "ppo/approx_kl", "ppo/entropy", "ppo/value_loss",

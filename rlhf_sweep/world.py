@@ -5,16 +5,23 @@ left-padded with PAD to a fixed width of 5 (PAD is an ordinary token the models
 see, so prompts need no attention mask). Responses are up to `max_new_tokens`
 tokens ending with EOS, PAD after it. Nothing in this module rewards length for
 its own sake except the labelers' `length_bias` and `filler_bias`.
+
+It also owns random worlds (`world.draw=N`): `draw_world(N)` samples every world knob
+from `DRAW_RANGES`, a pure function of N, and `World.check` is what every world, drawn or
+not, must satisfy (gold well-defined, labeler probabilities strictly inside (0, 1),
+valid demonstrations).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from .config import LabelerConfig, WorldConfig
+from .config import DemoConfig, GoldConfig, LabelerConfig, WorldConfig
 
 PAD, BOS, SEP, EOS = 0, 1, 2, 3
 PROMPT_LEN = 5
@@ -85,6 +92,10 @@ class World:
     def __init__(self, cfg: WorldConfig):
         self.cfg = cfg
         self.vocab = Vocab(cfg.n_intents, cfg.n_details, cfg.n_filler, cfg.n_explain)
+
+    def check(self) -> list[str]:
+        """The problems `check_world` finds in this world (empty: sound)."""
+        return check_world(self.cfg)
 
     # ----- prompts -------------------------------------------------------------------------
     def sample_prompts(self, n: int, rng: np.random.Generator) -> torch.Tensor:
@@ -211,3 +222,182 @@ def label_pairs(
     y = rng.random(len(p)) < p
     flip = rng.random(len(p)) < cfg.flip_rate
     return torch.from_numpy(y ^ flip).long()
+
+
+# ----- random worlds (world.draw=N) ------------------------------------------------------------
+class WorldCheckError(ValueError):
+    """A world that fails `check_world`: the message lists what is wrong."""
+
+
+# What a drawn world samples, uniformly in [low, high] ("log": uniformly in log space; "int": each integer
+# alike). Every range holds the default world. gold.action stays 1 (the unit of gold). The demo mix draws
+# the complete share, then the wrong answers' share of the rest (the remainder is partial answers).
+# The order is part of the contract: draw N of a new range appended at the end keeps every earlier value.
+DRAW_RANGES: dict[str, tuple[float, float, str]] = {
+    "n_intents": (4, 12, "int"),  # also the number of actions (one per intent)
+    "n_details": (4, 12, "int"),
+    "n_filler": (3, 12, "int"),
+    "n_explain": (3, 12, "int"),
+    "max_new_tokens": (16, 32, "int"),  # the response length limit
+    "second_detail_prob": (0.2, 0.8, "float"),
+    "gold.directness": (0.8, 0.97, "float"),
+    "gold.wrong_action": (-0.8, -0.2, "float"),
+    "gold.detail": (0.1, 0.3, "float"),
+    "gold.first_filler": (0.0, 0.2, "float"),
+    "gold.extra_filler": (-0.2, -0.05, "float"),
+    "gold.ideal_len": (3, 6, "int"),
+    "gold.over_len": (-0.06, -0.01, "float"),
+    "gold.no_eos": (-0.5, -0.1, "float"),
+    "labeler.tau": (0.15, 0.5, "log"),
+    "labeler.flip_rate": (0.01, 0.15, "float"),
+    "labeler.length_bias": (0.0, 0.6, "float"),
+    "labeler.filler_bias": (0.0, 1.2, "float"),
+    "demo.complete": (0.55, 0.9, "float"),
+    "demo.wrong_share": (0.2, 0.6, "float"),  # wrong = (1 - complete) * wrong_share; partial = the rest
+}
+DRAW_STREAM = 17  # draw N uses numpy's stream [DRAW_STREAM, N]: independent of `seed` and of every run stream
+DRAW_DECIMALS = 4  # drawn numbers are rounded, so they print, log and hash the same everywhere
+
+
+def _flat_world(w: WorldConfig) -> dict:
+    out = {}
+    for k, v in dataclasses.asdict(w).items():
+        if isinstance(v, dict):
+            out.update({f"{k}.{kk}": vv for kk, vv in v.items()})
+        else:
+            out[k] = v
+    return out
+
+
+def _world_from_flat(flat: dict) -> WorldConfig:
+    nested: dict = {"gold": {}, "labeler": {}, "demo": {}}
+    for k, v in flat.items():
+        if "." in k:
+            group, name = k.split(".", 1)
+            nested[group][name] = v
+        else:
+            nested[k] = v
+    return WorldConfig(**{**nested, "gold": GoldConfig(**nested["gold"]), "labeler": LabelerConfig(**nested["labeler"]),
+                          "demo": DemoConfig(**nested["demo"])})
+
+
+def draw_world(n: int) -> WorldConfig:
+    """World number n: every knob of DRAW_RANGES sampled from its own numpy stream; a pure function of n."""
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+        raise ValueError(f"world.draw must be an integer >= 0, got {n!r}")
+    rng = np.random.default_rng([DRAW_STREAM, int(n)])
+    vals: dict = {}
+    for key, (lo, hi, kind) in DRAW_RANGES.items():
+        if kind == "int":
+            vals[key] = int(rng.integers(int(lo), int(hi) + 1))
+        elif kind == "log":
+            vals[key] = round(math.exp(rng.uniform(math.log(lo), math.log(hi))), DRAW_DECIMALS)
+        else:
+            vals[key] = round(float(rng.uniform(lo, hi)), DRAW_DECIMALS)
+    complete, share = vals.pop("demo.complete"), vals.pop("demo.wrong_share")
+    wrong = round((1 - complete) * share, DRAW_DECIMALS)
+    vals.update({"demo.complete": complete, "demo.wrong": wrong, "demo.partial": round(1 - complete - wrong, DRAW_DECIMALS)})
+    flat = _flat_world(WorldConfig())
+    flat.update(vals, draw=int(n))
+    return _world_from_flat(flat)
+
+
+def apply_draw(w: WorldConfig) -> WorldConfig:
+    """The world `w.draw` names, keeping every field of `w` set away from the default world.
+
+    So `world.draw=3 experiment=unbiased_labelers` is draw 3 with unbiased labelers. A field set by hand to
+    exactly its default value cannot be told from an unset one: the draw's value wins there. Cheap (no
+    sampling): `pipeline.run` checks the world it runs (`check_world`), not every compose.
+    """
+    drawn = draw_world(w.draw)
+    default, mine, theirs = _flat_world(WorldConfig()), _flat_world(w), _flat_world(drawn)
+    return _world_from_flat({k: (mine[k] if mine[k] != default[k] else theirs[k]) for k in default} | {"draw": w.draw})
+
+
+def describe_world(w: WorldConfig) -> str:
+    """One line for a run header: which world this is and its main knobs."""
+    g, lab, d = w.gold, w.labeler, w.demo
+    name = "default world" if w.draw is None else f"world draw {w.draw}"
+    return (f"{name}: {w.n_intents} intents/actions, {w.n_details} details, {w.n_filler} filler, {w.n_explain} explanation "
+            f"tokens, responses <= {w.max_new_tokens}; gold directness {g.directness:g}, wrong action {g.wrong_action:g}, "
+            f"ideal length {g.ideal_len}; labelers tau {lab.tau:g}, length_bias {lab.length_bias:g}, filler_bias "
+            f"{lab.filler_bias:g}, flip {lab.flip_rate:g}; demos complete/partial/wrong {d.complete:g}/{d.partial:g}/{d.wrong:g}")
+
+
+def check_world(cfg: WorldConfig, n: int = 2000, seed: int = 0) -> list[str]:
+    """What every world must satisfy; returns the problems (empty: the world is sound).
+
+    gold well-defined: finite on demonstrations and on random token strings, and ordered as its
+    definition says (the correct action first >= the same action later > no action > a wrong action;
+    ending beats never ending). Labelers: the probability of each label, noise included, strictly
+    inside (0, 1) as `label_pairs` computes it, and labels that agree with gold more often than not.
+    Demonstrations: every one ends with EOS within max_new_tokens, PAD after it, only action, detail,
+    filler and explanation tokens before it, at most one action, only the prompt's own details, and
+    the complete / wrong shares within 0.05 of the configured mix.
+    """
+    world, problems = World(cfg), []
+    v, rng = world.vocab, np.random.default_rng([DRAW_STREAM, 1_000_000 + seed])
+    T = cfg.max_new_tokens
+    prompts = world.sample_prompts(n, rng)
+    demos = world.demonstrations(prompts, rng)
+    f = world.features(prompts, demos)
+    h = world.gold(prompts, demos, f)
+
+    # gold
+    noise = torch.from_numpy(rng.integers(0, v.size, (n, T)))
+    if not (torch.isfinite(h).all() and torch.isfinite(world.gold(prompts, noise)).all()):
+        problems.append("gold is not finite on every response")
+    k = world.prompt_intent(prompts[:1])
+    a_ok, a_bad, e = v.action0 + int(k), v.action0 + (int(k) + 1) % cfg.n_intents, v.explain0
+
+    def h_of(*tokens: int) -> float:
+        r = torch.full((1, T), PAD, dtype=torch.long)
+        r[0, : len(tokens)] = torch.tensor(tokens[:T])
+        return float(world.gold(prompts[:1], r))
+
+    first, later, none, wrong = h_of(a_ok, EOS), h_of(e, e, a_ok, EOS), h_of(e, EOS), h_of(a_bad, e, EOS)
+    if not first >= later > none > wrong:
+        problems.append(f"gold is not ordered: correct action first {first:.3g}, later {later:.3g}, none {none:.3g}, "
+                        f"wrong {wrong:.3g}")
+    if not h_of(*([e] * T)) < h_of(*([e] * (T - 1)), EOS):
+        problems.append("gold does not prefer a response that ends")
+
+    # labelers, on pairs of demonstrations
+    half = n // 2
+    f1 = {key: val[:half] for key, val in f.items()}
+    f2 = {key: val[half : 2 * half] for key, val in f.items()}
+    dh = h[:half] - h[half : 2 * half]
+    logit = labeler_logit(dh, (f1["length"] - f2["length"]).float(), (f1["filler"] - f2["filler"]).float(), cfg.labeler)
+    p = torch.sigmoid(logit).double()
+    q = p * (1 - cfg.labeler.flip_rate) + (1 - p) * cfg.labeler.flip_rate  # P(label = y1) after the flip
+    if not bool(((q > 0) & (q < 1)).all()):
+        problems.append("a labeler probability is 0 or 1 (raise world.labeler.flip_rate or world.labeler.tau)")
+    decided = dh.abs() > 1e-6
+    agree = float(torch.where(dh[decided] > 0, q[decided], 1 - q[decided]).mean()) if bool(decided.any()) else math.nan
+    if not agree > 0.5:
+        problems.append(f"labels agree with gold on {agree:.2f} of decided pairs, not more than half")
+
+    # demonstrations
+    pos = torch.arange(T).expand(n, T)
+    after = pos > f["length"][:, None]
+    content = pos < f["length"][:, None]
+    allowed = v.is_action(demos) | v.is_detail(demos) | v.is_filler(demos) | v.is_explain(demos)
+    if not bool(f["ended"].all()):
+        problems.append("a demonstration does not end with EOS within max_new_tokens")
+    if bool((demos[after] != PAD).any()):
+        problems.append("a demonstration has tokens other than PAD after its EOS")
+    if bool((content & ~allowed).any()):
+        problems.append("a demonstration holds a special or intent token")
+    if bool(((v.is_action(demos) & content).sum(1) > 1).any()):
+        problems.append("a demonstration holds more than one action")
+    details = v.is_detail(demos) & content
+    own = (demos[:, :, None] == prompts[:, None, :]).any(2)
+    if bool((details & ~own).any()):
+        problems.append("a demonstration acknowledges a detail that is not in its prompt")
+    mix = np.array([cfg.demo.complete, cfg.demo.partial, cfg.demo.wrong], dtype=float)
+    mix = mix / mix.sum()
+    got_complete, got_wrong = float(f["has_correct"].float().mean()), float((f["n_wrong"] > 0).float().mean())
+    if abs(got_complete - mix[0]) > 0.05 or abs(got_wrong - mix[2]) > 0.05:
+        problems.append(f"demonstrations are {got_complete:.2f} complete / {got_wrong:.2f} wrong, the mix asks for "
+                        f"{mix[0]:.2f} / {mix[2]:.2f}")
+    return problems

@@ -98,3 +98,99 @@ def test_labelers_follow_their_probability_and_flip_rate():
     unbiased = LabelerConfig(tau=0.25, flip_rate=0.0, length_bias=0.0, filler_bias=0.0)
     y0 = label_pairs(h1, h2, f1, f2, unbiased, np.random.default_rng(0)).float().mean().item()
     assert y0 == pytest.approx(0.5, abs=0.01)  # equal gold: a coin flip, length ignored
+
+
+# ----- random worlds (world.draw) -------------------------------------------------------------
+def test_draw_is_reproducible_and_draws_differ():
+    from rlhf_sweep.world import draw_world
+
+    assert draw_world(3) == draw_world(3)
+    worlds = [draw_world(n) for n in range(40)]
+    assert len({repr(w) for w in worlds}) == 40
+    # every range is used: no knob stays at one value across 40 draws
+    from rlhf_sweep.world import DRAW_RANGES, _flat_world
+
+    flat = [_flat_world(w) for w in worlds]
+    for key in DRAW_RANGES:
+        if key != "demo.wrong_share":
+            assert len({f[key] for f in flat}) > 1, key
+            lo, hi, _ = DRAW_RANGES[key]
+            assert all(lo <= f[key] <= hi for f in flat), key
+
+
+def test_draw_does_not_depend_on_the_seed_or_the_global_random_state():
+    from rlhf_sweep.config import compose
+
+    a = compose(["world.draw=5", "seed=0"]).world
+    np.random.seed(123)
+    torch.manual_seed(9)
+    b = compose(["world.draw=5", "seed=7"]).world
+    assert a == b and a.draw == 5
+
+
+def test_every_drawn_world_passes_the_world_checks():
+    from rlhf_sweep.world import check_world, draw_world
+
+    for n in range(60):
+        w = draw_world(n)
+        assert check_world(w) == [], (n, check_world(w))
+        assert abs(w.demo.complete + w.demo.partial + w.demo.wrong - 1) < 1e-3
+
+
+def test_world_checks_catch_broken_worlds(monkeypatch):
+    """The checks can fail: each kind of broken world is caught."""
+    from rlhf_sweep import world as world_mod
+    from rlhf_sweep.world import check_world
+
+    assert check_world(WorldConfig()) == []
+    bad_gold = WorldConfig(gold=GoldConfig(wrong_action=0.5))
+    assert any("gold is not ordered" in p for p in check_world(bad_gold))
+    saturated = WorldConfig(labeler=LabelerConfig(tau=0.001, flip_rate=0.0))
+    assert any("0 or 1" in p for p in check_world(saturated))
+    contrary = WorldConfig(labeler=LabelerConfig(tau=100.0, length_bias=-2.0, filler_bias=0.0))
+    assert any("agree with gold" in p for p in check_world(contrary))
+    off_mix = WorldConfig(demo=world_mod.DemoConfig(complete=0.75, partial=0.15, wrong=0.10))
+    real = World.demonstrations
+
+    def no_eos(self, prompts, rng):  # a template writer that forgets EOS and repeats the action
+        d = real(self, prompts, rng)
+        d[d == EOS] = self.vocab.action0
+        return d
+
+    monkeypatch.setattr(World, "demonstrations", no_eos)
+    problems = check_world(off_mix)
+    assert any("does not end with EOS" in p for p in problems) and any("more than one action" in p for p in problems)
+
+
+def test_default_world_is_untouched_without_a_draw():
+    from rlhf_sweep import pipeline
+    from rlhf_sweep.config import Config, compose
+
+    c = compose([])
+    assert c.world == WorldConfig() and c.world.draw is None
+    assert compose(["world.draw=null"]).world == WorldConfig()
+    cpu = torch.device("cpu")
+    # the cache keys of the default world are those it had before draws existed (the world without 'draw')
+    import dataclasses
+
+    from rlhf_sweep.config import config_hash
+
+    w = dataclasses.asdict(Config().world)
+    w.pop("draw")
+    assert pipeline.world_key(c) == w
+    drawn = compose(["world.draw=0"])
+    assert pipeline.sft_key(drawn, cpu) != pipeline.sft_key(c, cpu)
+    assert pipeline.rm_key(drawn, cpu) != pipeline.rm_key(c, cpu)
+    assert config_hash(pipeline.world_key(c)) != config_hash(pipeline.world_key(drawn))
+
+
+def test_draw_keeps_fields_set_by_hand():
+    from rlhf_sweep.config import ConfigError, compose
+    from rlhf_sweep.world import draw_world
+
+    c = compose(["world.draw=2", "experiment=unbiased_labelers"])
+    d = draw_world(2)
+    assert (c.world.labeler.length_bias, c.world.labeler.filler_bias) == (0.0, 0.0)
+    assert (c.world.n_intents, c.world.labeler.tau, c.world.gold.directness) == (d.n_intents, d.labeler.tau, d.gold.directness)
+    with pytest.raises(ConfigError, match="world.draw"):
+        compose(["world.draw=-1"])

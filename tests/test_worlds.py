@@ -1,0 +1,237 @@
+"""Beyond one world: the analyses of worlds.py against values computed another way, reward models of their
+own size (keys, backbones, caching across studies), and the three study kinds end to end on tiny configs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from rlhf_sweep import pipeline, worlds
+from rlhf_sweep.config import Config, compose, config_hash, to_dict
+
+from .conftest import TINY
+
+
+# ----- statistics against another computation ---------------------------------------------------------
+def test_share_ci_is_clopper_pearson():
+    from scipy.stats import beta
+
+    s, lo, hi = worlds.share_ci(3, 10)
+    assert s == 0.3
+    assert lo == pytest.approx(beta.ppf(0.025, 3, 8)) and hi == pytest.approx(beta.ppf(0.975, 4, 7))
+    # closed forms at the ends: k = 0 -> [0, 1 - (alpha/2)^(1/n)], k = n -> [(alpha/2)^(1/n), 1]
+    assert worlds.share_ci(0, 20)[1:] == pytest.approx((0.0, 1 - 0.025 ** (1 / 20)))
+    assert worlds.share_ci(20, 20)[1:] == pytest.approx((0.025 ** (1 / 20), 1.0))
+
+
+def test_correlations_match_numpy_fisher_z_and_bh_by_hand():
+    from scipy.stats import norm
+
+    rng = np.random.default_rng(0)
+    n = 30
+    x = pd.DataFrame({"a": rng.normal(size=n), "b": rng.normal(size=n), "c": rng.normal(size=n), "flat": np.ones(n)})
+    y = pd.Series(2 * x["a"] + rng.normal(size=n))
+    df = worlds.correlations(x, y).set_index("param")
+    assert "flat" not in df.index  # a constant parameter has no correlation
+    r = np.corrcoef(x["a"], y)[0, 1]
+    assert df.loc["a", "r"] == pytest.approx(r)
+    z, half = math.atanh(r), norm.ppf(0.975) / math.sqrt(n - 3)
+    assert (df.loc["a", "lo"], df.loc["a", "hi"]) == pytest.approx((math.tanh(z - half), math.tanh(z + half)))
+    p = df["p"].sort_values()
+    m = len(p)
+    bh = np.minimum.accumulate((p.to_numpy() * m / np.arange(1, m + 1))[::-1])[::-1].clip(max=1)
+    assert df.loc[p.index, "q"].to_numpy() == pytest.approx(bh)
+
+
+def test_trend_matches_polyfit_and_ranks():
+    x = np.array([1e3, 3e3, 1e4, 3e4, 1e5])
+    y = np.array([0.1, 0.3, 0.2, 0.6, 0.7])
+    t = worlds.trend(x, y)
+    slope = np.polyfit(np.log10(x), y, 1)[0]
+    ranks = np.corrcoef(np.argsort(np.argsort(x)), np.argsort(np.argsort(y)))[0, 1]
+    assert t["slope"] == pytest.approx(slope) and t["rho"] == pytest.approx(ranks) and t["lo"] < slope < t["hi"]
+    assert math.isnan(worlds.trend(x, np.ones(5))["rho"])
+
+
+def test_robustness_counts_worlds_and_runs():
+    runs = pd.DataFrame({"world.draw": [0, 0, 1, 1, 2, 2], "seed": [0, 1] * 3,
+                         "rm_prefers_policy": [True, True, True, False, False, False],
+                         "humans_prefer_reference": [True] * 6, "kl_increasing": [False] * 6, "all_three": [False] * 6})
+    s = worlds.robustness(runs).set_index(["key", "level"])
+    assert (s.loc[("rm_prefers_policy", "every seed"), "k"], s.loc[("rm_prefers_policy", "at least one seed"), "k"]) == (1, 2)
+    assert s.loc[("rm_prefers_policy", "runs"), "share"] == pytest.approx(0.5)
+    assert s.loc[("humans_prefer_reference", "every seed"), ["share", "lo", "hi"]].tolist() == pytest.approx([1.0, 0.025 ** (1 / 3), 1.0])
+    assert s.loc[("kl_increasing", "runs"), "share"] == 0
+
+
+def test_phase_indicators_and_boundary():
+    m = {"len/policy": 5.0, "len/ref": 3.9, "gold/policy_hi": 0.5, "gold/ref_lo": 0.6}
+    assert worlds.phase_indicators(m) == {"verbosity_drift": True, "gold_collapse": True}
+    assert worlds.phase_indicators({**m, "len/policy": 4.8, "gold/policy_hi": 0.7}) == {"verbosity_drift": False, "gold_collapse": False}
+    cells = pd.DataFrame({"b": [0, 0.1, 0.2, 0.4] * 2, "ppo.beta": [0.03] * 4 + [0.3] * 4,
+                          "x": [0, 1, 0.33, 1] + [0, 0, 0, 0.34]})
+    # holds (majority of seeds) at 0.1, fails at 0.2, holds from 0.4 on: the boundary is between 0.2 and 0.4
+    assert worlds.boundary(cells, "b", "x", 0.03) == (0.2, 0.4)
+    assert worlds.boundary(cells, "b", "x", 0.3) == (0.4, None)
+    cells["y"] = 1.0
+    assert worlds.boundary(cells, "b", "y", 0.3) == (None, 0.0)
+
+
+def test_cache_audit_counts_builds_and_flags_a_second_build():
+    runs = pd.DataFrame({"rm_path": ["a", "a", "b", "b", None], "rm_cached": [False, True, False, True, None],
+                         "sft_path": ["s"] * 5, "sft_cached": [False] + [True] * 4})
+    a = worlds.cache_audit(runs)
+    assert a["rm"] == {"files": 2, "runs": 4, "built": 2, "built_twice": []}
+    assert a["sft"] == {"files": 1, "runs": 5, "built": 1, "built_twice": []}
+    runs.loc[1, "rm_cached"] = False  # a second build of 'a': caching failed
+    assert worlds.cache_audit(runs)["rm"]["built_twice"] == ["a"]
+
+
+def test_rm_params_by_hand():
+    """GPT-2 parameters, counted by hand: embeddings, per layer 12 d^2 + 13 d, the final norm, the scalar head."""
+    cfg = compose(["rm.n_layer=1", "rm.n_embd=32"])
+    V, P, L, d = 4 + 3 * 8 + 8 + 8, 5 + 24, 1, 32
+    assert worlds.rm_params(cfg) == V * d + P * d + L * (12 * d * d + 13 * d) + 2 * d + d + 1
+
+
+# ----- reward models of their own size ----------------------------------------------------------------
+def test_default_cache_keys_are_those_of_before():
+    """Keys computed the way they were before world.draw and rm.n_layer/n_embd existed: unchanged for the defaults."""
+    cpu = torch.device("cpu")
+    c = compose(["threads=1"])
+    w = to_dict(Config().world)
+    w.pop("draw")
+    sft_w = {k: v for k, v in w.items() if k not in ("gold", "labeler")}
+    old_sft = "sft-" + config_hash(pipeline.CACHE_VERSION, sft_w, c.model, c.sft, c.seed, "cpu", 1)
+    assert pipeline.sft_key(c, cpu) == old_sft
+    r = {k: v for k, v in to_dict(c.rm).items() if k not in (*pipeline.ENSEMBLE_KEYS, "n_layer", "n_embd")}
+    assert pipeline.rm_key(c, cpu) == "rm-" + config_hash(old_sft, w, r, c.seed)
+    # the policy's size named explicitly is the same RM; another size is another one
+    assert pipeline.rm_key(compose(["threads=1", "rm.n_layer=2", "rm.n_embd=64"]), cpu) == pipeline.rm_key(c, cpu)
+    assert pipeline.rm_key(compose(["threads=1", "rm.n_layer=1"]), cpu) != pipeline.rm_key(c, cpu)
+
+
+def test_rm_size_validation():
+    from rlhf_sweep.config import ConfigError
+
+    for bad in ("rm.n_layer=0", "rm.n_embd=30"):
+        with pytest.raises(ConfigError, match=bad.split("=")[0]):
+            compose([bad])
+
+
+@pytest.mark.e2e
+def test_rms_of_one_size_data_and_world_train_once_across_studies(tmp_path):
+    """Must show 4: two 'studies' (different PPO knobs, different run directories) over the same RM size, data and
+    world train that RM and its backbone once; the policy's own size, named, reuses the default RM."""
+    base = [*TINY, "threads=1", "mlflow.enabled=false", f"cache_dir={tmp_path / 'cache'}"]
+    small = ["rm.n_layer=1", "rm.n_embd=32"]
+    say = lambda *_: None  # noqa: E731
+    first = pipeline.run(compose([*base, *small, "ppo.beta=0.1", f"run_dir={tmp_path / 'study-a'}"]), say)
+    rm_file = Path(first["cache"]["rm"]["path"])
+    mtime = rm_file.stat().st_mtime_ns
+    second = pipeline.run(compose([*base, *small, "ppo.beta=0.5", "ppo.clip_eps=0.1", f"run_dir={tmp_path / 'study-b'}"]), say)
+    assert (first["cache"]["rm"]["cached"], second["cache"]["rm"]["cached"]) == (False, True)
+    assert second["cache"]["rm"]["path"] == str(rm_file) and rm_file.stat().st_mtime_ns == mtime
+    bb = first["cache"]["rm"]["backbone"]
+    assert bb["cached"] is False and bb["path"] != first["cache"]["sft"]["path"]
+    # the RM really has its size, and its backbone is not the policy's reference
+    state = torch.load(rm_file, weights_only=True)["state"]
+    assert state["head.weight"].shape == (1, 32) and not any(".h.1." in k for k in state)
+    default = pipeline.run(compose([*base, f"run_dir={tmp_path / 'default'}"]), say)
+    named = pipeline.run(compose([*base, "rm.n_layer=2", "rm.n_embd=64", f"run_dir={tmp_path / 'named'}"]), say)
+    assert named["cache"]["rm"]["cached"] and named["cache"]["rm"]["path"] == default["cache"]["rm"]["path"]
+    runs = pd.DataFrame([worlds.run_row(s) for s in (first, second, default, named)])
+    audit = worlds.cache_audit(runs)
+    assert audit["rm"]["files"] == 2 and audit["rm"]["built"] == 2 and not audit["rm"]["built_twice"]
+    assert audit["backbone"]["files"] == 1 and audit["backbone"]["built"] == 1
+
+
+# ----- the three study kinds end to end --------------------------------------------------------------
+def tiny_study(path: Path, space: dict, n_trials: int, fixed: dict | None = None, seeds: int = 1) -> Path:
+    import yaml
+
+    tiny = {k: yaml.safe_load(v) for k, v in (o.split("=") for o in TINY if not o.startswith("progress"))}
+    spec = {"description": "tiny", "objectives": {"gold/policy": "maximize", "kl/exact": "minimize"}, "space": space,
+            "fixed": {**tiny, "mlflow.enabled": False, **(fixed or {})}, "seeds": seeds, "n_trials": n_trials, "sampler": "grid"}
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+@pytest.mark.e2e
+def test_world_phase_and_rm_scaling_reports(tmp_path, monkeypatch):
+    from rlhf_sweep import report, sweep
+
+    monkeypatch.chdir(tmp_path)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    studies = {
+        "worlds": (tiny_study(tmp_path / "w.yaml", {"world.draw": {"type": "int", "grid": [0, 1, 2, 3, 4]}}, 4),
+                   "## Robustness over drawn worlds", ["world_robustness.png"]),
+        "phase": (tiny_study(tmp_path / "p.yaml", {"world.labeler.length_bias": {"type": "float", "grid": [0.0, 0.8]},
+                                                   "ppo.beta": {"type": "float", "grid": [0.01, 0.3]}}, 4,
+                             {"world.labeler.filler_bias": 0.0}), "## Phase diagram", ["phase.png"]),
+        "rm": (tiny_study(tmp_path / "r.yaml", {"rm.n_layer": {"type": "int", "grid": [1, 2]},
+                                                "rm.n_pairs": {"type": "int", "grid": [64, 256]}}, 4, {"ppo.beta": 0.01}),
+               "## Reward-model scaling", ["rm_scaling_curves.png", "rm_scaling_data.png", "rm_scaling_params.png"]),
+    }
+    for name, (path, heading, pngs) in studies.items():
+        res = sweep.sweep(str(path), workers=1, name=name, out=str(tmp_path / name), progress=False, report=False,
+                          tracking_uri=None)
+        assert res.n_complete == 4
+        md = Path(report.report(name, storage=str(tmp_path / name / "optuna.journal"), out=str(tmp_path / name), say=lambda *_: None)).read_text()
+        assert heading in md and "## Cache audit" in md and "not computed" not in md, md[-3000:]
+        for png in pngs:
+            assert (tmp_path / name / png).stat().st_size > 10_000 and f"]({png})" in md
+        audit = md[md.index("## Cache audit"):].splitlines()
+        rows = [line for line in audit if line.startswith(("| SFT references", "| RM backbones", "| reward models"))]
+        assert rows and all(line.endswith("| none |") for line in rows), rows
+    md = (tmp_path / "worlds" / "report.md").read_text()
+    assert "4 drawn worlds" in md
+    runs, _, _ = worlds.load_runs(*_spec_trials("worlds", tmp_path))
+    assert sorted(runs["world.draw"]) == sorted(set(runs["world.draw"])) and len(runs) == 4
+    # every run of the three studies: no artefact built twice
+    every = worlds.all_study_runs(tmp_path)
+    assert len(every) == 12 and all(not a["built_twice"] for a in worlds.cache_audit(every).values())
+    md = (tmp_path / "rm" / "report.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| 1 x 64 | "))
+    assert "n/a" not in row.split("|")[13]  # a best-of-n fit per RM (its a)
+
+
+def _spec_trials(name: str, root: Path):
+    from rlhf_sweep import report
+
+    ostudy, _, _, _ = report.load_study(name, str(root / name / "optuna.journal"), str(root / name))
+    spec = report.spec_of(ostudy, name)
+    return spec, report.trial_frame(spec, ostudy)
+
+
+def test_run_row_reads_a_summary(tmp_path):
+    """run_row on a summary as pipeline.run writes it (a hand-made one: the fields it reads)."""
+    c = dataclasses.asdict(compose(["world.draw=3"]))
+    m = {"len/policy": 6.0, "len/ref": 4.0, "gold/policy": 0.1, "gold/ref": 0.8, "gold/policy_hi": 0.2, "gold/ref_lo": 0.7}
+    obs = {k: {"value": v} for k, v in (("rm_prefers_policy", True), ("humans_prefer_reference", True), ("kl_increasing", False))}
+    s = {"config": c, "metrics": m, "observations": obs, "cache": {"rm": {"path": "x.pt", "cached": True}}}
+    row = worlds.run_row(json.loads(json.dumps(s)))
+    assert row["world.draw"] == 3 and row["world.labeler.tau"] == c["world"]["labeler"]["tau"]
+    assert (row["rm.n_layer"], row["rm.n_embd"]) == (2, 64)  # null: the policy's size
+    assert (row["all_three"], row["verbosity_drift"], row["gold_collapse"], row["d_len"]) == (False, True, True, 2.0)
+    assert (row["rm_path"], row["rm_cached"], row["backbone_path"]) == ("x.pt", True, None)
+    diag = {"reward_model": {"rm_gain": 1.2, "share_of_rm_gain_from_length": 0.7}}
+    assert worlds.run_row({**s, "diagnosis": diag})["length_share"] == 0.7
+    diag["reward_model"]["rm_gain"] = 0.1  # too small a gain for its share to mean anything
+    assert math.isnan(worlds.run_row({**s, "diagnosis": diag})["length_share"])
+
+
+def test_cluster_interval_resamples_worlds():
+    """Two worlds of opposite verdicts: the run share is 0.5, and resampling whole worlds spans 0 to 1; when every
+    world agrees, the interval is the exact one over worlds, not a point."""
+    assert worlds.cluster_mean_ci([np.array([1.0, 1.0]), np.array([0.0, 0.0])]) == pytest.approx((0.5, 0.0, 1.0))
+    share, lo, hi = worlds.cluster_mean_ci([np.ones(2)] * 20)
+    assert (share, lo, hi) == pytest.approx((1.0, 0.025 ** (1 / 20), 1.0))
