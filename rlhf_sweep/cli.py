@@ -7,8 +7,9 @@
       run or resume an Optuna study (studies/STUDY.yaml); ends with the Pareto table, CSVs and the report.
   rlhf-sweep report STUDY [--storage URL] [--tracking-uri URI] [--out DIR]
       a study's figures and report.md (Pareto front, best-of-n baseline, Gao et al. fits, importances).
-  rlhf-sweep compare-fixes [--seeds N] [--arms a,b,c] [--tracking-uri URI] [--out DIR]
-      every fix arm x seed against the baseline, paired by seed; writes fixes.md and a figure.
+  rlhf-sweep compare-fixes [--budget MINUTES] [--seeds N] [--max-seeds N] [--first-seed S] [--arms a,b,c] [--tracking-uri URI] [--out DIR]
+      races the fix arms against the baseline (paired by seed) within a budget, recommends a pair or says
+      that none is stable, confirms it on held-out seeds; writes fixes.md, fixes.json and a figure.
   rlhf-sweep explain RUN_DIR
       writes RUN_DIR/explain.md: the three observations tied to their mechanisms.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 from .config import CONF_DIR, ConfigError, compose, load_config
 from .runtime import quiet_libraries
@@ -169,6 +171,10 @@ def cmd_sweep(argv: list[str]) -> None:
                           tracking_uri=a.tracking_uri, out=a.out, heartbeat=a.heartbeat)
     except sweep.StudyError as e:
         fail(str(e))
+    if not res.interrupted and res.n_complete:
+        from . import report
+
+        report.write_report(res.study_name, res.storage, res.tracking_uri, Path(res.out_dir))
     print(res.table)
     print(f"trials: {res.n_complete} complete, {res.n_failed} failed; {os.path.join(res.out_dir, 'trials.csv')}, "
           f"{os.path.join(res.out_dir, 'pareto.csv')}")
@@ -185,24 +191,34 @@ def cmd_compare_fixes(argv: list[str]) -> None:
 
     from . import fixes
 
-    ap = argparse.ArgumentParser(prog="rlhf-sweep compare-fixes", description="Run every fix arm x seed (resumable), "
-                                 "compare each arm with the baseline paired by seed, recommend two fixes.")
-    ap.add_argument("--seeds", type=int, help="seeds 0..N-1 (default: studies/compare_fixes.yaml, 5)")
-    ap.add_argument("--arms", help="comma-separated experiment overlays; a+b composes two (default: the study file's)")
+    ap = argparse.ArgumentParser(prog="rlhf-sweep compare-fixes", description="Race the fix arms against the baseline, paired by "
+                                 "seed, within a budget (resumable: runs already in --out are reused); recommend the two best fixes "
+                                 "once they are separated from the rest, or say that no pair is stable; confirm the pair and its "
+                                 "combination on held-out seeds.")
+    ap.add_argument("--budget", type=float, metavar="MINUTES", help="wall time for the whole comparison (default: the study file's "
+                    "budget_minutes); the first block of seeds always runs")
+    ap.add_argument("--seeds", type=int, help="the first block: seeds every arm runs before any is dropped (default: the study file's)")
+    ap.add_argument("--max-seeds", type=int, help="selection seeds per arm at most (default: the study file's)")
+    ap.add_argument("--first-seed", type=int, help="the seed pool starts here: selection seeds first .. first+max-seeds-1, then the "
+                    "held-out confirmation seeds (default 0)")
+    ap.add_argument("--confirm-seeds", type=int, help="held-out seeds the recommended pair is confirmed on (default: the study file's)")
+    ap.add_argument("--arms", help="comma-separated experiment overlays; a+b composes two and is confirmed, not raced "
+                    "(default: the study file's)")
     ap.add_argument("--tracking-uri", help="MLflow tracking URI (default: the config's mlflow.tracking_uri)")
     ap.add_argument("--out", default="outputs/fixes", help="output directory (default: outputs/fixes)")
-    ap.add_argument("--workers", type=int, help="local worker processes, 1 torch thread each (default 2)")
+    ap.add_argument("--workers", type=int, help="local worker processes, cores/workers torch threads each (default 2)")
     ap.add_argument("overrides", nargs="*", help="extra config overrides for every arm, Hydra syntax (e.g. ppo.iterations=50)")
     a = ap.parse_args(argv)
     quiet_libraries()
     arms = [x.strip() for x in a.arms.split(",") if x.strip()] if a.arms else None
     try:
-        res = fixes.compare_fixes(arms=arms, seeds=a.seeds, tracking_uri=a.tracking_uri, out=a.out,
-                                  extra=tuple(a.overrides), workers=a.workers)
+        res = fixes.compare_fixes(arms=arms, seeds=a.seeds, tracking_uri=a.tracking_uri, out=a.out, extra=tuple(a.overrides),
+                                  workers=a.workers, budget=a.budget, max_seeds=a.max_seeds, first_seed=a.first_seed,
+                                  confirm_seeds=a.confirm_seeds)
     except fixes.FixesError as e:
         fail(str(e))
     print(res.table)
-    print(f"wall time {res.wall_s / 60:.1f} min for {res.result['runs_this_invocation']} arm x seed runs; "
+    print(f"wall time {res.wall_s / 60:.1f} min for {res.result['runs_this_invocation']} arm x seed runs made now; "
           f"{os.path.join(res.out_dir, 'fixes.md')}"
           + (f"; MLflow parent run {res.parent_run_id}" if res.parent_run_id else ""))
 
