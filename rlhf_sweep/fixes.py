@@ -12,8 +12,8 @@ with a nested run per arm x seed). What is here:
   for are scored with the baseline on held-out seeds that took no part in choosing them;
 - the statistics (pure functions): paired differences against the baseline with a Student-t
   interval over seeds, the interquartile mean (scipy.stats.trim_mean) and the probability of
-  improvement of those differences, two-sided paired t-tests with Holm's correction across arms
-  (statsmodels.stats.multitest) for every "helps", "hurts" and "beats" the racing uses;
+  improvement of those differences, two-sided paired t-tests (Student's t from scipy.special)
+  with Holm's correction across arms for every "helps", "hurts" and "beats" the racing uses;
 - the outputs: a terminal table, `fixes.md`, `fixes.json`, `fixes.png` and the comparison's
   metrics and files on the study's MLflow parent run.
 
@@ -61,18 +61,22 @@ class FixesError(ValueError):
 
 
 # ----- statistics: pure functions ------------------------------------------------------------------
-INTERVAL = "Student-t interval of the mean paired difference over seeds (scipy.stats.ttest_1samp)"
+INTERVAL = "Student-t interval of the mean paired difference over seeds"
+
+# The t quantiles and tail areas come from scipy.special (stdtrit, stdtr): scipy.stats.ttest_1samp gives the
+# same numbers (tests/test_fixes.py holds them to it) at ~1 ms a call, and the racing simulation makes
+# hundreds of thousands of calls.
 
 
 def paired_interval(arm, base, confidence: float = 0.95) -> tuple[float, float, float]:
     """Mean of the paired differences arm - base (paired by seed) and its Student-t interval.
 
     Chosen over scipy's BCa and percentile bootstraps: with 10 seeds and bimodal outcomes (some
-    seeds only pad, others exploit the RM) the bootstraps are too narrow, the t interval holds its
-    coverage (tests/test_fixes.py measures all three). One seed: no interval (nan bounds); a
-    constant difference: a zero-width one.
+    seeds only pad, others exploit the RM) the bootstraps are too narrow and the t interval holds its
+    coverage (tests/test_fixes.py measures it; bench/fixes_racing.py prints all three). One seed: no
+    interval (nan bounds); a constant difference: a zero-width one.
     """
-    from scipy import stats
+    from scipy.special import stdtrit
 
     d = np.asarray(arm, dtype=float) - np.asarray(base, dtype=float)
     if d.ndim != 1 or len(d) == 0:
@@ -82,29 +86,35 @@ def paired_interval(arm, base, confidence: float = 0.95) -> tuple[float, float, 
         return m, float("nan"), float("nan")
     if np.ptp(d) == 0:
         return m, m, m
-    lo, hi = stats.ttest_1samp(d, 0.0).confidence_interval(confidence)
-    return m, float(lo), float(hi)
+    half = float(stdtrit(len(d) - 1, 0.5 + confidence / 2)) * float(d.std(ddof=1)) / math.sqrt(len(d))
+    return m, m - half, m + half
 
 
 def paired_p(d) -> float:
     """Two-sided p-value of a paired t-test that the mean difference is 0 (1 with < 2 seeds)."""
-    from scipy import stats
+    from scipy.special import stdtr
 
     d = np.asarray(d, dtype=float)
     if len(d) < 2:
         return 1.0
     if np.ptp(d) == 0:
         return 1.0 if d[0] == 0 else 0.0
-    return float(stats.ttest_1samp(d, 0.0).pvalue)
+    t = float(d.mean()) / (float(d.std(ddof=1)) / math.sqrt(len(d)))
+    return float(2 * stdtr(len(d) - 1, -abs(t)))
 
 
 def holm(pvalues: list[float]) -> list[float]:
-    """Holm's step-down adjusted p-values (statsmodels), in the order given."""
-    if not pvalues:
+    """Holm's step-down adjusted p-values, in the order given: the i-th smallest times (m - i), kept
+    non-decreasing, at most 1. (statsmodels' multipletests gives the same numbers, as a test checks, but
+    runs gc.collect() on every call: 0.3 s in a process holding torch.)"""
+    p = np.asarray(pvalues, dtype=float)
+    if not len(p):
         return []
-    from statsmodels.stats.multitest import multipletests
-
-    return [float(p) for p in multipletests(pvalues, method="holm")[1]]
+    order = np.argsort(p, kind="stable")
+    adjusted = np.minimum(1.0, np.maximum.accumulate(p[order] * np.arange(len(p), 0, -1)))
+    out = np.empty_like(adjusted)
+    out[order] = adjusted
+    return out.tolist()
 
 
 def iqm(x) -> float:
@@ -259,6 +269,83 @@ def select(outcome: Outcome, baseline: str, singles: list[str], seeds: list[int]
             gold[a][s] = v
         n_runs += len(runs)
         looks += 1
+
+
+# ----- the procedure on simulated arms (its operating characteristics) --------------------------------
+@dataclass
+class SyntheticArms:
+    """Arms with known true effects, shaped like the default world's per-seed outcomes (bimodal).
+
+    Each run either exploits the RM (probability `exploit[arm]`; gold around `low`) or only pads
+    (gold around `high`), plus per-run noise `noise` and a per-seed effect shared by every arm on that
+    seed (`seed_sd`: the seed's SFT reference and RM). A fix works by lowering the exploit rate, so
+    arm a's true effect against the baseline is (exploit[base] - exploit[a]) * (high - low).
+    """
+
+    exploit: dict[str, float]
+    high: float
+    low: float
+    noise: float
+    seed_sd: float
+
+    def effect(self, arm: str, baseline: str) -> float:
+        return (self.exploit[baseline] - self.exploit[arm]) * (self.high - self.low)
+
+    def outcome(self, rng: np.random.Generator) -> Outcome:
+        """A fresh world: each (arm, seed) drawn once, when first asked for, and the same thereafter."""
+        seed_effect: dict[int, float] = {}
+        drawn: dict[tuple[str, int], float] = {}
+
+        def run(runs: list[tuple[str, int]]) -> dict[tuple[str, int], float]:
+            for a, s in runs:
+                if (a, s) not in drawn:
+                    if s not in seed_effect:
+                        seed_effect[s] = self.seed_sd * rng.standard_normal()
+                    mode = self.low if rng.random() < self.exploit[a] else self.high
+                    drawn[(a, s)] = seed_effect[s] + mode + self.noise * rng.standard_normal()
+            return {k: drawn[k] for k in runs}
+
+        return run
+
+
+def simulate(arms: SyntheticArms, baseline: str, singles: list[str], n_seeds: int, first: int, step: int, alpha: float,
+             budget_runs: int, confirm_runs: int, n_sim: int, seed: int = 0) -> dict:
+    """Run the racing `n_sim` times on fresh synthetic worlds within `budget_runs` runs (the confirmation's
+    `confirm_runs` held back, as the real budget does). Returns how often it named each pair (or none), its
+    runs, and for the same worlds the runs a fixed design (every arm on every seed, the same looks) needed to
+    separate a pair."""
+    rng = np.random.default_rng(seed)
+    seeds = list(range(n_seeds))
+    named: dict[str, int] = {}
+    race_runs, fixed_runs, both = [], [], 0
+    for _ in range(n_sim):
+        world = arms.outcome(rng)
+        spent = {"n": 0}
+
+        def counted(runs, world=world, spent=spent):
+            spent["n"] += len(runs)
+            return world(runs)
+
+        sel = select(counted, baseline, singles, seeds, first, step, alpha,
+                     afford=lambda k, spent=spent: spent["n"] + k + confirm_runs <= budget_runs)
+        key = "+".join(sorted(sel.decision.pair)) if sel.decision.pair else "none"
+        named[key] = named.get(key, 0) + 1
+        race_runs.append(sel.runs)
+        # the fixed design on the same world: every arm on every seed, looked at after the same blocks
+        for n in [first, *range(first + step, n_seeds + 1, step)]:
+            if (1 + len(singles)) * n + confirm_runs > budget_runs:
+                break
+            full = world([(a, s) for a in [baseline, *singles] for s in seeds[:n]])
+            gold = {a: {s: full[(a, s)] for s in seeds[:n]} for a in [baseline, *singles]}
+            if decide(gold, baseline, singles, alpha).pair:
+                if sel.decision.pair:
+                    both += 1
+                    fixed_runs.append((sel.runs, (1 + len(singles)) * n))
+                break
+    return {"n_sim": n_sim, "named": dict(sorted(named.items(), key=lambda kv: -kv[1])), "runs_mean": float(np.mean(race_runs)),
+            "separated_by_both": both,
+            "race_runs_when_both_separated": float(np.mean([r for r, _ in fixed_runs])) if fixed_runs else float("nan"),
+            "fixed_runs_when_both_separated": float(np.mean([f for _, f in fixed_runs])) if fixed_runs else float("nan")}
 
 
 # ----- the comparison's settings ---------------------------------------------------------------------

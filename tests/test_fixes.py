@@ -67,12 +67,21 @@ def test_intervals_hold_their_coverage_on_bimodal_seeds():
 def test_holm_iqm_and_probability_of_improvement_by_hand():
     # sorted 0.01, 0.03, 0.04 -> 3 x 0.01, 2 x 0.03, max(that, 1 x 0.04): in the given order 0.03, 0.06, 0.06
     assert fixes.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    from statsmodels.stats.multitest import multipletests
+
+    rng = np.random.default_rng(0)
+    for m in (1, 2, 6, 10):
+        p = rng.random(m) ** 3
+        assert fixes.holm(p.tolist()) == pytest.approx(multipletests(p, method="holm")[1].tolist())
     assert fixes.iqm([8, 1, 7, 2, 6, 3, 5, 4, 100, -100]) == pytest.approx(4.5)  # the middle half of ten: 2 cut from each end
     assert fixes.prob_improvement([1, 2, 3, 4], [0, 2, 4, 3]) == pytest.approx((1 + 0.5 + 0 + 1) / 4)
     assert fixes.paired_p([0.0, 0.0]) == 1.0 and fixes.paired_p([1.0, 1.0]) == 0.0
     from scipy.stats import ttest_1samp
 
-    assert fixes.paired_p([0.3, -0.1, 0.5, 0.2]) == pytest.approx(ttest_1samp([0.3, -0.1, 0.5, 0.2], 0.0).pvalue)
+    for d in ([0.3, -0.1, 0.5, 0.2], rng.normal(0.2, 1.0, 10)):
+        assert fixes.paired_p(d) == pytest.approx(ttest_1samp(d, 0.0).pvalue)
+        lo, hi = ttest_1samp(d, 0.0).confidence_interval(0.9)
+        assert fixes.paired_interval(d, np.zeros(len(d)), 0.9)[1:] == pytest.approx((lo, hi))
 
 
 def test_unknown_arm_is_one_line():
