@@ -222,6 +222,9 @@ def cmd_compare_fixes(argv: list[str]) -> None:
                                   confirm_seeds=a.confirm_seeds)
     except fixes.FixesError as e:
         fail(str(e))
+    except KeyboardInterrupt:
+        print("interrupted: run the same command again to resume (finished runs are kept)", file=sys.stderr)
+        sys.exit(130)
     print(res.table)
     print(f"wall time {res.wall_s / 60:.1f} min for {res.result['runs_this_invocation']} arm x seed runs made now; "
           f"{os.path.join(res.out_dir, 'fixes.md')}"

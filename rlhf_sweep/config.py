@@ -116,7 +116,7 @@ class RMConfig:
     batch_size: int = 256
     lr: float = 2e-3
     weight_decay: float = 0.0
-    center_coef: float = 0.0  # coef * mean((r_chosen + r_rejected)^2); 0.01 in the literature
+    center_coef: float = 0.0  # coef * mean((r_chosen + r_rejected)^2), 0.01 in the literature; calibrate() re-centres every RM anyway
     length_decorr: float = 0.0  # coef * |corr(r, length)| within the batch (ODIN-style)
     # conservative ensemble (Coste et al. 2023): K RMs from different seeds; 1 = a single RM
     ensemble_size: int = 1

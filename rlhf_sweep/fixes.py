@@ -245,10 +245,12 @@ def next_runs(decision: Decision, gold: dict[str, dict[int, float]], baseline: s
 
 
 def select(outcome: Outcome, baseline: str, singles: list[str], seeds: list[int], first: int, step: int,
-           alpha: float = 0.05, afford: Callable[[int], bool] = lambda n: True) -> Selection:
+           alpha: float = 0.05, afford: Callable[[int], bool] = lambda n: True,
+           on_look: Callable[[int, int, Decision], None] | None = None) -> Selection:
     """Race the single fixes on the selection seeds: `first` seeds for every arm, then `step` more at a
     time for the arms still in contention, until a pair is known, the seeds run out or `afford(n_runs)`
-    says the next block does not fit. `outcome(runs)` runs them and returns gold per (arm, seed)."""
+    says the next block does not fit. `outcome(runs)` runs them and returns gold per (arm, seed);
+    `on_look(look, runs so far, decision)` hears each look."""
     gold: dict[str, dict[int, float]] = {a: {} for a in [baseline, *singles]}
     runs = [(a, s) for a in [baseline, *singles] for s in seeds[:first]]
     for (a, s), v in outcome(runs).items():
@@ -256,6 +258,8 @@ def select(outcome: Outcome, baseline: str, singles: list[str], seeds: list[int]
     n_runs, looks = len(runs), 1
     while True:
         d = decide(gold, baseline, singles, alpha)
+        if on_look is not None:
+            on_look(looks, n_runs, d)
         if d.pair:
             return Selection(d, gold, n_runs, looks, "separated")
         if len(d.alive) < 2:
@@ -855,15 +859,16 @@ def draw_figure(spec: FixesSpec, result: dict, summaries: dict, path: Path) -> s
 
 def log_mlflow(uri: str, parent: str, spec: FixesSpec, result: dict, files: list[Path]) -> None:
     """The comparison on the study's parent run (its nested runs are the arm x seed trials)."""
-    from mlflow.entities import Metric, Param
+    from mlflow.entities import Metric
 
     from . import tracking
 
     client = tracking.client_for(uri)
     now = int(time.time() * 1000)
-    params = [Param("arms", ",".join(spec.arms)), Param("first_seed", str(spec.first_seed)),
-              Param("budget_minutes", f"{spec.budget_minutes:g}"), Param("baseline", spec.baseline),
-              Param(f"recommended_{int(time.time())}", ",".join(result["recommended"]) or "none")]
+    # tags, not params: the parent run outlives one invocation, and MLflow refuses a param whose value changes
+    tags = {"rlhf_sweep.kind": "compare-fixes", "arms": ",".join(spec.arms), "first_seed": str(spec.first_seed),
+            "budget_minutes": f"{spec.budget_minutes:g}", "baseline": spec.baseline,
+            "recommended": ",".join(result["recommended"]) or "none", "verdict": result["verdict"][:5000]}
     metrics = []
     for tag, src in (("", result["arms"]), ("heldout/", (result["confirmation"] or {}).get("arms", {}))):
         for arm, row in src.items():
@@ -873,9 +878,8 @@ def log_mlflow(uri: str, parent: str, spec: FixesSpec, result: dict, files: list
                             Metric(f"{name}/d_{key}_hi", d["hi"], now, 0)]
             metrics.append(Metric(f"{name}/extra_seconds_per_run", row["extra_seconds_per_run"], now, 0))
     metrics = [m for m in metrics if math.isfinite(m.value)]
-    client.set_tag(parent, "rlhf_sweep.kind", "compare-fixes")
-    client.set_tag(parent, "verdict", result["verdict"][:5000])
-    client.log_batch(parent, params=params)
+    for k, v in tags.items():
+        client.set_tag(parent, k, v)
     for chunk in tracking.chunks(metrics, tracking.MAX_METRICS_PER_CALL):
         client.log_batch(parent, metrics=chunk)
     for f in files:
@@ -915,7 +919,13 @@ def compare_fixes(arms: list[str] | None = None, seeds: int | None = None, track
     runner = Runner(spec, out_dir, tuple(extra), uri, progress, _n_trials(out_dir))
     confirm_runs = (1 + 3 + len(spec.extras)) * spec.confirm_seeds  # the baseline, the pair, its combination, those asked for
     budget_ = Budget(spec.budget_minutes, spec.workers, runner, confirm_runs)
-    sel = select(runner, spec.baseline, spec.singles, spec.selection_seeds, spec.seeds, spec.seeds_per_round, spec.alpha, budget_.afford)
+    def look(i: int, runs: int, d: Decision) -> None:
+        if progress:
+            out = "; ".join(f"{a} out ({why})" for a, why in d.out.items())
+            print(f"look {i}: {runs} runs, {d.n_seeds} seeds; in contention: {', '.join(d.alive)}" + (f"; {out}" if out else ""), flush=True)
+
+    sel = select(runner, spec.baseline, spec.singles, spec.selection_seeds, spec.seeds, spec.seeds_per_round, spec.alpha,
+                 budget_.afford, look)
     confirm_arms = confirm(runner, spec, sel.decision.pair) if sel.decision.pair else []
     summaries = runner.summaries
     result = compare(spec, summaries, sel, confirm_arms)
