@@ -241,7 +241,7 @@ def stale_trial_ids(storage, study_name: str) -> list[int]:
 
 
 @contextmanager
-def heartbeat(storage, tid: int) -> Iterator[None]:
+def heartbeat_thread(storage, tid: int) -> Iterator[None]:
     """Record the trial's heartbeat every interval while it runs (what `study.optimize` does; RDB only)."""
     if not heartbeats(storage):
         yield
@@ -540,7 +540,7 @@ def work(job: Job, index: int, progress=None) -> None:
                 return
             time.sleep(1.0)
             continue
-        with heartbeat(storage, trial_id(storage, job.study_name, trial.number)):  # none on a journal
+        with heartbeat_thread(storage, trial_id(storage, job.study_name, trial.number)):  # none on a journal
             rec = run_trial(job, study, trial, client, say, storage)
         if progress is not None:
             progress.update(int(rec["state"] == "COMPLETE"))
