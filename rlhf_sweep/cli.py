@@ -7,8 +7,9 @@
       run or resume an Optuna study (studies/STUDY.yaml); ends with the Pareto table, CSVs and the report.
   rlhf-sweep report STUDY [--storage URL] [--tracking-uri URI] [--out DIR]
       a study's figures and report.md (Pareto front, best-of-n baseline, Gao et al. fits, importances).
-  rlhf-sweep compare-fixes [--seeds N] [--arms a,b,c] [--tracking-uri URI] [--out DIR]
-      every fix arm x seed against the baseline, paired by seed; writes fixes.md and a figure.
+  rlhf-sweep compare-fixes [--budget MINUTES] [--seeds N] [--max-seeds N] [--first-seed S] [--arms a,b,c] [--tracking-uri URI] [--out DIR]
+      races the fix arms against the baseline (paired by seed) within a budget, recommends a pair or says
+      that none is stable, confirms it on held-out seeds; writes fixes.md, fixes.json and a figure.
   rlhf-sweep explain RUN_DIR
       writes RUN_DIR/explain.md: the three observations tied to their mechanisms.
   rlhf-sweep studies
@@ -17,14 +18,14 @@
       the composed search space, objectives, trial count and an estimated wall time; runs nothing.
   rlhf-sweep ui [OUT] [--storage URL] [--tracking-uri URI]
       optuna-dashboard on a study's storage and the MLflow UI on its tracking store, on loopback (extra: ui).
-
-Every command also takes --config-dir DIR (your own config groups and overlays, searched after the shipped
-conf/; or RLHF_SWEEP_CONFIG_DIR) and --studies-dir DIR (your study files, before ./studies and the shipped
-ones; or RLHF_SWEEP_STUDIES_DIR).
   rlhf-sweep repair STUDY [--storage PATH] [--out DIR]
       a study journal whose last record was cut short (crash, full disk): keep a backup, drop the torn tail.
   rlhf-sweep log RUN_DIR [--tracking-uri URI]
       send a finished run directory to MLflow (e.g. when logging failed at the end of `run`).
+
+Every command also takes --config-dir DIR (your own config groups and overlays, searched after the shipped
+conf/; or RLHF_SWEEP_CONFIG_DIR) and --studies-dir DIR (your study files, before ./studies and the shipped
+ones; or RLHF_SWEEP_STUDIES_DIR).
 """
 
 from __future__ import annotations
@@ -77,9 +78,7 @@ def run_table(s: dict) -> str:
          f"gold win rate {o['humans_prefer_reference']['gold/win_rate']:.3f}, CI [{o['humans_prefer_reference']['ci'][0]:.3f}, "
          f"{o['humans_prefer_reference']['ci'][1]:.3f}]; mean gold {m['gold/policy']:.3f} vs {m['gold/ref']:.3f}; "
          f"length {m['len/policy']:.2f} vs {m['len/ref']:.2f}"),
-        ("3. KL keeps increasing", o["kl_increasing"]["value"],
-         f"Mann-Kendall p={o['kl_increasing']['p_value']:.2g} over iterations {o['kl_increasing']['iterations_tested']}, "
-         f"Sen slope {o['kl_increasing']['sen_slope_per_iter']:.3f} nats/iter, beta={o['kl_increasing']['beta']:.3g}"),
+        ("3. KL keeps increasing", o["kl_increasing"]["value"], kl_evidence(o["kl_increasing"])),
     ]
     out.append(format_table(("observation", "holds", "evidence"), v_rows, title=""))
     d = s["diagnosis"]
@@ -94,6 +93,13 @@ def run_table(s: dict) -> str:
     t = s["timing"]
     out.append("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in t.items()))
     return "\n".join(out)
+
+
+def kl_evidence(v: dict) -> str:
+    """Verdict 3's numbers: the autocorrelation-robust trend p, the growth against its threshold, the slope."""
+    return (f"trend p={v['p_value']:.2g} (AR(1) null, lag-1 r={v['lag1_autocorr']:.2f}) over iterations {v['iterations_tested']}, "
+            f"growth {v['growth']:+.0%} (needs >= {v['min_growth']:.0%}), Sen slope {v['sen_slope_per_iter']:.3f} nats/iter, "
+            f"beta={v['beta']:.3g}")
 
 
 def _trajectory_figure(summary: dict, cfg) -> str | None:
@@ -225,6 +231,10 @@ def cmd_sweep(argv: list[str]) -> None:
                           tracking_uri=a.tracking_uri, out=a.out, heartbeat=a.heartbeat)
     except sweep.StudyError as e:
         fail(str(e))
+    if not res.interrupted and res.n_complete:
+        from . import report
+
+        report.write_report(res.study_name, res.storage, res.tracking_uri, Path(res.out_dir))
     print(res.table)
     print(f"trials: {res.n_complete} complete, {res.n_failed} failed; {os.path.join(res.out_dir, 'trials.csv')}, "
           f"{os.path.join(res.out_dir, 'pareto.csv')}")
@@ -241,24 +251,37 @@ def cmd_compare_fixes(argv: list[str]) -> None:
 
     from . import fixes
 
-    ap = argparse.ArgumentParser(prog="rlhf-sweep compare-fixes", description="Run every fix arm x seed (resumable), "
-                                 "compare each arm with the baseline paired by seed, recommend two fixes.")
-    ap.add_argument("--seeds", type=int, help="seeds 0..N-1 (default: studies/compare_fixes.yaml, 5)")
-    ap.add_argument("--arms", help="comma-separated experiment overlays; a+b composes two (default: the study file's)")
+    ap = argparse.ArgumentParser(prog="rlhf-sweep compare-fixes", description="Race the fix arms against the baseline, paired by "
+                                 "seed, within a budget (resumable: runs already in --out are reused); recommend the two best fixes "
+                                 "once they are separated from the rest, or say that no pair is stable; confirm the pair and its "
+                                 "combination on held-out seeds.")
+    ap.add_argument("--budget", type=float, metavar="MINUTES", help="wall time for the whole comparison (default: the study file's "
+                    "budget_minutes); the first block of seeds always runs")
+    ap.add_argument("--seeds", type=int, help="the first block: seeds every arm runs before any is dropped (default: the study file's)")
+    ap.add_argument("--max-seeds", type=int, help="selection seeds per arm at most (default: the study file's)")
+    ap.add_argument("--first-seed", type=int, help="the seed pool starts here: selection seeds first .. first+max-seeds-1, then the "
+                    "held-out confirmation seeds (default 0)")
+    ap.add_argument("--confirm-seeds", type=int, help="held-out seeds the recommended pair is confirmed on (default: the study file's)")
+    ap.add_argument("--arms", help="comma-separated experiment overlays; a+b composes two and is confirmed, not raced "
+                    "(default: the study file's)")
     ap.add_argument("--tracking-uri", help="MLflow tracking URI (default: the config's mlflow.tracking_uri)")
     ap.add_argument("--out", default="outputs/fixes", help="output directory (default: outputs/fixes)")
-    ap.add_argument("--workers", type=int, help="local worker processes, 1 torch thread each (default 2)")
+    ap.add_argument("--workers", type=int, help="local worker processes, cores/workers torch threads each (default 2)")
     ap.add_argument("overrides", nargs="*", help="extra config overrides for every arm, Hydra syntax (e.g. ppo.iterations=50)")
     a = ap.parse_args(argv)
     quiet_libraries()
     arms = [x.strip() for x in a.arms.split(",") if x.strip()] if a.arms else None
     try:
-        res = fixes.compare_fixes(arms=arms, seeds=a.seeds, tracking_uri=a.tracking_uri, out=a.out,
-                                  extra=tuple(a.overrides), workers=a.workers)
+        res = fixes.compare_fixes(arms=arms, seeds=a.seeds, tracking_uri=a.tracking_uri, out=a.out, extra=tuple(a.overrides),
+                                  workers=a.workers, budget=a.budget, max_seeds=a.max_seeds, first_seed=a.first_seed,
+                                  confirm_seeds=a.confirm_seeds)
     except fixes.FixesError as e:
         fail(str(e))
+    except KeyboardInterrupt:
+        print("interrupted: run the same command again to resume (finished runs are kept)", file=sys.stderr)
+        sys.exit(130)
     print(res.table)
-    print(f"wall time {res.wall_s / 60:.1f} min for {res.result['runs_this_invocation']} arm x seed runs; "
+    print(f"wall time {res.wall_s / 60:.1f} min for {res.result['runs_this_invocation']} arm x seed runs made now; "
           f"{os.path.join(res.out_dir, 'fixes.md')}"
           + (f"; MLflow parent run {res.parent_run_id}" if res.parent_run_id else ""))
 

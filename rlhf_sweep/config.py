@@ -121,7 +121,7 @@ class RMConfig:
     batch_size: int = 256
     lr: float = 2e-3
     weight_decay: float = 0.0
-    center_coef: float = 0.0  # coef * mean((r_chosen + r_rejected)^2); 0.01 in the literature
+    center_coef: float = 0.0  # coef * mean((r_chosen + r_rejected)^2), 0.01 in the literature; calibrate() re-centres every RM anyway
     length_decorr: float = 0.0  # coef * |corr(r, length)| within the batch (ODIN-style)
     # conservative ensemble (Coste et al. 2023): K RMs from different seeds; 1 = a single RM
     ensemble_size: int = 1
@@ -186,6 +186,7 @@ class EvalConfig:
     confidence: float = 0.95
     trend_window: float = 0.5  # the later share of iterations tested for a KL trend
     trend_alpha: float = 0.05
+    trend_min_growth: float = 0.25  # verdict 3: the KL must rise by this share of its level over the tested iterations
 
 
 @dataclass
@@ -326,6 +327,8 @@ def validate(c: Config) -> None:
     _require(min(d.complete, d.partial, d.wrong) >= 0 and d.complete + d.partial + d.wrong > 0, "world.demo", f"{d.complete}/{d.partial}/{d.wrong}", "non-negative weights complete/partial/wrong with a positive sum")
     _require(0 < c.eval.confidence < 1, "eval.confidence", c.eval.confidence, "a number in (0, 1)")
     _require(0 < c.eval.trend_window <= 1, "eval.trend_window", c.eval.trend_window, "a share in (0, 1]")
+    _require(0 < c.eval.trend_alpha < 1, "eval.trend_alpha", c.eval.trend_alpha, "a level in (0, 1)")
+    _require(c.eval.trend_min_growth >= 0, "eval.trend_min_growth", c.eval.trend_min_growth, "a share >= 0 (0.25 is the default)")
     _require(c.eval.n_prompts >= 16, "eval.n_prompts", c.eval.n_prompts, "an integer >= 16")
 
 

@@ -44,29 +44,66 @@ def win_rate(a: np.ndarray, b: np.ndarray, confidence: float = 0.95) -> tuple[fl
 
 
 def mann_kendall(x: np.ndarray) -> dict[str, float]:
-    """Mann-Kendall trend test: S, z and the one-sided p-value for an increasing trend.
-
-    Uses the variance with the tie correction; Sen's slope (median pairwise slope) as the size.
-    """
+    """Mann-Kendall trend test (pymannkendall's original test, tie-corrected variance): S, z, the one-sided
+    p-value for an increasing trend (it assumes independent points) and Sen's slope."""
+    import pymannkendall
     from scipy.stats import norm
 
     x = np.asarray(x, dtype=float)
     n = len(x)
     if n < 3:
         return {"S": 0.0, "z": 0.0, "p_increasing": 1.0, "sen_slope": 0.0, "n": float(n)}
-    i, j = np.triu_indices(n, 1)
-    diffs = x[j] - x[i]
-    s = float(np.sign(diffs).sum())
-    _, counts = np.unique(x, return_counts=True)
-    var = (n * (n - 1) * (2 * n + 5) - float((counts * (counts - 1) * (2 * counts + 5)).sum())) / 18.0
-    z = 0.0 if s == 0 or var <= 0 else (s - np.sign(s)) / math.sqrt(var)
-    return {
-        "S": s,
-        "z": float(z),
-        "p_increasing": float(1.0 - norm.cdf(z)),
-        "sen_slope": float(np.median(diffs / (j - i))),
-        "n": float(n),
-    }
+    r = pymannkendall.original_test(x)
+    return {"S": float(r.s), "z": float(r.z), "p_increasing": float(norm.sf(r.z)), "sen_slope": float(r.slope), "n": float(n)}
+
+
+def mk_s(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Mann-Kendall S = sum over i < j of sign(x_j - x_i), along `axis` (vectorized for Monte Carlo nulls)."""
+    x = np.moveaxis(np.asarray(x, dtype=float), axis, -1)
+    i, j = np.triu_indices(x.shape[-1], 1)
+    return np.sign(x[..., j] - x[..., i]).sum(-1)
+
+
+def lag1_autocorr(x: np.ndarray) -> float:
+    d = np.asarray(x, dtype=float) - np.mean(x)
+    den = float((d**2).sum())
+    return float((d[1:] * d[:-1]).sum() / den) if den > 0 else 0.0
+
+
+AR1_CAP = 0.99  # the null's autocorrelation at most (1 would be a random walk, whose S has no stationary law)
+
+
+def ar1_trend_test(x: np.ndarray, n_resamples: int = 999, seed: int = 0) -> dict[str, float]:
+    """One-sided trend test that holds its level on autocorrelated series: Mann-Kendall S against AR(1) noise.
+
+    The null is AR(1) noise with the series's own lag-1 autocorrelation, Kendall's bias correction
+    r + (1 + 3r)/n applied (at n = 75 the raw estimate is ~0.05 too low), estimated without removing a trend:
+    under no trend that is right, under a trend it only makes the null wider (conservative). The p-value
+    is scipy.stats.monte_carlo_test's with `n_resamples` such series (a sieve bootstrap; deterministic via `seed`).
+    """
+    from scipy import stats
+
+    x = np.asarray(x, dtype=float)
+    n = len(x)
+    r = lag1_autocorr(x)
+    phi = float(np.clip(r + (1 + 3 * r) / n, 0.0, AR1_CAP))
+    if n < 4 or np.ptp(x) == 0:
+        return {"p": 1.0, "phi": phi, "lag1": r}
+
+    rng = np.random.default_rng(seed)
+
+    def ar1(size) -> np.ndarray:  # scipy asks for (resamples, n): the series run along the last axis
+        e = rng.standard_normal(size)
+        out = np.empty(size)
+        out[..., 0] = e[..., 0]
+        scale = math.sqrt(1 - phi**2)
+        for t in range(1, size[-1]):
+            out[..., t] = phi * out[..., t - 1] + scale * e[..., t]
+        return out
+
+    res = stats.monte_carlo_test(x, ar1, lambda y, axis: mk_s(y, axis), vectorized=True, n_resamples=n_resamples,
+                                 alternative="greater")
+    return {"p": float(res.pvalue), "phi": phi, "lag1": r}
 
 
 def corr(a: np.ndarray, b: np.ndarray) -> float:
@@ -101,33 +138,54 @@ def verdict_humans_prefer_reference(m: dict[str, float]) -> dict:
     }
 
 
-def verdict_kl_increasing(kl_history: list[float], beta: float, window: float = 0.5, alpha: float = 0.05) -> dict:
-    """Mann-Kendall on the later `window` share of iterations, never the sign of a raw slope."""
+def kl_growth_share(sen_slope: float, window: np.ndarray) -> float:
+    """The increase the trend implies over the tested iterations, as a share of their median KL."""
+    level = float(np.median(window)) if len(window) else float("nan")
+    return sen_slope * (len(window) - 1) / level if level > 0 else float("nan")
+
+
+def verdict_kl_increasing(kl_history: list[float], beta: float, window: float = 0.5, alpha: float = 0.05,
+                          min_growth: float = 0.25, n_resamples: int = 999) -> dict:
+    """KL keeps increasing: a trend test on the later `window` share of iterations that holds its level on
+    autocorrelated series (`ar1_trend_test`), and an increase of at least `min_growth` of the KL's level over
+    those iterations (Sen's slope x their span / their median), so a strong penalty's slow creep is not the
+    puzzle's growing KL. Never the sign of a raw slope. The plain Mann-Kendall numbers stay beside it."""
     x = np.asarray(kl_history, dtype=float)
     n = len(x)
     start = int(round(n * (1 - window)))
-    mk = mann_kendall(x[start:])
+    tested = x[start:]
+    mk = mann_kendall(tested)
+    ar = ar1_trend_test(tested, n_resamples)
+    growth = kl_growth_share(mk["sen_slope"], tested)
     k = max(1, n // 5)
     middle = x[max(0, n // 2 - k // 2) : max(0, n // 2 - k // 2) + k]
     return {
-        "value": bool(mk["p_increasing"] < alpha and mk["S"] > 0 and beta > 0),
+        "value": bool(ar["p"] < alpha and mk["S"] > 0 and growth >= min_growth and beta > 0),
         "beta": beta,
         "mann_kendall_S": mk["S"],
         "z": mk["z"],
-        "p_value": mk["p_increasing"],
+        "p_value": ar["p"],
+        "p_value_independent": mk["p_increasing"],  # the plain test, which assumes independent iterations
+        "lag1_autocorr": ar["lag1"],
+        "null_ar1_phi": ar["phi"],
         "sen_slope_per_iter": mk["sen_slope"],
+        "growth": growth,
+        "min_growth": min_growth,
         "iterations_tested": [start, n - 1],
         "kl_middle_20pct": float(middle.mean()) if len(middle) else float("nan"),
         "kl_last_20pct": float(x[-k:].mean()) if n else float("nan"),
-        "rule": f"Mann-Kendall increasing trend over the last {window:.0%} of iterations, p < {alpha}, with beta > 0",
+        "rule": (f"over the last {window:.0%} of iterations: Mann-Kendall S above AR(1) noise with the series' own lag-1 "
+                 f"autocorrelation (bias-corrected; Monte Carlo p < {alpha}, {n_resamples} series), and Sen's slope x "
+                 f"the span >= {min_growth:.0%} of the median KL there; with beta > 0"),
     }
 
 
-def observations(metrics: dict[str, float], history: list[dict], beta: float, window: float, alpha: float) -> dict:
+def observations(metrics: dict[str, float], history: list[dict], beta: float, window: float, alpha: float,
+                 min_growth: float = 0.25) -> dict:
     return {
         "rm_prefers_policy": verdict_rm_prefers_policy(metrics),
         "humans_prefer_reference": verdict_humans_prefer_reference(metrics),
-        "kl_increasing": verdict_kl_increasing([h["kl/exact"] for h in history], beta, window, alpha),
+        "kl_increasing": verdict_kl_increasing([h["kl/exact"] for h in history], beta, window, alpha, min_growth),
     }
 
 

@@ -1,23 +1,35 @@
-"""Which fixes should an RLHF team make? `rlhf-sweep compare-fixes` answers with paired seeds.
+"""Which two fixes should an RLHF team make? `rlhf-sweep compare-fixes` answers within a seed budget.
 
-This module owns the comparison: reading `studies/compare_fixes.yaml` (arms and seeds),
-running every arm x seed in local worker processes (each arm is an `experiment` overlay in
-`conf/experiment/`, and `a+b` composes two of them as `experiment=[a,b]`), the paired-by-seed
-bootstrap intervals of each arm against the baseline, each fix's cost, the two recommended
-fixes, and the outputs: a terminal table, `fixes.md`, `fixes.json`, a figure and MLflow runs
-(a parent run, one nested run per arm x seed).
+This module owns the comparison, not its runs: every arm x seed run is a planned trial of one
+study run by the sweep machinery (sweep.py: its storage and resume, workers, MLflow parent run
+with a nested run per arm x seed). What is here:
 
-A run whose `OUT/runs/ARM/seed-N/summary.json` exists with the config its arm composes to is
-not run again, so an interrupted comparison resumes where it stopped (and an edited overlay,
-such as `combined` after a new measurement, reruns its arm).
+- the arms: experiment overlays in `conf/experiment/`; `a+b` composes two (`experiment=[a,b]`);
+- the racing loop that decides which runs come next (`select`): every arm on a first block of
+  seeds, then more seeds only for the single fixes still in contention for the top two, until
+  the two are separated from the rest (`decide`) or the budget, or the seed pool, is spent;
+- the confirmation: the recommended pair, its combination `a+b` and any combinations asked
+  for are scored with the baseline on held-out seeds that took no part in choosing them;
+- the statistics (pure functions): paired differences against the baseline with a Student-t
+  interval over seeds, the interquartile mean (scipy.stats.trim_mean) and the probability of
+  improvement of those differences, two-sided paired t-tests (Student's t from scipy.special)
+  with Holm's correction across arms for every "helps", "hurts" and "beats" the racing uses;
+- the outputs: a terminal table, `fixes.md`, `fixes.json`, `fixes.png` and the comparison's
+  metrics and files on the study's MLflow parent run.
+
+The arms form a categorical over `experiment` whose choices are fixed when the study is made
+(the baseline, the arms and every pair of single fixes): a comparison of other arms needs
+another --out. A run is identified by the config its arm composes to, so an edited overlay
+runs its arm again; everything else already in the output directory is reused.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,10 +39,11 @@ import yaml
 from . import preflight
 from .config import ConfigError, compose
 from .paths import config_dirs, group_options, shipped_studies_dir
-from .runtime import cores, quiet_libraries, set_worker_threads
+from .study import RESERVED_KEYS, Objective, Param, PlannedTrial, StudyError, StudySpec
 from .tables import format_table, md_table
 
 STUDY_FILE = shipped_studies_dir() / "compare_fixes.yaml"
+STUDY_NAME = "compare_fixes"
 
 # (summary metric, label, +1 if larger is better for the team, -1 if smaller is, 0 if neither)
 METRICS = (
@@ -41,46 +54,361 @@ METRICS = (
     ("kl/exact", "KL exact", -1),
     ("rm/policy", "RM score", 0),
 )
-RM_SIDE = ("rm.",)  # overrides that change the reward model make an arm RM-side
+DECIDE_ON = "gold/policy"  # the metric the racing and the recommendation read
 
 
 class FixesError(ValueError):
-    """A bad arm, seed count or study file; the message is one line naming the key and the fix."""
+    """A bad arm, seed count, budget or study file; the message is one line naming the key and the fix."""
 
 
 # ----- statistics: pure functions ------------------------------------------------------------------
-def paired_bootstrap_ci(arm: np.ndarray, base: np.ndarray, n_boot: int = 10000, confidence: float = 0.95,
-                        seed: int = 0) -> tuple[float, float, float]:
-    """Mean of the paired differences arm - base (paired by seed) and its percentile bootstrap interval.
+INTERVAL = "Student-t interval of the mean paired difference over seeds"
 
-    Resamples whole seeds with replacement, so the interval reflects how much the fix's effect
-    varies from seed to seed. With few seeds it is narrow rather than conservative; that is what
-    a team can afford.
+# The t quantiles and tail areas come from scipy.special (stdtrit, stdtr): scipy.stats.ttest_1samp gives the
+# same numbers (tests/test_fixes.py holds them to it) at ~1 ms a call, and the racing simulation makes
+# hundreds of thousands of calls.
+
+
+def paired_interval(arm, base, confidence: float = 0.95) -> tuple[float, float, float]:
+    """Mean of the paired differences arm - base (paired by seed) and its Student-t interval.
+
+    Chosen over scipy's BCa and percentile bootstraps: with 10 seeds and bimodal outcomes (some
+    seeds only pad, others exploit the RM) the bootstraps are too narrow and the t interval holds its
+    coverage (tests/test_fixes.py measures it; bench/fixes_racing.py prints all three). One seed: no
+    interval (nan bounds); a constant difference: a zero-width one.
     """
+    from scipy.special import stdtrit
+
     d = np.asarray(arm, dtype=float) - np.asarray(base, dtype=float)
     if d.ndim != 1 or len(d) == 0:
-        raise ValueError("paired_bootstrap_ci needs two equal-length, non-empty 1-D arrays")
-    rng = np.random.default_rng(seed)
-    means = d[rng.integers(0, len(d), size=(n_boot, len(d)))].mean(1)
-    alpha = (1 - confidence) / 2
-    lo, hi = np.quantile(means, [alpha, 1 - alpha], method="inverted_cdf")
-    return float(d.mean()), float(lo), float(hi)
+        raise ValueError("paired_interval needs two equal-length, non-empty 1-D arrays")
+    m = float(d.mean())
+    if len(d) < 2:
+        return m, float("nan"), float("nan")
+    if np.ptp(d) == 0:
+        return m, m, m
+    half = float(stdtrit(len(d) - 1, 0.5 + confidence / 2)) * float(d.std(ddof=1)) / math.sqrt(len(d))
+    return m, m - half, m + half
+
+
+def paired_p(d) -> float:
+    """Two-sided p-value of a paired t-test that the mean difference is 0 (1 with < 2 seeds)."""
+    from scipy.special import stdtr
+
+    d = np.asarray(d, dtype=float)
+    if len(d) < 2:
+        return 1.0
+    if np.ptp(d) == 0:
+        return 1.0 if d[0] == 0 else 0.0
+    t = float(d.mean()) / (float(d.std(ddof=1)) / math.sqrt(len(d)))
+    return float(2 * stdtr(len(d) - 1, -abs(t)))
+
+
+def holm(pvalues: list[float]) -> list[float]:
+    """Holm's step-down adjusted p-values, in the order given: the i-th smallest times (m - i), kept
+    non-decreasing, at most 1. (statsmodels' multipletests gives the same numbers, as a test checks, but
+    runs gc.collect() on every call: 0.3 s in a process holding torch.)"""
+    p = np.asarray(pvalues, dtype=float)
+    if not len(p):
+        return []
+    order = np.argsort(p, kind="stable")
+    adjusted = np.minimum(1.0, np.maximum.accumulate(p[order] * np.arange(len(p), 0, -1)))
+    out = np.empty_like(adjusted)
+    out[order] = adjusted
+    return out.tolist()
+
+
+def iqm(x) -> float:
+    """Interquartile mean: the mean of the middle half (scipy.stats.trim_mean, 25% cut each side)."""
+    from scipy.stats import trim_mean
+
+    x = np.asarray(x, dtype=float)
+    return float(trim_mean(x, 0.25)) if len(x) else float("nan")
+
+
+def prob_improvement(arm, base) -> float:
+    """P(arm > base) on the same seed: the share of seeds where the arm is ahead, ties counted half."""
+    a, b = np.asarray(arm, dtype=float), np.asarray(base, dtype=float)
+    return float(np.mean((a > b) + 0.5 * (a == b))) if len(a) else float("nan")
 
 
 def excludes_zero(lo: float, hi: float) -> bool:
     return lo > 0 or hi < 0
 
 
-# ----- the study: arms and seeds -------------------------------------------------------------------
+# ----- the racing decision: pure -------------------------------------------------------------------
+@dataclass
+class Decision:
+    """What the data say after one look. `gold[arm][seed]` holds what has run so far."""
+
+    ranking: list[str]  # single fixes by mean difference to the baseline, best first
+    mean_diff: dict[str, float]
+    helps: dict[str, bool]  # better than the baseline (Holm across the single fixes)
+    hurts: dict[str, bool]
+    p_base: dict[str, float]  # Holm-adjusted p against the baseline
+    beaten_by: dict[str, list[str]]  # arms confidently better than it (Holm across all pairs of single fixes)
+    out: dict[str, str]  # arm -> why it cannot be among the top two
+    alive: list[str]  # in contention, by mean difference
+    sure: list[str]  # alive and certainly among the top two
+    pair: tuple[str, str] | None
+    n_seeds: int  # seeds of the arms in contention
+    verdict: str
+
+
+def _common(x: dict[int, float], y: dict[int, float]) -> tuple[np.ndarray, np.ndarray]:
+    seeds = sorted(set(x) & set(y))
+    return np.array([x[s] for s in seeds], dtype=float), np.array([y[s] for s in seeds], dtype=float)
+
+
+def _names(xs: list[str]) -> str:
+    return xs[0] if len(xs) == 1 else ", ".join(xs[:-1]) + " and " + xs[-1]
+
+
+def decide(gold: dict[str, dict[int, float]], baseline: str, singles: list[str], alpha: float = 0.05) -> Decision:
+    """Which single fixes can still be among the two best, and whether the two are known.
+
+    An arm is out once two others beat it or once it hurts; the pair is known when exactly two
+    arms are left and both help. Every "beats", "helps" and "hurts" is a two-sided paired t-test
+    on the seeds both arms ran, Holm-adjusted at `alpha` within its family (pairs of single fixes;
+    single fixes against the baseline).
+    """
+    base = gold[baseline]
+    mean_diff, raw_base = {}, []
+    for a in singles:
+        x, b = _common(gold[a], base)
+        mean_diff[a] = float((x - b).mean()) if len(x) else float("nan")
+        raw_base.append(paired_p(x - b))
+    p_base = dict(zip(singles, holm(raw_base), strict=True))
+    helps = {a: p_base[a] < alpha and mean_diff[a] > 0 for a in singles}
+    hurts = {a: p_base[a] < alpha and mean_diff[a] < 0 for a in singles}
+    pairs = list(itertools.combinations(singles, 2))
+    diffs = {}
+    for i, j in pairs:
+        x, y = _common(gold[i], gold[j])
+        diffs[(i, j)] = float((x - y).mean()) if len(x) else 0.0
+    p_pairs = dict(zip(pairs, holm([paired_p(np.subtract(*_common(gold[i], gold[j]))) for i, j in pairs]), strict=True))
+    beaten_by: dict[str, list[str]] = {a: [] for a in singles}
+    for (i, j), p in p_pairs.items():
+        if p < alpha and diffs[(i, j)] != 0:
+            winner, loser = (i, j) if diffs[(i, j)] > 0 else (j, i)
+            beaten_by[loser].append(winner)
+    out = {}
+    for a in singles:
+        if len(beaten_by[a]) >= 2:
+            out[a] = "beaten by " + _names(beaten_by[a])
+        elif hurts[a]:
+            out[a] = f"worse than {baseline}"
+    ranking = sorted(singles, key=lambda a: -mean_diff[a] if math.isfinite(mean_diff[a]) else math.inf)
+    alive = [a for a in ranking if a not in out]
+    below = {a: sum(a in beaten_by[b] for b in singles) for a in singles}
+    # certainly among the top two: every other single fix but at most one is confidently below it
+    sure = [a for a in alive if below[a] >= len(singles) - 2]
+    n_seeds = max((len(gold[a]) for a in alive), default=0)
+    pair = (alive[0], alive[1]) if len(alive) == 2 and all(helps[a] for a in alive) else None
+    if pair:
+        verdict = f"recommended: {pair[0]} and {pair[1]} (separated from the other fixes and better than {baseline} after {n_seeds} seeds)"
+    elif len(alive) == 2:
+        weak = [a for a in alive if not helps[a]]
+        verdict = (f"no stable pair: {_names(alive)} lead, but {weak[0]} is not confidently better than {baseline} after {n_seeds} seeds"
+                   if len(weak) == 1 else
+                   f"no stable pair: neither {weak[0]} nor {weak[1]} is confidently better than {baseline} after {n_seeds} seeds")
+    elif len(alive) < 2:
+        verdict = (f"no stable pair: only {alive[0]} can still be among the best after {n_seeds} seeds" if alive else
+                   f"no stable pair: no fix is better than {baseline} after {n_seeds} seeds")
+    else:
+        tied = [a for a in alive if a not in sure]
+        lead = f"{_names(sure)} {'is' if len(sure) == 1 else 'are'} in the top two, but " if sure else ""
+        verdict = f"no stable pair: {lead}{_names(tied)} are within noise after {n_seeds} seeds"
+    return Decision(ranking=ranking, mean_diff=mean_diff, helps=helps, hurts=hurts, p_base=p_base, beaten_by=beaten_by,
+                    out=out, alive=alive, sure=sure, pair=pair, n_seeds=n_seeds, verdict=verdict)
+
+
+@dataclass
+class Selection:
+    """How the racing ended: the last decision, every value seen, runs spent and why it stopped."""
+
+    decision: Decision
+    gold: dict[str, dict[int, float]]
+    runs: int
+    looks: int
+    stopped: str  # separated | seeds | budget | fewer than two left
+
+
+Outcome = Callable[[list[tuple[str, int]]], dict[tuple[str, int], float]]
+
+
+def next_runs(decision: Decision, gold: dict[str, dict[int, float]], baseline: str, seeds: list[int], step: int) -> list[tuple[str, int]]:
+    """The next block of `step` selection seeds for the arms in contention and the baseline (arm-major,
+    so parallel workers start on different seeds and build their SFT reference and RM side by side)."""
+    n = max(len(gold[a]) for a in decision.alive)
+    block = seeds[n:n + step]
+    return [(a, s) for a in [baseline, *decision.alive] for s in block if s not in gold[a]]
+
+
+def select(outcome: Outcome, baseline: str, singles: list[str], seeds: list[int], first: int, step: int,
+           alpha: float = 0.05, afford: Callable[[int], bool] = lambda n: True,
+           on_look: Callable[[int, int, Decision], None] | None = None) -> Selection:
+    """Race the single fixes on the selection seeds: `first` seeds for every arm, then `step` more at a
+    time for the arms still in contention, until a pair is known, the seeds run out or `afford(n_runs)`
+    says the next block does not fit. `outcome(runs)` runs them and returns gold per (arm, seed);
+    `on_look(look, runs so far, decision)` hears each look."""
+    gold: dict[str, dict[int, float]] = {a: {} for a in [baseline, *singles]}
+    runs = [(a, s) for a in [baseline, *singles] for s in seeds[:first]]
+    for (a, s), v in outcome(runs).items():
+        gold[a][s] = v
+    n_runs, looks = len(runs), 1
+    while True:
+        d = decide(gold, baseline, singles, alpha)
+        if on_look is not None:
+            on_look(looks, n_runs, d)
+        if d.pair:
+            return Selection(d, gold, n_runs, looks, "separated")
+        if len(d.alive) < 2:
+            return Selection(d, gold, n_runs, looks, "fewer than two left")
+        runs = next_runs(d, gold, baseline, seeds, step)
+        if not runs:
+            return Selection(d, gold, n_runs, looks, "seeds")
+        if not afford(len(runs)):
+            return Selection(d, gold, n_runs, looks, "budget")
+        for (a, s), v in outcome(runs).items():
+            gold[a][s] = v
+        n_runs += len(runs)
+        looks += 1
+
+
+# ----- the procedure on simulated arms (its operating characteristics) --------------------------------
+@dataclass
+class SyntheticArms:
+    """Arms with known true effects, shaped like the default world's per-seed outcomes (bimodal).
+
+    Each run either exploits the RM (probability `exploit[arm]`; gold around `low`) or only pads
+    (gold around `high`), plus per-run noise `noise` and a per-seed effect shared by every arm on that
+    seed (`seed_sd`: the seed's SFT reference and RM). A fix works by lowering the exploit rate, so
+    arm a's true effect against the baseline is (exploit[base] - exploit[a]) * (high - low).
+    """
+
+    exploit: dict[str, float]
+    high: float
+    low: float
+    noise: float
+    seed_sd: float
+
+    def effect(self, arm: str, baseline: str) -> float:
+        return (self.exploit[baseline] - self.exploit[arm]) * (self.high - self.low)
+
+    def outcome(self, rng: np.random.Generator) -> Outcome:
+        """A fresh world: each (arm, seed) drawn once, when first asked for, and the same thereafter."""
+        seed_effect: dict[int, float] = {}
+        drawn: dict[tuple[str, int], float] = {}
+
+        def run(runs: list[tuple[str, int]]) -> dict[tuple[str, int], float]:
+            for a, s in runs:
+                if (a, s) not in drawn:
+                    if s not in seed_effect:
+                        seed_effect[s] = self.seed_sd * rng.standard_normal()
+                    mode = self.low if rng.random() < self.exploit[a] else self.high
+                    drawn[(a, s)] = seed_effect[s] + mode + self.noise * rng.standard_normal()
+            return {k: drawn[k] for k in runs}
+
+        return run
+
+
+def simulate(arms: SyntheticArms, baseline: str, singles: list[str], n_seeds: int, first: int, step: int, alpha: float,
+             budget_runs: int, confirm_runs: int, n_sim: int, seed: int = 0) -> dict:
+    """Run the racing `n_sim` times on fresh synthetic worlds within `budget_runs` runs (the confirmation's
+    `confirm_runs` held back, as the real budget does). Returns how often it named each pair (or none), its
+    runs, and for the same worlds the runs a fixed design (every arm on every seed, the same looks) needed to
+    separate a pair."""
+    rng = np.random.default_rng(seed)
+    seeds = list(range(n_seeds))
+    named: dict[str, int] = {}
+    race_runs, fixed_runs, both = [], [], 0
+    for _ in range(n_sim):
+        world = arms.outcome(rng)
+        spent = {"n": 0}
+
+        def counted(runs, world=world, spent=spent):
+            spent["n"] += len(runs)
+            return world(runs)
+
+        sel = select(counted, baseline, singles, seeds, first, step, alpha,
+                     afford=lambda k, spent=spent: spent["n"] + k + confirm_runs <= budget_runs)
+        key = "+".join(sorted(sel.decision.pair)) if sel.decision.pair else "none"
+        named[key] = named.get(key, 0) + 1
+        race_runs.append(sel.runs)
+        # the fixed design on the same world: every arm on every seed, looked at after the same blocks
+        for n in [first, *range(first + step, n_seeds + 1, step)]:
+            if (1 + len(singles)) * n + confirm_runs > budget_runs:
+                break
+            full = world([(a, s) for a in [baseline, *singles] for s in seeds[:n]])
+            gold = {a: {s: full[(a, s)] for s in seeds[:n]} for a in [baseline, *singles]}
+            if decide(gold, baseline, singles, alpha).pair:
+                if sel.decision.pair:
+                    both += 1
+                    fixed_runs.append((sel.runs, (1 + len(singles)) * n))
+                break
+    return {"n_sim": n_sim, "named": dict(sorted(named.items(), key=lambda kv: -kv[1])), "runs_mean": float(np.mean(race_runs)),
+            "separated_by_both": both,
+            "race_runs_when_both_separated": float(np.mean([r for r, _ in fixed_runs])) if fixed_runs else float("nan"),
+            "fixed_runs_when_both_separated": float(np.mean([f for _, f in fixed_runs])) if fixed_runs else float("nan")}
+
+
+# ----- the comparison's settings ---------------------------------------------------------------------
 @dataclass
 class FixesSpec:
+    """studies/compare_fixes.yaml, checked.
+
+    arms: the baseline and the single fixes it races (overlays in conf/experiment/);
+    combinations: arms that combine others (`a+b`, or an overlay such as `combined`): scored on the
+        confirmation seeds beside the recommended pair, never raced or recommended;
+    first_seed: the seed pool starts here: selection seeds first_seed .. first_seed+max_seeds-1, then
+        confirm_seeds held-out seeds after them;
+    seeds: the first block (every arm); seeds_per_round: seeds added per look to the arms in contention;
+    budget_minutes: wall time for the whole comparison (the first block always runs);
+    alpha: the Holm-adjusted level of every "helps", "hurts" and "beats".
+    """
+
     arms: list[str]
-    seeds: list[int]
+    seeds: int = 6
+    max_seeds: int = 15
+    confirm_seeds: int = 5
+    first_seed: int = 0
+    seeds_per_round: int = 2
+    budget_minutes: float = 40.0
     baseline: str = "baseline"
-    combinations: list[str] = field(default_factory=list)  # arms that combine others: never recommended alone
+    combinations: list[str] = field(default_factory=list)
     workers: int = 2
-    n_boot: int = 10000
     confidence: float = 0.95
+    alpha: float = 0.05
+
+    @property
+    def singles(self) -> list[str]:
+        return [a for a in self.arms if a != self.baseline and "+" not in a and a not in self.combinations]
+
+    @property
+    def extras(self) -> list[str]:
+        """Combinations asked for (arms with '+' or listed under combinations): confirmed, never raced."""
+        return list(dict.fromkeys([*(a for a in self.arms if a not in (self.baseline, *self.singles)), *self.combinations]))
+
+    @property
+    def selection_seeds(self) -> list[int]:
+        return list(range(self.first_seed, self.first_seed + self.max_seeds))
+
+    @property
+    def held_out_seeds(self) -> list[int]:
+        start = self.first_seed + self.max_seeds
+        return list(range(start, start + self.confirm_seeds))
+
+    def combo(self, a: str, b: str) -> str:
+        """The arm that composes two single fixes, named in the order of `arms`."""
+        order = self.singles
+        return "+".join(sorted((a, b), key=order.index))
+
+    @property
+    def choices(self) -> list[str]:
+        """Every arm a run of this comparison can have: Optuna fixes them when the study is made."""
+        pairs = [self.combo(a, b) for a, b in itertools.combinations(self.singles, 2)]
+        return list(dict.fromkeys([self.baseline, *self.singles, *self.extras, *pairs]))
 
 
 def experiments() -> list[str]:
@@ -106,183 +434,264 @@ def arm_overrides(arm: str) -> list[str]:
     return [f"experiment={parts[0]}"] if len(parts) == 1 else [f"experiment=[{','.join(parts)}]"]
 
 
-def load_spec(path: str | Path = STUDY_FILE, arms: list[str] | None = None, seeds: int | None = None) -> FixesSpec:
+KEYS = {"description", "arms", "seeds", "max_seeds", "confirm_seeds", "first_seed", "seeds_per_round", "budget_minutes",
+        "baseline", "combinations", "workers", "confidence", "alpha"}
+
+
+def _int(v, key: str, low: int, what: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < low:
+        raise FixesError(f"{key}={v!r} is invalid: {key} accepts an integer >= {low} ({what})")
+    return v
+
+
+def load_spec(path: str | Path = STUDY_FILE, arms: list[str] | None = None, seeds: int | None = None, max_seeds: int | None = None,
+              first_seed: int | None = None, budget: float | None = None, confirm_seeds: int | None = None) -> FixesSpec:
+    """The study file with the command line's values on top; every bad value is one line naming its key."""
     raw = yaml.safe_load(Path(path).read_text()) or {}
-    allowed = {"description", "arms", "seeds", "baseline", "combinations", "workers", "n_boot", "confidence"}
     for k in raw:
-        if k not in allowed:
-            raise FixesError(f"unknown key {k!r} in {path}; keys: {', '.join(sorted(allowed))}")
-    n_seeds = seeds if seeds is not None else int(raw.get("seeds", 5))
-    if n_seeds < 1:
-        raise FixesError(f"--seeds={n_seeds} is invalid: --seeds accepts an integer >= 1 (5 is the default; 1 gives no interval)")
-    spec = FixesSpec(arms=list(arms or raw.get("arms", [])), seeds=list(range(n_seeds)),
-                     baseline=raw.get("baseline", "baseline"), combinations=list(raw.get("combinations", [])),
-                     workers=int(raw.get("workers", 2)), n_boot=int(raw.get("n_boot", 10000)),
-                     confidence=float(raw.get("confidence", 0.95)))
+        if k not in KEYS:
+            raise FixesError(f"unknown key {k!r} in {path}; keys: {', '.join(sorted(KEYS))}")
+    pick = lambda flag, key, default: flag if flag is not None else raw.get(key, default)  # noqa: E731
+    spec = FixesSpec(arms=list(arms or raw.get("arms", [])), baseline=raw.get("baseline", "baseline"),
+                     combinations=list(raw.get("combinations", [])), workers=int(raw.get("workers", 2)),
+                     confidence=float(raw.get("confidence", 0.95)), alpha=float(raw.get("alpha", 0.05)),
+                     seeds_per_round=_int(raw.get("seeds_per_round", 2), "seeds_per_round", 1, "seeds added per look"))
+    spec.seeds = _int(pick(seeds, "seeds", 6), "--seeds", 2, "the first block of seeds, every arm; 2 is the least that gives an interval")
+    spec.max_seeds = _int(pick(max_seeds, "max_seeds", 15), "--max-seeds", 2, "selection seeds per arm at most")
+    spec.first_seed = _int(pick(first_seed, "first_seed", 0), "--first-seed", 0, "where the seed pool starts")
+    spec.confirm_seeds = _int(pick(confirm_seeds, "confirm_seeds", 5), "--confirm-seeds", 2, "held-out seeds for the confirmation")
+    b = pick(budget, "budget_minutes", 40.0)
+    if isinstance(b, bool) or not isinstance(b, (int, float)) or not b > 0:
+        raise FixesError(f"--budget={b!r} is invalid: --budget accepts minutes > 0 (the first block of seeds always runs)")
+    spec.budget_minutes = float(b)
+    if spec.max_seeds < spec.seeds:
+        raise FixesError(f"--max-seeds={spec.max_seeds} is below --seeds={spec.seeds}: the first block is part of the selection "
+                         "seeds; give --max-seeds >= --seeds")
     if spec.baseline not in spec.arms:
         spec.arms.insert(0, spec.baseline)
-    for arm in spec.arms:
-        compose([*arm_overrides(arm), "seed=0"])  # unknown arms and bad overlays fail here, in one line
+    if not 0 < spec.alpha < 1 or not 0 < spec.confidence < 1:
+        raise FixesError(f"alpha={spec.alpha} / confidence={spec.confidence} in {path}: both accept a number in (0, 1)")
+    if len(spec.singles) < 2:
+        raise FixesError(f"--arms needs at least two single fixes besides {spec.baseline} to choose a pair from, got {spec.singles}")
+    for arm in spec.choices:
+        try:
+            compose([*arm_overrides(arm), "seed=0"])  # unknown arms and bad overlays fail here, in one line
+        except ConfigError as e:
+            raise FixesError(f"arm {arm}: {e}") from None
     return spec
 
 
-def is_rm_side(summary: dict, base: dict) -> bool:
-    """Does this arm train a different reward model than the baseline?"""
-    return summary["config"]["rm"] != base["config"]["rm"]
+def study_spec(spec: FixesSpec, extra: tuple[str, ...], planned: list[tuple[str, int]]) -> StudySpec:
+    """The planned study that runs `planned` (arm, seed) pairs; `extra` overrides go to every run."""
+    fixed = {}
+    for o in extra:
+        key, sep, value = o.partition("=")
+        if not sep or key.startswith(("+", "~")):
+            raise FixesError(f"override {o!r}: give key=value (e.g. ppo.iterations=50)")
+        if key == "progress":  # the sweep's runs never draw bars of their own
+            continue
+        if key in RESERVED_KEYS or key == "experiment":
+            raise FixesError(f"override {o!r}: {key} is set by compare-fixes per run (arms: --arms; seeds: --first-seed/--seeds; "
+                             "threads: --workers)")
+        fixed[key] = yaml.safe_load(value) if value else ""
+    return StudySpec(name=STUDY_NAME, path=str(STUDY_FILE), description="compare-fixes: arm x seed runs, raced",
+                     objectives=[Objective(DECIDE_ON, "maximize")], space=[Param("experiment", "categorical", choices=spec.choices)],
+                     fixed=fixed, seeds=[spec.first_seed], n_trials=max(1, len(planned)), sampler="random",
+                     trials=[PlannedTrial({"experiment": a}, [s], name=f"{a} seed {s}") for a, s in planned])
 
 
-# ----- running arm x seed in worker processes ------------------------------------------------------
-def _init_worker() -> None:
-    set_worker_threads(1)
-    quiet_libraries()
+# ----- running: planned trials through the sweep ------------------------------------------------------
+class Runner:
+    """Runs (arm, seed) pairs as planned trials of one study in OUT and keeps their summaries and timing."""
+
+    def __init__(self, spec: FixesSpec, out: Path, extra: tuple[str, ...], tracking_uri: str | None, progress: bool, first_number: int = 0):
+        self.spec, self.out, self.extra, self.uri, self.progress = spec, out, extra, tracking_uri, progress
+        self.first_number = first_number  # trials numbered from here on ran in this invocation
+        self.summaries: dict[str, dict[int, dict]] = {}
+        self.ran_now = 0  # runs made by this invocation (the rest were in OUT already)
+        self.seconds_now: list[float] = []  # their trial seconds
+        self.parent_run_id: str | None = None
+        self.run_dirs: dict[str, dict[int, str]] = {}
+
+    def __call__(self, runs: list[tuple[str, int]]) -> dict[tuple[str, int], float]:
+        from . import sweep
+
+        todo = [(a, s) for a, s in runs if s not in self.summaries.get(a, {})]
+        if todo:
+            try:
+                res = sweep.sweep(study_spec(self.spec, self.extra, todo), workers=self.spec.workers,
+                                  storage=str(self.out / "optuna.journal"), tracking_uri=self.uri, out=str(self.out), progress=self.progress)
+            except StudyError as e:
+                raise FixesError(str(e)) from None
+            if res.interrupted:
+                raise KeyboardInterrupt
+            missing = [f"{a} seed {s}" for (a, s), r in zip(todo, res.planned, strict=True) if r is None]
+            if missing:
+                raise FixesError(f"{len(missing)} run(s) failed ({', '.join(missing[:4])}); their errors are in {self.out / 'trials.csv'}; "
+                                 "run the same command again to retry them")
+            self.parent_run_id = res.parent_run_id
+            for (a, s), r in zip(todo, res.planned, strict=True):
+                run_dir = Path(r["run_dir"]) / f"seed-{s}"
+                self.summaries.setdefault(a, {})[s] = json.loads((run_dir / "summary.json").read_text())
+                self.run_dirs.setdefault(a, {})[s] = str(run_dir)
+                if r["number"] >= self.first_number:
+                    self.ran_now += 1
+                    self.seconds_now.append(float(r["seconds"] or 0.0))
+        return {(a, s): float(self.summaries[a][s]["metrics"][DECIDE_ON]) for a, s in runs}
 
 
-def run_dir(out: Path, arm: str, seed: int) -> Path:
-    return out / "runs" / arm / f"seed-{seed}"
+def confirm(runner: Runner, spec: FixesSpec, pair: tuple[str, str]) -> list[str]:
+    """Run the pair, its combination and the combinations asked for, with the baseline, on the held-out seeds;
+    returns the arms confirmed (the baseline aside)."""
+    arms = list(dict.fromkeys([*pair, spec.combo(*pair), *spec.extras]))
+    runner([(x, s) for x in [spec.baseline, *arms] for s in spec.held_out_seeds])
+    return arms
 
 
-def run_one(arm: str, seed: int, out: str, extra: tuple[str, ...] = (), threads: int = 1) -> str:
-    """One arm x seed: the pipeline (the other worker waits on a cached SFT or RM being built); returns summary.json."""
-    from . import pipeline
+class Budget:
+    """Wall time left; the next block runs only if it fits beside the confirmation it may lead to."""
 
-    cfg = compose([*arm_overrides(arm), f"seed={seed}", "progress=false", "mlflow.enabled=false", *extra])
-    cfg.threads = threads
-    cfg.run_dir = str(run_dir(Path(out), arm, seed))
-    pipeline.run(cfg, say=lambda *_: None)
-    return str(Path(cfg.run_dir) / "summary.json")
+    def __init__(self, minutes: float, workers: int, runner: Runner, confirm_runs: int):
+        self.t0, self.limit = time.perf_counter(), minutes * 60.0
+        self.workers, self.runner, self.confirm_runs = workers, runner, confirm_runs
+        self.refused = ""
 
+    def per_run(self) -> float:
+        """Wall seconds a run costs with the workers side by side (mean CPU-bound trial seconds / workers)."""
+        s = self.runner.seconds_now
+        return (sum(s) / len(s) if s else 60.0) / self.workers
 
-RUN_ONLY_KEYS = ("run_dir", "progress", "mlflow")  # config keys that do not change a run's result (threads does: float order)
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
 
-
-def worker_threads(workers: int) -> int:
-    """Torch threads per run: 1 in each of several workers, every core (0) for a single one."""
-    return 0 if workers <= 1 else 1
-
-
-def is_done(out: Path, arm: str, seed: int, extra: tuple[str, ...] = (), threads: int = 1) -> bool:
-    """A finished run with the config this arm composes to now, on the same effective thread count
-    (an edited overlay, or another thread count, runs again)."""
-    import dataclasses
-
-    path = run_dir(out, arm, seed) / "summary.json"
-    if not path.exists():
-        return False
-    want = dataclasses.asdict(compose([*arm_overrides(arm), f"seed={seed}", *extra]))
-    try:
-        have = json.loads(path.read_text())["config"]
-    except (ValueError, KeyError, TypeError):  # a damaged summary: the run is redone and the file rewritten
-        return False
-    if (have.get("threads") or cores()) != (threads or cores()):
-        return False
-    return all(have.get(k) == v for k, v in want.items() if k not in (*RUN_ONLY_KEYS, "threads"))
+    def afford(self, n_runs: int) -> bool:
+        need = (n_runs + self.confirm_runs) * self.per_run()
+        ok = self.elapsed() + need <= self.limit
+        if not ok:
+            self.refused = (f"the next {n_runs} runs and the confirmation ({self.confirm_runs} runs) need ~{need / 60:.1f} min, "
+                            f"{max(0.0, self.limit - self.elapsed()) / 60:.1f} of {self.limit / 60:.0f} min are left")
+        return ok
 
 
-def run_all(spec: FixesSpec, out: Path, extra: tuple[str, ...] = (), progress: bool = True) -> tuple[dict[str, dict[int, dict]], int]:
-    """Every arm x seed not yet done, on `spec.workers` processes; returns all summaries and how many ran now."""
-    from tqdm.auto import tqdm
-
-    todo = [(a, s) for a in spec.arms for s in spec.seeds if not is_done(out, a, s, extra, worker_threads(spec.workers))]
-    done = len(spec.arms) * len(spec.seeds) - len(todo)
-    bar = tqdm(total=len(spec.arms) * len(spec.seeds), initial=done, desc="arm x seed", disable=not progress)
-    if todo and spec.workers > 1:
-        import multiprocessing as mp
-
-        # spawn: a fresh interpreter per worker, no forked torch thread pools
-        with ProcessPoolExecutor(spec.workers, mp_context=mp.get_context("spawn"), initializer=_init_worker) as pool:
-            futures = {pool.submit(run_one, a, s, str(out), extra): (a, s) for a, s in todo}
-            for fut in as_completed(futures):
-                fut.result()  # a failed run stops the comparison with its error; rerun to resume
-                a, s = futures[fut]
-                bar.set_postfix_str(f"{a} seed {s}")
-                bar.update(1)
-    else:
-        threads = worker_threads(spec.workers)
-        for a, s in todo:
-            run_one(a, s, str(out), extra, threads)
-            bar.set_postfix_str(f"{a} seed {s}")
-            bar.update(1)
-    bar.close()
-    summaries = {a: {s: json.loads((run_dir(out, a, s) / "summary.json").read_text()) for s in spec.seeds} for a in spec.arms}
-    return summaries, len(todo)
+# ----- comparison ------------------------------------------------------------------------------------
+def _metric(summary: dict, key: str) -> float:
+    return float(summary["metrics"][key])
 
 
-# ----- comparison ----------------------------------------------------------------------------------
-def _values(runs: dict[int, dict], seeds: list[int], get) -> np.ndarray:
-    return np.array([get(runs[s]) for s in seeds], dtype=float)
-
-
-def _metric(key: str):
-    return lambda s: s["metrics"][key]
-
-
-def _nanmean(x: np.ndarray) -> float:
+def _nanmean(x) -> float:
+    x = np.asarray(x, dtype=float)
     x = x[np.isfinite(x)]
     return float(x.mean()) if len(x) else float("nan")
 
 
-def compare(spec: FixesSpec, summaries: dict[str, dict[int, dict]]) -> dict:
-    """Per arm: mean of each metric, the paired difference against the baseline with its interval, and costs."""
+def arm_stats(spec: FixesSpec, summaries: dict[str, dict[int, dict]], arms: list[str], seeds: list[int] | None = None) -> dict:
+    """Per arm: mean of each metric, and against the baseline (on the seeds both ran, or on `seeds`) the
+    mean paired difference with its interval, its IQM and the probability of improvement; costs."""
     base = summaries[spec.baseline]
-    seeds = spec.seeds
-    result: dict = {"baseline": spec.baseline, "seeds": seeds, "confidence": spec.confidence, "arms": {}}
-    for arm, runs in summaries.items():
-        row: dict = {"overrides": arm_overrides(arm), "mean": {}, "diff": {}, "per_seed": {}}
-        for key, _label, _sign in METRICS + (("rm/acc_labels", "", 0), ("rm/acc_gold", "", 0)):
-            a, b = _values(runs, seeds, _metric(key)), _values(base, seeds, _metric(key))
-            row["mean"][key] = float(a.mean())
+    keys = [k for k, _l, _s in METRICS] + ["rm/acc_labels", "rm/acc_gold"]
+    out = {}
+    for arm in [spec.baseline, *arms]:
+        runs = summaries[arm]
+        use = sorted(set(runs) & set(base) & set(seeds if seeds is not None else runs))
+        row: dict = {"overrides": arm_overrides(arm), "seeds": use, "mean": {}, "diff": {}, "per_seed": {}}
+        for key in keys:
+            a = np.array([_metric(runs[s], key) for s in use])
+            b = np.array([_metric(base[s], key) for s in use])
+            row["mean"][key] = float(a.mean()) if len(a) else float("nan")
             row["per_seed"][key] = a.tolist()
             if arm != spec.baseline:
-                m, lo, hi = paired_bootstrap_ci(a, b, spec.n_boot, spec.confidence)
-                row["diff"][key] = {"mean": m, "lo": lo, "hi": hi, "excludes_zero": excludes_zero(lo, hi)}
-        # cost in CPU seconds (workers use one thread, so other processes on the cores do not inflate it):
-        # PPO + evaluation per run, and RM training (nan where a cached RM predates this record)
-        ppo_s = _values(runs, seeds, lambda s: s["cost"]["ppo_eval_cpu_seconds"])
-        rm_s = _values(runs, seeds, lambda s: s["cost"].get("rm_train_cpu_seconds", float("nan")))
-        row["ppo_eval_seconds"] = float(ppo_s.mean())
-        row["rm_train_seconds"] = _nanmean(rm_s)
-        first = runs[seeds[0]]
-        row["rm_side"] = is_rm_side(first, base[seeds[0]])
+                m, lo, hi = paired_interval(a, b, spec.confidence)
+                row["diff"][key] = {"mean": m, "lo": lo, "hi": hi, "excludes_zero": excludes_zero(lo, hi),
+                                    "iqm": iqm(a - b), "p_improve": prob_improvement(a, b), "n": len(use)}
+        # CPU seconds (one-thread workers, so other processes on the cores do not inflate them)
+        row["ppo_eval_seconds"] = _nanmean([runs[s]["cost"]["ppo_eval_cpu_seconds"] for s in use])
+        row["rm_train_seconds"] = _nanmean([runs[s]["cost"].get("rm_train_cpu_seconds", float("nan")) for s in use])
+        first = runs[use[0]] if use else next(iter(runs.values()))
+        row["rm_side"] = first["config"]["rm"] != next(iter(base.values()))["config"]["rm"]
         row["ensemble_size"] = first["config"]["rm"]["ensemble_size"]
-        result["arms"][arm] = row
-    b = result["arms"][spec.baseline]
-    for row in result["arms"].values():
-        extra_rm = 0.0
-        if row["rm_side"]:  # an RM-side fix trains its own RM(s) instead of the baseline's
-            extra_rm = row["rm_train_seconds"] - b["rm_train_seconds"]
+        out[arm] = row
+    b = out[spec.baseline]
+    for row in out.values():
+        extra_rm = row["rm_train_seconds"] - b["rm_train_seconds"] if row["rm_side"] else 0.0
         row["extra_seconds_per_run"] = row["ppo_eval_seconds"] - b["ppo_eval_seconds"] + (extra_rm if math.isfinite(extra_rm) else 0.0)
         row["extra_rm_seconds"] = extra_rm
-    result["recommended"] = recommend(spec, result)
+    return out
+
+
+def compare(spec: FixesSpec, summaries: dict[str, dict[int, dict]], sel: Selection, confirm_arms: list[str]) -> dict:
+    d = sel.decision
+    result: dict = {
+        "baseline": spec.baseline, "confidence": spec.confidence, "alpha": spec.alpha, "interval": INTERVAL,
+        "seeds": sorted(set(summaries[spec.baseline]) & set(spec.selection_seeds)),
+        "selection_seeds": spec.selection_seeds, "held_out_seeds": spec.held_out_seeds,
+        "arms": arm_stats(spec, summaries, spec.singles, spec.selection_seeds),
+        "racing": {"ranking": d.ranking, "alive": d.alive, "sure": d.sure, "out": d.out, "beaten_by": d.beaten_by,
+                   "helps": d.helps, "hurts": d.hurts, "p_holm_vs_baseline": d.p_base, "looks": sel.looks, "stopped": sel.stopped,
+                   "runs": sel.runs, "n_seeds": d.n_seeds,
+                   # every arm of the race on every selection seed the contenders reached: what a fixed design spends
+                   "runs_every_arm_every_seed": (1 + len(spec.singles)) * d.n_seeds},
+        "verdict": d.verdict,
+        "recommended": list(d.pair) if d.pair else [],
+        "confirmation": {},
+    }
+    if confirm_arms:
+        result["confirmation"] = {"seeds": spec.held_out_seeds, "runs": (1 + len(confirm_arms)) * len(spec.held_out_seeds),
+                                  "arms": arm_stats(spec, summaries, confirm_arms, spec.held_out_seeds)}
     return result
-
-
-def recommend(spec: FixesSpec, result: dict) -> list[str]:
-    """The two single fixes with the largest gold gain whose interval excludes zero (gain > 0)."""
-    singles = [a for a in result["arms"] if a != spec.baseline and "+" not in a and a not in spec.combinations]
-    good = [a for a in singles if result["arms"][a]["diff"]["gold/policy"]["lo"] > 0]
-    return sorted(good, key=lambda a: -result["arms"][a]["diff"]["gold/policy"]["mean"])[:2]
 
 
 # ----- outputs -------------------------------------------------------------------------------------
 def ci_text(d: dict, digits: int = 3) -> str:
+    if not (math.isfinite(d["lo"]) and math.isfinite(d["hi"])):
+        return f"{d['mean']:+.{digits}f} [n/a]"
     return f"{d['mean']:+.{digits}f} [{d['lo']:+.{digits}f}, {d['hi']:+.{digits}f}]"
 
 
-def diff_table(spec: FixesSpec, result: dict) -> tuple[list[str], list[list[str]]]:
-    headers = ["arm", *(f"d {label}" for _k, label, _s in METRICS)]
+def _status(result: dict, arm: str) -> str:
+    r = result["racing"]
+    if arm in result["recommended"]:
+        return "recommended"
+    if arm in r["out"]:
+        return "out: " + r["out"][arm]
+    if arm in r["sure"]:
+        return "in the top two"
+    return "in contention"
+
+
+def gold_table(spec: FixesSpec, result: dict, arms_key: str = "arms") -> tuple[list[str], list[list[str]]]:
+    src = result[arms_key] if arms_key == "arms" else result["confirmation"]["arms"]
+    headers = ["arm", "seeds", "d gold mean [interval]", "IQM d", "P(> base)"]
+    if arms_key == "arms":
+        headers += ["p Holm", "racing"]
     rows = []
-    for arm, row in result["arms"].items():
+    for arm, row in src.items():
         if arm == spec.baseline:
-            rows.append([f"{arm} (mean)", *(f"{row['mean'][k]:.3f}" for k, _l, _s in METRICS)])
-        else:
-            rows.append([arm, *(ci_text(row["diff"][k]) for k, _l, _s in METRICS)])
+            rows.append([f"{arm} (mean gold)", str(len(row["seeds"])), f"{row['mean'][DECIDE_ON]:.3f}", "", ""]
+                        + (["", ""] if arms_key == "arms" else []))
+            continue
+        d = row["diff"][DECIDE_ON]
+        r = [arm, str(d["n"]), ci_text(d), f"{d['iqm']:+.3f}", f"{d['p_improve']:.2f}"]
+        if arms_key == "arms":
+            r += [f"{result['racing']['p_holm_vs_baseline'][arm]:.2g}", _status(result, arm)]
+        rows.append(r)
     return headers, rows
 
 
-def cost_table(spec: FixesSpec, result: dict) -> tuple[list[str], list[list[str]]]:
+def diff_table(spec: FixesSpec, src: dict) -> tuple[list[str], list[list[str]]]:
+    headers = ["arm", *(f"d {label}" for _k, label, _s in METRICS[1:])]
+    rows = []
+    for arm, row in src.items():
+        if arm == spec.baseline:
+            rows.append([f"{arm} (mean)", *(f"{row['mean'][k]:.3f}" for k, _l, _s in METRICS[1:])])
+        else:
+            rows.append([arm, *(ci_text(row["diff"][k]) for k, _l, _s in METRICS[1:])])
+    return headers, rows
+
+
+def cost_table(spec: FixesSpec, src: dict) -> tuple[list[str], list[list[str]]]:
     headers = ["arm", "side", "d RM acc labels", "d RM acc gold", "proxy given up", "extra CPU s/run"]
     rows = []
-    for arm, row in result["arms"].items():
+    for arm, row in src.items():
         if arm == spec.baseline:
             continue
         side = ("RM" if row["rm_side"] else "PPO") + (f", {row['ensemble_size']} RMs" if row["ensemble_size"] > 1 else "")
@@ -292,23 +701,63 @@ def cost_table(spec: FixesSpec, result: dict) -> tuple[list[str], list[list[str]
     return headers, rows
 
 
+def runs_line(result: dict) -> str:
+    r = result["racing"]
+    line = (f"runs: {r['runs']} to select ({r['looks']} looks, up to {r['n_seeds']} seeds; every arm on every one of those seeds "
+            f"would be {r['runs_every_arm_every_seed']})")
+    if result["confirmation"]:
+        line += f" + {result['confirmation']['runs']} to confirm"
+    return line
+
+
+def interval_words(spec: FixesSpec) -> str:
+    return (f"mean [{spec.confidence:.0%} Student-t interval over seeds, per arm]; IQM d: interquartile mean of the per-seed differences; P(> base): share of seeds where the arm beats the baseline; "
+            f"p Holm: paired t-test against the baseline, Holm-adjusted across the {len(spec.singles)} single fixes")
+
+
 def terminal_table(spec: FixesSpec, result: dict) -> str:
-    conf = f"{spec.confidence:.0%}"
-    h1, r1 = diff_table(spec, result)
-    h2, r2 = cost_table(spec, result)
-    rec = result["recommended"]
-    lines = [
-        format_table(h1, r1, title=f"each arm minus {spec.baseline}, paired by seed ({len(spec.seeds)} seeds), mean [{conf} bootstrap]"),
-        "",
-        format_table(h2, r2, title="costs"),
-        "",
-        "recommended: " + (", ".join(rec) if rec else "none (no single fix's gold interval lies above zero)"),
-    ]
+    seeds = result["arms"][spec.baseline]["seeds"]
+    h, r = gold_table(spec, result)
+    lines = [format_table(h, r, title=f"selection: each fix minus {spec.baseline} in gold, paired by seed (seeds {_span(seeds)}); "
+                                       + interval_words(spec))]
+    h, r = diff_table(spec, result["arms"])
+    lines += ["", format_table(h, r, title=f"selection: other metrics, mean [{spec.confidence:.0%} t interval]")]
+    h, r = cost_table(spec, result["arms"])
+    lines += ["", format_table(h, r, title="costs")]
+    if result["confirmation"]:
+        h, r = gold_table(spec, result, "confirmation")
+        lines += ["", format_table(h, r, title=f"confirmation on held-out seeds {_span(result['confirmation']['seeds'])} "
+                                                "(not used to choose): each arm minus the baseline in gold")]
+        h, r = diff_table(spec, result["confirmation"]["arms"])
+        lines += ["", format_table(h, r, title="confirmation: other metrics")]
+    lines += ["", runs_line(result), result["verdict"]]
+    if result["confirmation"]:
+        lines.append(confirmation_line(spec, result))
     return "\n".join(lines)
 
 
-def trade_off(spec: FixesSpec, result: dict, arm: str) -> str:
-    r, b = result["arms"][arm], result["arms"][spec.baseline]
+def _span(seeds: list[int]) -> str:
+    if not seeds:
+        return "none"
+    if seeds == list(range(seeds[0], seeds[-1] + 1)):
+        return f"{seeds[0]}-{seeds[-1]}" if len(seeds) > 1 else str(seeds[0])
+    return ",".join(map(str, seeds))
+
+
+def confirmation_line(spec: FixesSpec, result: dict) -> str:
+    c = result["confirmation"]
+    parts = []
+    for arm, row in c["arms"].items():
+        if arm == spec.baseline:
+            continue
+        d = row["diff"][DECIDE_ON]
+        holds = "holds" if d["lo"] > 0 else "not confirmed" if d["mean"] <= 0 else "positive, interval spans 0"
+        parts.append(f"{arm} {ci_text(d)} ({holds})")
+    return f"held out ({len(c['seeds'])} seeds): " + "; ".join(parts)
+
+
+def trade_off(spec: FixesSpec, src: dict, arm: str) -> str:
+    r, b = src[arm], src[spec.baseline]
     d = r["diff"]
     parts = [
         f"gold {b['mean']['gold/policy']:.3f} -> {r['mean']['gold/policy']:.3f} ({ci_text(d['gold/policy'])}), "
@@ -331,26 +780,39 @@ def trade_off(spec: FixesSpec, result: dict, arm: str) -> str:
 
 
 def write_markdown(path: Path, spec: FixesSpec, result: dict, wall_s: float, figure: str | None) -> None:
-    conf = f"{spec.confidence:.0%}"
-    h1, r1 = diff_table(spec, result)
-    h2, r2 = cost_table(spec, result)
+    r = result["racing"]
     lines = [
-        "# Which fixes? Paired comparison against the baseline",
+        "# Which fixes? A raced comparison against the baseline, confirmed on held-out seeds",
         "",
-        *(["**One seed: the intervals below are single differences, not intervals.**"] if len(spec.seeds) == 1 else []),
+        f"**{result['verdict']}**",
         "",
-        f"Seeds {spec.seeds} (each arm runs on the same seeds as the baseline; differences are paired by seed). "
-        f"Intervals: {conf} percentile bootstrap over seeds ({spec.n_boot} resamples), written `[low, high]`. "
-        f"Wall time of this invocation: {wall_s / 60:.1f} min for {result['runs_this_invocation']} arm x seed runs "
-        f"({spec.workers} worker processes; runs already in the output directory are reused).",
+        *( [f"**{confirmation_line(spec, result)}**", ""] if result["confirmation"] else []),
+        f"Seed pool from {spec.first_seed}: selection seeds {_span(spec.selection_seeds)} (every arm on the first {spec.seeds}, then "
+        f"{spec.seeds_per_round} more per look for the fixes still in contention), held-out confirmation seeds {_span(spec.held_out_seeds)}. "
+        f"Budget {spec.budget_minutes:g} min; stopped: {r['stopped']}{(' (' + result['budget_refused'] + ')') if result.get('budget_refused') else ''}. "
+        f"{runs_line(result)}. Wall time of this invocation: {wall_s / 60:.1f} min, {result['runs_this_invocation']} runs made now "
+        f"({spec.workers} workers; runs already in the output directory are reused).",
+        "",
+        "How to read it: differences are arm minus baseline on the same seed. Intervals: "
+        f"{spec.confidence:.0%} {INTERVAL}, one per arm and metric. IQM d: interquartile mean of the per-seed differences "
+        "(scipy.stats.trim_mean, 25% cut each side). P(> base): the share of seeds on which the arm's gold beats the "
+        "baseline's (ties half). p Holm: two-sided paired t-test against the baseline, Holm-adjusted across the single "
+        f"fixes (statsmodels). Racing: an arm is out once two others beat it (paired t-tests, Holm across all pairs of single "
+        f"fixes, alpha {spec.alpha}) or once it is worse than the baseline; the pair is recommended when exactly two are left "
+        "and both beat the baseline. The confirmation scores the pair, its combination and any combinations asked for on seeds "
+        "that took no part in choosing them.",
         "",
         "## Arms",
         "",
-        *(f"- `{a}`: `{' '.join(arm_overrides(a))}`" for a in spec.arms),
+        *(f"- `{a}`: `{' '.join(arm_overrides(a))}`" for a in [*result["arms"], *result.get("confirmation", {}).get("arms", {})] if a),
         "",
-        "## Effect on held-out metrics (arm minus baseline)",
+        "## Selection: gold",
         "",
-        md_table(h1, r1),
+        md_table(*gold_table(spec, result)),
+        "",
+        "## Selection: other metrics",
+        "",
+        md_table(*diff_table(spec, result["arms"])),
         "",
         "## Costs",
         "",
@@ -358,70 +820,73 @@ def write_markdown(path: Path, spec: FixesSpec, result: dict, wall_s: float, fig
         "(for RM-side arms that is another RM's scale); extra CPU seconds per run are PPO + evaluation against the "
         "baseline, plus RM training for RM-side arms (CPU time, so other processes sharing the cores do not inflate it).",
         "",
-        md_table(h2, r2),
-        "",
-        "## Recommendation",
+        md_table(*cost_table(spec, result["arms"])),
         "",
     ]
-    rec = result["recommended"]
-    if not rec:
-        lines.append("No single fix raised gold with an interval above zero on these seeds.")
-    for i, arm in enumerate(rec, 1):
-        lines.append(f"{i}. **{arm}**: {trade_off(spec, result, arm)}")
-    for arm in result["arms"]:
-        if "+" in arm or arm in spec.combinations:
-            lines += ["", f"Combination `{arm}`: {trade_off(spec, result, arm)}"]
-    lines += ["", "## Per seed", ""]
-    ph = ["arm", "metric", *(f"seed {s}" for s in spec.seeds)]
-    pr = [[a, k, *(f"{v:.3f}" for v in row["per_seed"][k])] for a, row in result["arms"].items() for k in ("gold/policy", "kl/exact", "len/policy")]
-    lines.append(md_table(ph, pr))
+    if result["confirmation"]:
+        c = result["confirmation"]
+        lines += ["## Confirmation on held-out seeds", "", f"Seeds {_span(c['seeds'])}, not used to choose.", "",
+                  md_table(*gold_table(spec, result, "confirmation")), "", md_table(*diff_table(spec, c["arms"])), ""]
+        for arm in c["arms"]:
+            if arm != spec.baseline:
+                lines.append(f"- **{arm}** (held out): {trade_off(spec, c['arms'], arm)}")
+        lines.append("")
+    lines += ["## Per seed", ""]
+    rows = []
+    for src, tag in ((result["arms"], ""), (result.get("confirmation", {}).get("arms", {}), " (held out)")):
+        for a, row in src.items():
+            for k in ("gold/policy", "kl/exact", "len/policy"):
+                rows.append([a + tag, k, " ".join(f"{s}:{v:.3f}" for s, v in zip(row["seeds"], row["per_seed"][k], strict=True))])
+    lines.append(md_table(["arm", "metric", "seed:value"], rows))
     if figure:
         lines += ["", f"![arms x metrics]({figure})"]
     path.write_text("\n".join(lines) + "\n")
-
-
-def log_mlflow(uri: str, spec: FixesSpec, result: dict, summaries: dict, out: Path, files: list[Path]) -> str:
-    """A parent run with the comparison, and a nested run per arm x seed."""
-    from mlflow.entities import Metric, Param
-
-    from . import tracking
-
-    client = tracking.client_for(uri)
-    exp_id = tracking.experiment_id(client, "rlhf-sweep", uri)
-    parent = tracking.start_run(client, exp_id, f"compare-fixes-{time.strftime('%Y%m%d-%H%M%S')}",
-                                tags={"rlhf_sweep.role": "compare-fixes"})
-    now = int(time.time() * 1000)
-    params = [Param("arms", ",".join(spec.arms)), Param("seeds", ",".join(map(str, spec.seeds))),
-              Param("baseline", spec.baseline), Param("recommended", ",".join(result["recommended"]) or "none")]
-    metrics = []
-    for arm, row in result["arms"].items():
-        name = arm.replace("+", "-plus-")  # MLflow metric names may not contain '+'
-        for key, d in row["diff"].items():
-            metrics += [Metric(f"{name}/d_{key}", d["mean"], now, 0), Metric(f"{name}/d_{key}_lo", d["lo"], now, 0),
-                        Metric(f"{name}/d_{key}_hi", d["hi"], now, 0)]
-        metrics.append(Metric(f"{name}/extra_seconds_per_run", row["extra_seconds_per_run"], now, 0))
-    metrics = [m for m in metrics if math.isfinite(m.value)]
-    client.log_batch(parent, params=params)
-    for chunk in tracking.chunks(metrics, tracking.MAX_METRICS_PER_CALL):
-        client.log_batch(parent, metrics=chunk)
-    for f in files:
-        if f.exists():
-            client.log_artifact(parent, str(f))
-    for arm, runs in summaries.items():
-        for seed, summary in runs.items():
-            tracking.log_finished(client, exp_id, summary, str(run_dir(out, arm, seed)), name=f"{arm}-s{seed}",
-                                  tags={"arm": arm, "seed": str(seed), "rlhf_sweep.role": "compare-fixes-run"}, parent_run_id=parent)
-    client.set_terminated(parent, status="FINISHED")
-    return parent
 
 
 def draw_figure(spec: FixesSpec, result: dict, summaries: dict, path: Path) -> str:
     from . import plots
 
     diffs = {a: r["diff"] for a, r in result["arms"].items() if a != spec.baseline}
-    points = {a: [(runs[s]["metrics"]["kl/exact"], runs[s]["metrics"]["gold/policy"]) for s in spec.seeds] for a, runs in summaries.items()}
-    ref_gold = float(np.mean([summaries[spec.baseline][s]["metrics"]["gold/ref"] for s in spec.seeds]))
-    return plots.fixes_figure(diffs, [(k, label) for k, label, _s in METRICS], points, path, ref_gold)
+    points = {a: [(summaries[a][s]["metrics"]["kl/exact"], summaries[a][s]["metrics"]["gold/policy"]) for s in r["seeds"]]
+              for a, r in result["arms"].items()}
+    for a, r in (result.get("confirmation") or {}).get("arms", {}).items():
+        if a != spec.baseline:
+            diffs[f"{a} (held out)"] = r["diff"]
+            points[f"{a} (held out)"] = [(summaries[a][s]["metrics"]["kl/exact"], summaries[a][s]["metrics"]["gold/policy"]) for s in r["seeds"]]
+    base_seeds = result["arms"][spec.baseline]["seeds"]
+    ref_gold = float(np.mean([summaries[spec.baseline][s]["metrics"]["gold/ref"] for s in base_seeds]))
+    title = f"Each fix minus the baseline, paired by seed: mean and {spec.confidence:.0%} t interval (filled: excludes 0)"
+    return plots.fixes_figure(diffs, [(k, label) for k, label, _s in METRICS], points, path, ref_gold, title=title)
+
+
+def log_mlflow(uri: str, parent: str, spec: FixesSpec, result: dict, files: list[Path]) -> None:
+    """The comparison on the study's parent run (its nested runs are the arm x seed trials)."""
+    from mlflow.entities import Metric
+
+    from . import tracking
+
+    client = tracking.client_for(uri)
+    now = int(time.time() * 1000)
+    # tags, not params: the parent run outlives one invocation, and MLflow refuses a param whose value changes
+    tags = {"rlhf_sweep.kind": "compare-fixes", "arms": ",".join(spec.arms), "first_seed": str(spec.first_seed),
+            "budget_minutes": f"{spec.budget_minutes:g}", "baseline": spec.baseline,
+            "recommended": ",".join(result["recommended"]) or "none", "verdict": result["verdict"][:5000]}
+    metrics = []
+    for tag, src in (("", result["arms"]), ("heldout/", (result["confirmation"] or {}).get("arms", {}))):
+        for arm, row in src.items():
+            name = tag + arm.replace("+", "-plus-")  # MLflow metric names may not contain '+'
+            for key, d in row["diff"].items():
+                metrics += [Metric(f"{name}/d_{key}", d["mean"], now, 0), Metric(f"{name}/d_{key}_lo", d["lo"], now, 0),
+                            Metric(f"{name}/d_{key}_hi", d["hi"], now, 0)]
+            metrics.append(Metric(f"{name}/extra_seconds_per_run", row["extra_seconds_per_run"], now, 0))
+    metrics = [m for m in metrics if math.isfinite(m.value)]
+    for k, v in tags.items():
+        client.set_tag(parent, k, v)
+    for chunk in tracking.chunks(metrics, tracking.MAX_METRICS_PER_CALL):
+        client.log_batch(parent, metrics=chunk)
+    for f in files:
+        if f.exists():
+            client.log_artifact(parent, str(f))
 
 
 @dataclass
@@ -435,16 +900,20 @@ class FixesResult:
 
 def compare_fixes(arms: list[str] | None = None, seeds: int | None = None, tracking_uri: str | None = None,
                   out: str | None = None, study: str | Path = STUDY_FILE, extra: tuple[str, ...] = (),
-                  workers: int | None = None, progress: bool = True) -> FixesResult:
-    """Run (or resume) every arm x seed, compare, write the outputs, log to MLflow."""
+                  workers: int | None = None, progress: bool = True, budget: float | None = None, max_seeds: int | None = None,
+                  first_seed: int | None = None, confirm_seeds: int | None = None) -> FixesResult:
+    """Race the fixes within the budget, confirm the pair on held-out seeds, write the outputs, log to MLflow."""
     t0 = time.perf_counter()
+    spec = load_spec(study, arms, seeds, max_seeds, first_seed, budget, confirm_seeds)
+    if workers is not None:
+        if workers < 1:
+            raise FixesError(f"--workers={workers} is invalid: --workers accepts an integer >= 1")
+        spec.workers = workers
     try:
-        spec = load_spec(study, arms, seeds)
         compose(list(extra))  # a bad extra override fails before any run
     except ConfigError as e:
         raise FixesError(str(e)) from None
-    if workers is not None:
-        spec.workers = workers
+    study_spec(spec, tuple(extra), [])  # and one that compare-fixes sets itself
     out_dir = Path(out or "outputs/fixes")
     base_cfg = compose(list(extra))
     uri = tracking_uri or (base_cfg.mlflow.tracking_uri if base_cfg.mlflow.enabled else None)
@@ -453,21 +922,45 @@ def compare_fixes(arms: list[str] | None = None, seeds: int | None = None, track
     except preflight.PreflightError as e:
         raise FixesError(str(e)) from None
     out_dir.mkdir(parents=True, exist_ok=True)
-    if uri:
-        from . import tracking
+    runner = Runner(spec, out_dir, tuple(extra), uri, progress, _n_trials(out_dir))
+    confirm_runs = (1 + 3 + len(spec.extras)) * spec.confirm_seeds  # the baseline, the pair, its combination, those asked for
+    budget_ = Budget(spec.budget_minutes, spec.workers, runner, confirm_runs)
+    def look(i: int, runs: int, d: Decision) -> None:
+        if progress:
+            out = "; ".join(f"{a} out ({why})" for a, why in d.out.items())
+            print(f"look {i}: {runs} runs, {d.n_seeds} seeds; in contention: {', '.join(d.alive)}" + (f"; {out}" if out else ""), flush=True)
 
-        tracking.experiment_id(tracking.client_for(uri), "rlhf-sweep", uri)  # create the store once, before any worker
-    summaries, n_ran = run_all(spec, out_dir, tuple(extra), progress)
-    result = compare(spec, summaries)
+    sel = select(runner, spec.baseline, spec.singles, spec.selection_seeds, spec.seeds, spec.seeds_per_round, spec.alpha,
+                 budget_.afford, look)
+    confirm_arms = confirm(runner, spec, sel.decision.pair) if sel.decision.pair else []
+    summaries = runner.summaries
+    result = compare(spec, summaries, sel, confirm_arms)
+    result["budget_minutes"] = spec.budget_minutes
+    result["budget_refused"] = budget_.refused if sel.stopped == "budget" else ""
     figure = draw_figure(spec, result, summaries, out_dir / "fixes.png")
     wall = time.perf_counter() - t0
     result["wall_seconds"] = wall
-    result["runs_this_invocation"] = n_ran
-    (out_dir / "fixes.json").write_text(json.dumps(result, indent=2))
+    result["runs_this_invocation"] = runner.ran_now
+    result["run_dirs"] = runner.run_dirs
+    (out_dir / "fixes.json").write_text(json.dumps(result, indent=2, default=float))
     write_markdown(out_dir / "fixes.md", spec, result, wall, Path(figure).name if figure else None)
     table = terminal_table(spec, result)
-    parent = None
-    if uri:
-        parent = log_mlflow(uri, spec, result, summaries, out_dir,
-                            [out_dir / "fixes.md", out_dir / "fixes.json"] + ([Path(figure)] if figure else []))
+    parent = runner.parent_run_id
+    if uri and parent:
+        log_mlflow(uri, parent, spec, result, [out_dir / "fixes.md", out_dir / "fixes.json"] + ([Path(figure)] if figure else []))
     return FixesResult(result, table, str(out_dir), wall, parent)
+
+
+def _n_trials(out_dir: Path) -> int:
+    """How many trials the comparison's study in OUT already has (the runs before this invocation)."""
+    journal = out_dir / "optuna.journal"
+    if not journal.exists():
+        return 0
+    import optuna
+
+    from .sweep import open_storage
+
+    try:
+        return len(optuna.load_study(study_name=STUDY_NAME, storage=open_storage(str(journal))).get_trials(deepcopy=False))
+    except KeyError:
+        return 0

@@ -349,7 +349,8 @@ def run(cfg: Config, say=print) -> dict:
         for k in ("ppo/beta", "ppo/clipfrac", "ppo/approx_kl", "ppo/entropy", "ppo/value_loss"):
             metrics[k] = history[-1][k]
         final_beta = history[-1]["ppo/beta"]
-        obs = observations(metrics, history, final_beta, cfg.eval.trend_window, cfg.eval.trend_alpha)
+        obs = observations(metrics, history, final_beta, cfg.eval.trend_window, cfg.eval.trend_alpha,
+                           cfg.eval.trend_min_growth)
         # the RM's shape beyond the reference's filler counts; deterministic, draws no random numbers
         ood = rm_filler_curve(rm, world, samples["prompts"], samples["ref"], device)
         diag = diagnose(metrics, samples, history, final_beta, ood)

@@ -280,6 +280,18 @@ def bon_frontier(spec: StudySpec, threads: int | None, n_prompts: int = BON_PROM
     return pd.DataFrame(rows), info
 
 
+def write_report(name: str, storage: str, uri: str | None, out_dir: Path) -> None:
+    """The study's figures and report.md at the end of `rlhf-sweep sweep`. A failure is one warning
+    line: the study is stored either way, and `rlhf-sweep report` can redo it."""
+    from .sweep import _hide_password
+
+    try:
+        print(f"report: {report(name, storage=storage, tracking_uri=uri, out=str(out_dir))}", flush=True)
+    except (Exception, KeyboardInterrupt) as e:
+        print(f"warning: the study report failed ({type(e).__name__}: {' '.join(str(e).split())[:300]}); "
+              f"the study is intact: `rlhf-sweep report {name} --storage {_hide_password(storage)} --out {out_dir}` retries it", flush=True)
+
+
 # ----- fits and importances ---------------------------------------------------------------------------
 def rl_fit(h: pd.DataFrame, gold_ref: float) -> gao.GaoFit:
     """The RL form fitted to one trial's per-iteration gold gain against d = sqrt(kl/exact)."""

@@ -3,6 +3,10 @@
 A study names its objectives (metric keys and directions), a search space over config keys
 (float and int, optionally log-scaled or on a grid, and categorical), fixed overrides, seeds
 per trial, the number of trials, the sampler and optional constraints (`kl/exact <= 20`).
+Instead of sampling, a study can list its trials (`trials:`, `PlannedTrial`): a value for every
+searched key and the seeds of each; the sweep then runs exactly those (see sweep.py).
+A categorical value `a+b` of a config group (`experiment: [baseline, rm_ensemble+kl_control]`)
+composes both options, as `experiment=[a,b]` does on the command line.
 Every problem is found here, before any trial runs, and reported as one line that names it.
 """
 
@@ -21,7 +25,7 @@ import optuna
 import yaml
 
 from .config import ConfigError, compose
-from .paths import PathsError, shipped_studies_dir, study_dirs
+from .paths import PathsError, config_dirs, shipped_studies_dir, study_dirs
 from .tables import fmt
 
 STUDIES_DIR = shipped_studies_dir()
@@ -113,6 +117,20 @@ class Constraint:
 
 
 @dataclass
+class PlannedTrial:
+    """A trial the study runs as given instead of sampling it.
+
+    params: a value for every searched key (categorical: one of its choices; float/int: within [low, high]).
+    seeds: the config seeds it runs; its objectives are averaged over them.
+    name: a label for logs and MLflow (e.g. `rm_ensemble seed 3`); optional.
+    """
+
+    params: dict[str, Any]
+    seeds: list[int]
+    name: str = ""
+
+
+@dataclass
 class StudySpec:
     """A study file, checked.
 
@@ -130,6 +148,7 @@ class StudySpec:
     constraints: `metric <= bound` / `metric >= bound`; infeasible trials stay off the Pareto front.
     reference_point: the hypervolume's reference point, {metric: value} for every objective (one or
         two); empty: the default rule of frontier.py (the reference model's values and a KL cap).
+    trials: planned trials; when given, the sweep runs exactly these (n_trials = len(trials)) and samples none.
     """
 
     name: str
@@ -145,16 +164,17 @@ class StudySpec:
     sampler_options: dict[str, Any] = field(default_factory=dict)
     constraints: list[Constraint] = field(default_factory=list)
     reference_point: dict[str, float] = field(default_factory=dict)
+    trials: list[PlannedTrial] = field(default_factory=list)
 
     @property
     def directions(self) -> list[str]:
         return [o.direction for o in self.objectives]
 
     def fixed_overrides(self) -> list[str]:
-        return [f"{k}={override_value(v)}" for k, v in self.fixed.items()]
+        return [param_override(k, v) for k, v in self.fixed.items()]
 
     def trial_overrides(self, params: dict[str, Any], seed: int) -> list[str]:
-        return [*self.fixed_overrides(), *(f"{k}={override_value(v)}" for k, v in params.items()), f"seed={seed}"]
+        return [*self.fixed_overrides(), *(param_override(k, v) for k, v in params.items()), f"seed={seed}"]
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -162,9 +182,19 @@ class StudySpec:
     @classmethod
     def from_dict(cls, d: dict) -> StudySpec:
         """Back from to_dict (as a sweep stores it in the study); fields missing in older studies keep their defaults."""
-        nested = {"objectives": Objective, "space": Param, "constraints": Constraint}
+        nested = {"objectives": Objective, "space": Param, "constraints": Constraint, "trials": PlannedTrial}
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: [nested[k](**x) for x in v or []] if k in nested else v for k, v in d.items() if k in known})
+
+
+GROUP_LIST_RE = re.compile(r"^[A-Za-z_][\w-]*(\+[A-Za-z_][\w-]*)+$")
+
+
+def param_override(key: str, v: Any) -> str:
+    """`key=value` for Hydra; `group=a+b` of a config group (a folder of conf/) becomes `group=[a,b]`."""
+    if isinstance(v, str) and "." not in key and GROUP_LIST_RE.match(v) and any((d / key).is_dir() for d in config_dirs()):
+        return f"{key}=[{','.join(v.split('+'))}]"
+    return f"{key}={override_value(v)}"
 
 
 def override_value(v: Any) -> str:
@@ -275,6 +305,40 @@ def _param(name: str, raw: Any, where: str) -> Param:
     return p
 
 
+def _seeds(raw: Any, where: str) -> list[int]:
+    if isinstance(raw, int) and not isinstance(raw, bool) and raw >= 1:
+        return list(range(raw))
+    if isinstance(raw, list) and raw and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in raw):
+        return list(dict.fromkeys(raw))
+    raise StudyError(f"{where}: expected a count >= 1 or a list of seeds >= 0, got {raw!r}")
+
+
+def check_planned(t: PlannedTrial, space: list[Param], where: str) -> None:
+    """A planned trial gives every searched key a value its Param admits, and nothing else."""
+    names = [p.name for p in space]
+    extra, missing = [k for k in t.params if k not in names], [n for n in names if n not in t.params]
+    if extra or missing:
+        raise StudyError(f"{where}: params must give exactly the searched keys ({', '.join(names)})"
+                         + (f"; unknown: {', '.join(extra)}" if extra else "") + (f"; missing: {', '.join(missing)}" if missing else ""))
+    for p in space:
+        v = t.params[p.name]
+        if p.kind == "categorical":
+            if v not in p.choices:
+                raise StudyError(f"{where}: {p.name}={v!r} is not one of its choices {p.choices}")
+        elif isinstance(v, bool) or not isinstance(v, (int, float)) or not p.low <= v <= p.high:
+            raise StudyError(f"{where}: {p.name}={v!r} is not a number in [{fmt(p.low)}, {fmt(p.high)}]")
+
+
+def _planned(raw: Any, space: list[Param], seeds: list[int], where: str) -> PlannedTrial:
+    if not isinstance(raw, dict) or not isinstance(raw.get("params"), dict):
+        raise StudyError(f"{where}: expected a mapping {{params: {{key: value, ...}}, seeds: [..], name: ..}}")
+    _check_keys(raw, ("params", "seeds", "name"), where)
+    t = PlannedTrial(params={k: _scalar(v, where) for k, v in raw["params"].items()},
+                     seeds=_seeds(raw["seeds"], f"{where}.seeds") if "seeds" in raw else list(seeds), name=str(raw.get("name", "")))
+    check_planned(t, space, where)
+    return t
+
+
 CONSTRAINT_RE = re.compile(r"^\s*(\S+)\s*(<=|>=)\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*$")
 
 
@@ -317,7 +381,7 @@ def load_spec(study: str, check_config: bool = True) -> StudySpec:
     if not isinstance(raw, dict):
         raise StudyError(f"{where}: expected a mapping with objectives, space, n_trials, ...")
     _check_keys(raw, ("description", "objectives", "space", "fixed", "seeds", "n_trials", "sampler",
-                      "sampler_seed", "sampler_options", "constraints", "reference_point"), where)
+                      "sampler_seed", "sampler_options", "constraints", "reference_point", "trials"), where)
 
     objectives_raw = raw.get("objectives")
     if isinstance(objectives_raw, str):  # a single metric to maximize? no: make the direction explicit
@@ -345,17 +409,14 @@ def load_spec(study: str, check_config: bool = True) -> StudySpec:
         if k in space_raw:
             raise StudyError(f"{where}: {k} is both searched (space) and fixed")
 
-    seeds_raw = raw.get("seeds", 1)
-    if isinstance(seeds_raw, int) and not isinstance(seeds_raw, bool) and seeds_raw >= 1:
-        seeds = list(range(seeds_raw))
-    elif isinstance(seeds_raw, list) and seeds_raw and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds_raw):
-        seeds = list(dict.fromkeys(seeds_raw))
-    else:
-        raise StudyError(f"{where}: seeds: expected a count >= 1 or a list of seeds >= 0, got {seeds_raw!r}")
+    seeds = _seeds(raw.get("seeds", 1), f"{where}: seeds")
+    trials = [_planned(t, space, seeds, f"{where}: trials[{i}]") for i, t in enumerate(raw.get("trials") or [])]
 
-    n_trials = raw.get("n_trials")
+    n_trials = raw.get("n_trials", len(trials) if trials else None)
     if not isinstance(n_trials, int) or isinstance(n_trials, bool) or n_trials < 1:
         raise StudyError(f"{where}: n_trials: expected an integer >= 1, got {n_trials!r}")
+    if trials and n_trials != len(trials):
+        raise StudyError(f"{where}: n_trials is {n_trials} but {len(trials)} trials are listed; leave n_trials out with 'trials'")
 
     sampler = str(raw.get("sampler", "tpe")).lower()
     if sampler not in SAMPLERS:
@@ -382,7 +443,7 @@ def load_spec(study: str, check_config: bool = True) -> StudySpec:
     spec = StudySpec(name=name, path=str(path), description=str(raw.get("description", "")).strip(), objectives=objectives,
                      space=space, fixed=dict(fixed), seeds=seeds, n_trials=n_trials, sampler=sampler,
                      sampler_seed=sampler_seed, sampler_options=dict(options), constraints=constraints,
-                     reference_point=reference_point)
+                     reference_point=reference_point, trials=trials)
     try:
         make_sampler(spec, seed=0)
     except (TypeError, ValueError) as e:

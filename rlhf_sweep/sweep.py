@@ -18,6 +18,27 @@ records a heartbeat per running trial, a trial whose heartbeat stops is failed b
 worker notices and re-queued with its parameters (Optuna's RetryHeartbeatStaleTrialCallback),
 and a trial asked beyond `n_trials` by a worker on another machine at the same moment is pruned
 before it runs.
+
+Planned trials ("run exactly these"): a StudySpec with `trials` (study.PlannedTrial: a value
+for every searched key and the seeds of that trial, from a study file's `trials:` list or built
+in code) is run as given, nothing sampled. Each planned trial is identified by a hash of the
+configs it composes to on its seeds and the thread count (`plan_key`: config keys that cannot
+change a result, such as run_dir, cache_dir and mlflow, are left out), queued with Optuna's
+public `study.enqueue_trial` (user attributes `plan_key`, `seeds`, `plan_name`), and run once:
+calling `sweep` again with the same plan reruns nothing, a plan that adds trials runs only the
+new ones, and a trial whose config changed (an edited overlay in conf/) runs again. Workers only
+take queued trials; one whose key is not in the current plan (left WAITING by an interrupted
+earlier call) is pruned unrun. The threads of a planned sweep are cores // workers as asked (not
+reduced when few trials remain), so the keys stay the same between calls. `SweepResult.planned`
+maps each planned trial, in order, to its complete trial (run_dir, seconds), or None when it
+failed. compare-fixes (fixes.py) runs its arm x seed racing through this; any study can:
+
+    spec = dataclasses.replace(load_spec("beta_clip_frontier"),
+                               trials=[PlannedTrial({"ppo.beta": b, "ppo.clip_eps": 0.2}, seeds=[0, 1]) for b in (0.01, 0.1)])
+    res = sweep(spec, workers=2)   # res.planned[i]["run_dir"] holds seed-0/ and seed-1/ of trial i
+
+The end-of-study report (report.py) is the caller's: `rlhf-sweep sweep` writes it after `sweep`
+returns (report.write_report), so this module never imports report.py.
 """
 
 from __future__ import annotations
@@ -32,10 +53,12 @@ import re
 import signal
 import socket
 import sys
+import threading
 import time
 import traceback
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,11 +66,11 @@ import optuna
 from optuna.trial import TrialState
 
 from . import journal, preflight
-from .config import compose
+from .config import ConfigError, compose, config_hash, to_dict
 from .runtime import cores, file_lock, quiet_libraries, set_worker_threads
 
 # the study file lives in study.py; these names stay importable from here for users' scripts
-from .study import METRIC_KEYS, StudyError, StudySpec, load_spec, make_sampler, override_value  # noqa: F401
+from .study import METRIC_KEYS, PlannedTrial, StudyError, StudySpec, load_spec, make_sampler, override_value  # noqa: F401
 from .tables import fmt, format_table
 
 # A worker gives up after this many failed trials in one invocation (a study whose
@@ -186,24 +209,66 @@ def owner_alive(token: str) -> bool | None:
         return True
 
 
+PLAN_ATTRS = ("plan_key", "seeds", "plan_name")  # what makes a queued trial a planned one
+
+
 class RetryStaleTrial(optuna.storages.RetryHeartbeatStaleTrialCallback):
     """Optuna's retry of a trial whose heartbeat stopped: a WAITING copy with the same parameters,
     linked to the dead one by `retried_trial_number`. The copy starts clean: the dead attempt's
-    user attributes (its worker, error, MLflow run, run directory) stay with the failed trial."""
+    user attributes (its worker, error, MLflow run, run directory) stay with the failed trial;
+    only what makes it a planned trial (its plan key and seeds) goes with the copy."""
 
     def __call__(self, study, trial) -> None:
-        trial.user_attrs = {}
+        trial.user_attrs = {k: v for k, v in trial.user_attrs.items() if k in PLAN_ATTRS}
         super().__call__(study, trial)
 
 
-def heartbeats(study) -> bool:
-    """Whether the study's storage records heartbeats (RDB storages, as `open_storage` makes them)."""
-    from optuna.storages._heartbeat import is_heartbeat_enabled
+# ----- Optuna storages through their public methods ------------------------------------------------
+def heartbeats(storage) -> bool:
+    """Whether a storage records heartbeats (RDB storages, as `open_storage` makes them)."""
+    return isinstance(storage, optuna.storages.RDBStorage) and storage.get_heartbeat_interval() is not None
 
-    return is_heartbeat_enabled(study._storage)
+
+def trial_id(storage, study_name: str, number: int) -> int:
+    """The storage's id of trial `number` (what its per-trial methods take), by public methods."""
+    return storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study_name), number)
 
 
-def fail_stale_trials(study, client=None) -> list[int]:
+def stale_trial_ids(storage, study_name: str) -> list[int]:
+    """Ids of the RUNNING trials whose heartbeat is older than the grace period (RDB storages).
+
+    The one private Optuna name in this package: the public `optuna.storages.fail_stale_trials`
+    fails such trials at once, which leaves no way to record why first (a finished trial takes no
+    more attributes), and heartbeats are readable no other way. tests/test_sweep.py holds this
+    function to a stale and a fresh trial, so an Optuna that renames or changes it fails there.
+    """
+    return list(storage._get_stale_trial_ids(storage.get_study_id_from_name(study_name)))
+
+
+@contextmanager
+def heartbeat_thread(storage, tid: int) -> Iterator[None]:
+    """Record the trial's heartbeat every interval while it runs (what `study.optimize` does; RDB only)."""
+    if not heartbeats(storage):
+        yield
+        return
+    stop = threading.Event()
+
+    def beat() -> None:
+        while True:
+            storage.record_heartbeat(tid)
+            if stop.wait(storage.get_heartbeat_interval()):
+                return
+
+    thread = threading.Thread(target=beat, name=f"heartbeat-{tid}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def fail_stale_trials(study, storage, client=None) -> list[int]:
     """Mark RUNNING trials whose worker is dead as FAIL (and their MLflow runs FAILED).
 
     RDB storages: Optuna's heartbeats, so a worker on any machine notices a dead one; each such
@@ -212,21 +277,21 @@ def fail_stale_trials(study, client=None) -> list[int]:
     Journal files (one machine): the sweep records the owner process of each trial and checks it
     here (Optuna's heartbeat only exists for RDB storages).
     """
-    if heartbeats(study):
-        storage, failed = study._storage, []
+    if heartbeats(storage):
+        failed = []
         grace = 2 * storage.get_heartbeat_interval()
-        for trial_id in storage._get_stale_trial_ids(study._study_id):
-            t = storage.get_trial(trial_id)
+        for tid in stale_trial_ids(storage, study.study_name):
+            t = storage.get_trial(tid)
             try:
-                storage.set_trial_user_attr(trial_id, "error", f"stale: no heartbeat for {grace} s from its worker "
-                                                               f"({t.user_attrs.get('worker')}): died or lost the database; retried")
-                if not storage.set_trial_state_values(trial_id, TrialState.FAIL):
+                storage.set_trial_user_attr(tid, "error", f"stale: no heartbeat for {grace} s from its worker "
+                                                          f"({t.user_attrs.get('worker')}): died or lost the database; retried")
+                if not storage.set_trial_state_values(tid, TrialState.FAIL):
                     continue
             except optuna.exceptions.UpdateFinishedTrialError:  # another worker failed it first (or it just finished)
                 continue
             retry = storage.get_heartbeat_stale_trial_callback()
             if retry is not None:
-                retry(study, copy.deepcopy(storage.get_trial(trial_id)))
+                retry(study, copy.deepcopy(storage.get_trial(tid)))
             _fail_mlflow_run(client, t.user_attrs.get("mlflow_run_id"), "no heartbeat: worker died")
             failed.append(t.number)
         return failed
@@ -243,8 +308,9 @@ def fail_stale_trials(study, client=None) -> list[int]:
             why = "the trial's worker died before recording itself"
         if not stale:
             continue
-        study._storage.set_trial_user_attr(t._trial_id, "error", f"stale: {why}; marked failed on restart")
-        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        tid = trial_id(storage, study.study_name, t.number)
+        storage.set_trial_user_attr(tid, "error", f"stale: {why}; marked failed on restart")
+        storage.set_trial_state_values(tid, TrialState.FAIL)
         _fail_mlflow_run(client, t.user_attrs.get("mlflow_run_id"), "worker died")
         failed.append(t.number)
     return failed
@@ -275,6 +341,7 @@ class Job:
     parent_run_id: str | None
     workers: int = 1
     heartbeat: int = HEARTBEAT_S
+    plan_keys: list[str] = field(default_factory=list)  # a planned sweep: run only these queued trials
 
 
 def _mean(values: list[float]) -> float:
@@ -311,11 +378,14 @@ def _clean(v: Any) -> Any:
     return v
 
 
-def run_trial(job: Job, study, trial, client, say: Callable[[str], None]) -> dict:
-    """Run one asked trial over its seeds, log it, and tell Optuna; returns a short record."""
+def run_trial(job: Job, study, trial, client, say: Callable[[str], None], storage=None) -> dict:
+    """Run one asked trial over its seeds (a planned trial's own, else the study's), log it, and tell
+    Optuna; returns a short record. storage: the study's, when the caller has it open."""
     from . import pipeline, tracking
 
     spec, t0 = job.spec, time.perf_counter()
+    seeds = list(trial.user_attrs.get("seeds") or spec.seeds)
+    plan_name = trial.user_attrs.get("plan_name") or ""
     trial_dir = Path(job.out_dir) / "trials" / f"t{trial.number:04d}"
     params: dict[str, Any] = {}
     run_id = None
@@ -323,30 +393,31 @@ def run_trial(job: Job, study, trial, client, say: Callable[[str], None]) -> dic
         params = {p.name: p.suggest(trial) for p in spec.space}  # a retried trial gets its parameters back
         trial.set_user_attr("run_dir", str(trial_dir))
         trial.set_user_attr("threads", job.threads)  # part of the cache keys: the report reuses the trials' reference and RM
-        retry_of = _retried_trial_number(study, trial)
+        retry_of = _retried_trial_number(storage or open_storage(job.storage), study.study_name, trial)
         if retry_of is not None:
             say(f"trial {trial.number}: retries trial {retry_of}, whose worker died")
         if client is not None:
             run_id = tracking.start_run(client, job.experiment_id, f"{job.study_name}-t{trial.number:04d}",
                                         tags={"study": job.study_name, "trial": str(trial.number), "rlhf_sweep.role": "trial",
-                                              **({"retry_of": str(retry_of)} if retry_of is not None else {})},
+                                              **({"retry_of": str(retry_of)} if retry_of is not None else {}),
+                                              **({"plan": plan_name} if plan_name else {})},
                                         parent_run_id=job.parent_run_id)
             trial.set_user_attr("mlflow_run_id", run_id)
         summaries = []
-        for seed in spec.seeds:
+        for seed in seeds:
             cfg = compose(spec.trial_overrides(params, seed))
             cfg.run_dir = str(trial_dir / f"seed-{seed}")
             cfg.progress = False
             cfg.threads = job.threads
             summary = pipeline.run(cfg, say=say)  # a cold artefact is built under its lock, once per host
             summaries.append(summary)
-            if client is not None and len(spec.seeds) > 1:
+            if client is not None and len(seeds) > 1:
                 seed_run = tracking.start_run(client, job.experiment_id, f"{job.study_name}-t{trial.number:04d}-s{seed}",
                                               tags={"study": job.study_name, "trial": str(trial.number), "seed": str(seed),
                                                     "rlhf_sweep.role": "seed"}, parent_run_id=run_id)
                 tracking.log_summary(client, seed_run, summary, cfg.run_dir)
                 client.set_terminated(seed_run, status="FINISHED")
-        combined = combine_seeds(summaries, spec.seeds)
+        combined = combine_seeds(summaries, seeds)
         metrics = combined["metrics"]
         values = [float(metrics[o.metric]) for o in spec.objectives]
         bad = [o.metric for o, v in zip(spec.objectives, values, strict=True) if not math.isfinite(v)]
@@ -355,7 +426,7 @@ def run_trial(job: Job, study, trial, client, say: Callable[[str], None]) -> dic
             raise ValueError(f"metric {', '.join(dict.fromkeys(bad))} is not finite")
         trial.set_user_attr("metrics", _clean(metrics))
         trial.set_user_attr("per_seed", {str(seed): _clean({m: s["metrics"][m] for m in _tracked_metrics(spec)})
-                                         for seed, s in zip(spec.seeds, summaries, strict=True)})
+                                         for seed, s in zip(seeds, summaries, strict=True)})
         for c in spec.constraints:
             trial.set_constraint(c.text, c.violation(metrics))
         seconds = round(time.perf_counter() - t0, 2)
@@ -367,7 +438,7 @@ def run_trial(job: Job, study, trial, client, say: Callable[[str], None]) -> dic
         study.tell(trial, values)
         return {"number": trial.number, "state": "COMPLETE", "values": values, "params": params, "seconds": seconds}
     except BaseException as e:
-        if isinstance(e, Exception) and study._storage.get_trial(trial._trial_id).state.is_finished():
+        if isinstance(e, Exception) and _finished(storage or open_storage(job.storage), study.study_name, trial.number):
             # another worker saw no heartbeat from this one for the grace period (a stalled machine or a lost
             # database connection), failed the trial and queued its retry: the storage refuses this attempt's
             # attributes and result (UpdateFinishedTrialError, "Cannot tell a FAIL trial"), which are void
@@ -394,6 +465,10 @@ def run_trial(job: Job, study, trial, client, say: Callable[[str], None]) -> dic
                 "seconds": round(time.perf_counter() - t0, 2)}
 
 
+def _finished(storage, study_name: str, number: int) -> bool:
+    return storage.get_trial(trial_id(storage, study_name, number)).state.is_finished()
+
+
 def _tracked_metrics(spec: StudySpec) -> list[str]:
     return list(dict.fromkeys([o.metric for o in spec.objectives] + [c.metric for c in spec.constraints]))
 
@@ -404,9 +479,8 @@ def _quiet() -> None:
 
 
 def work(job: Job, index: int, progress=None) -> None:
-    """A worker: ask for trials and run them until the study has n_trials COMPLETE ones."""
-    from optuna.storages._heartbeat import get_heartbeat_thread
-
+    """A worker: ask for trials and run them until the study has n_trials COMPLETE ones
+    (a planned sweep: until every planned trial is complete, or none is left to run)."""
     from . import tracking
 
     _quiet()
@@ -430,22 +504,36 @@ def work(job: Job, index: int, progress=None) -> None:
 
     while True:
         with file_lock(lock):
-            for n in fail_stale_trials(study, client):
+            for n in fail_stale_trials(study, storage, client):
                 say(f"trial {n}: its worker died; marked failed")
             trials = study.get_trials(deepcopy=False)
-            done = sum(t.state == TrialState.COMPLETE for t in trials)
             running = [t for t in trials if t.state == TrialState.RUNNING]
             failed = sum(t.state == TrialState.FAIL for t in trials) - failures_at_start
+            if job.plan_keys:
+                done = len(set(job.plan_keys) & {t.user_attrs.get("plan_key") for t in trials if t.state == TrialState.COMPLETE})
+                # planned: only queued trials run; when none is queued and none of ours runs, the rest failed
+                room = any(t.state == TrialState.WAITING for t in trials)
+                if not room and not any(t.user_attrs.get("plan_key") in job.plan_keys for t in running):
+                    return
+            else:
+                done = sum(t.state == TrialState.COMPLETE for t in trials)
+                room = done + len(running) < job.n_trials
             if done >= job.n_trials:
                 return
             if failed >= max_failures:
                 say(f"stopping: {failed} trials failed in this run (see trials.csv and the error attribute)")
                 return
             trial = None
-            if done + len(running) < job.n_trials:
+            if room:
                 trial = _ask(study)
                 trial.set_user_attr("worker", token)
-        if trial is not None and _over_budget(study, trial, job.n_trials):
+        if trial is not None and job.plan_keys and trial.user_attrs.get("plan_key") not in job.plan_keys:
+            # queued by an earlier, interrupted call with another plan, or sampled because another machine took the last queued one
+            trial.set_user_attr("error", "not run: not a trial of this sweep's plan")
+            study.tell(trial, state=TrialState.PRUNED)
+            trial = None
+            continue
+        if trial is not None and not job.plan_keys and _over_budget(study, trial, job.n_trials):
             # a worker on another machine (no shared file lock) took the last slot at the same moment
             trial.set_user_attr("error", "not run: the study already had n_trials complete or running trials")
             study.tell(trial, state=TrialState.PRUNED)
@@ -454,12 +542,12 @@ def work(job: Job, index: int, progress=None) -> None:
             # the remaining trials are running elsewhere; wait in case one of them fails. With
             # heartbeats, a dead worker's trial on any machine is failed and retried, so wait for
             # every running trial; without, trials of other hosts are left to their own sweeps
-            if not heartbeats(study) and all(owner_alive(t.user_attrs.get("worker", "")) is None for t in running):
+            if not heartbeats(storage) and all(owner_alive(t.user_attrs.get("worker", "")) is None for t in running):
                 return
             time.sleep(1.0)
             continue
-        with get_heartbeat_thread(trial._trial_id, study._storage):  # what study.optimize runs; none on a journal
-            rec = run_trial(job, study, trial, client, say)
+        with heartbeat_thread(storage, trial_id(storage, job.study_name, trial.number)):  # none on a journal
+            rec = run_trial(job, study, trial, client, say, storage)
         if progress is not None:
             progress.update(int(rec["state"] == "COMPLETE"))
         if rec["state"] == "COMPLETE":
@@ -469,13 +557,14 @@ def work(job: Job, index: int, progress=None) -> None:
             say(f"trial {rec['number']} failed: {rec['error']}")
 
 
-def _retried_trial_number(study, trial) -> int | None:
+def _retried_trial_number(storage, study_name: str, trial) -> int | None:
     """The number of the trial this one retries (a trial whose worker died), or None."""
     import warnings
 
     with warnings.catch_warnings():  # "experimental" since Optuna 2.8
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(study._storage.get_trial(trial._trial_id))
+        frozen = storage.get_trial(trial_id(storage, study_name, trial.number))
+        return optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(frozen)
 
 
 def _ask(study):
@@ -522,6 +611,8 @@ class SweepResult:
     tracking_uri: str | None = None
     parent_run_id: str | None = None
     table: str = ""
+    # a planned sweep: per planned trial, in order, its complete trial ({number, run_dir, seeds, seconds}) or None
+    planned: list[dict | None] = field(default_factory=list)
 
 
 def _parent_run(client, exp_id: str, study, spec: StudySpec, name: str, uri: str, storage: str, joined: bool = False) -> str:
@@ -567,13 +658,13 @@ def effective_spec(study: str | StudySpec, n_trials: int | None, workers: int) -
     """The study as this sweep runs it (--n-trials applied, a grid capped at its size), and a note when capped;
     StudyError for bad arguments. `sweep --dry-run` (dryrun.py) resolves its arguments here too."""
     spec = study if isinstance(study, StudySpec) else load_spec(study)
-    if n_trials is not None:
+    if n_trials is not None and not spec.trials:  # a planned study runs exactly its trials
         if n_trials < 1:
             raise StudyError(f"--n-trials must be >= 1, got {n_trials}")
         spec = dataclasses.replace(spec, n_trials=n_trials)
     if workers < 1:
         raise StudyError(f"--workers must be >= 1, got {workers}")
-    if spec.sampler == "grid":
+    if spec.sampler == "grid" and not spec.trials:
         size = math.prod(len(p.grid_values()) for p in spec.space)
         if spec.n_trials > size:
             return dataclasses.replace(spec, n_trials=size), f"grid has {size} points: running {size} trials, not {spec.n_trials}"
@@ -582,9 +673,9 @@ def effective_spec(study: str | StudySpec, n_trials: int | None, workers: int) -
 
 def sweep(study: str | StudySpec, n_trials: int | None = None, workers: int = 1, storage: str | None = None,
           name: str | None = None, tracking_uri: str | None = None, out: str | None = None, progress: bool = True,
-          heartbeat: int = HEARTBEAT_S, report: bool = True) -> SweepResult:
-    """Run (or resume) a study until it has n_trials COMPLETE trials; write the CSVs and (with `report`)
-    the figures and report.md; return a summary.
+          heartbeat: int = HEARTBEAT_S) -> SweepResult:
+    """Run (or resume) a study until it has n_trials COMPLETE trials (a planned study: until each of its
+    `trials` is complete); write the CSVs; return a summary. The report is the caller's (report.write_report).
 
     Everything that can be wrong with the inputs raises StudyError before any trial runs.
     heartbeat: seconds between the heartbeats of a running trial on an RDB storage.
@@ -627,9 +718,10 @@ def sweep(study: str | StudySpec, n_trials: int | None = None, workers: int = 1,
         have = ", ".join(d.name.lower() for d in ostudy.directions)
         raise StudyError(f"study {name!r} in {storage} has directions [{have}], the file asks for [{', '.join(directions)}]; "
                          "pass --name for a new study")
+    check_space(ostudy, spec, storage)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if "spec" not in ostudy.user_attrs:
-        ostudy.set_user_attr("spec", _clean(json.loads(json.dumps(spec.to_dict(), default=str))))
+    if "spec" not in ostudy.user_attrs:  # the plan is not part of it: each call of a planned sweep brings its own
+        ostudy.set_user_attr("spec", _clean(json.loads(json.dumps({**spec.to_dict(), "trials": []}, default=str))))
     name_objectives(ostudy, spec)
 
     # MLflow: the store is created (migrated) here, once, before any worker opens it
@@ -639,17 +731,28 @@ def sweep(study: str | StudySpec, n_trials: int | None = None, workers: int = 1,
         exp_id = tracking.experiment_id(client, base.mlflow.experiment, uri)
         parent = _parent_run(client, exp_id, ostudy, spec, name, uri, storage, joined)
 
+    # a planned sweep keeps the thread count of the workers asked for: it is part of each trial's key
+    plan_threads = max(1, cores() // workers)
+    keys = plan_keys(spec, plan_threads) if spec.trials else []
     with file_lock(_lock_path(storage, out_dir)):
-        stale = fail_stale_trials(ostudy, client)
+        stale = fail_stale_trials(ostudy, store, client)
+        if keys:
+            enqueue_planned(ostudy, spec, keys)
     if stale:
         print(f"marked {len(stale)} stale RUNNING trial(s) from a dead process as failed: {', '.join(map(str, stale))}")
-    done = len(ostudy.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    if keys:
+        spec = dataclasses.replace(spec, n_trials=len(set(keys)))
+        done = len(set(keys) & {t.user_attrs.get("plan_key") for t in ostudy.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))})
+    else:
+        done = len(ostudy.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
     remaining = max(0, spec.n_trials - done)
     workers = max(1, min(workers, remaining or 1))
-    threads = max(1, cores() // workers)
+    threads = plan_threads if keys else max(1, cores() // workers)
     job = Job(spec=spec, study_name=name, storage=storage, out_dir=str(out_dir), n_trials=spec.n_trials, threads=threads,
-              tracking_uri=uri, experiment_id=exp_id, parent_run_id=parent, workers=workers, heartbeat=heartbeat)
-    print(f"study {name}: {done} of {spec.n_trials} trials complete; {remaining} to run with {workers} worker(s) x {threads} thread(s)"
+              tracking_uri=uri, experiment_id=exp_id, parent_run_id=parent, workers=workers, heartbeat=heartbeat,
+              plan_keys=list(dict.fromkeys(keys)))
+    print(f"study {name}: {done} of {spec.n_trials} {'planned ' if keys else ''}trials complete; "
+          f"{remaining} to run with {workers} worker(s) x {threads} thread(s)"
           f"\n  storage: {_hide_password(storage)}\n  outputs: {out_dir}" + (f"\n  MLflow:  {uri} (parent run {parent})" if uri else ""), flush=True)
 
     interrupted = False
@@ -680,10 +783,7 @@ def sweep(study: str | StudySpec, n_trials: int | None = None, workers: int = 1,
                 p.join(timeout=30)
                 if p.is_alive():
                     p.terminate()
-    result = finish(spec, name, storage, out_dir, client, parent, uri, interrupted)
-    if report and not interrupted and result.n_complete:
-        write_report(name, storage, uri, out_dir)
-    return result
+    return finish(spec, name, storage, out_dir, client, parent, uri, interrupted, keys)
 
 
 def name_objectives(ostudy, spec: StudySpec) -> None:
@@ -704,16 +804,64 @@ def study_progress(job: Job):
                          job.n_trials, job.workers, desc=job.study_name)
 
 
-def write_report(name: str, storage: str, uri: str | None, out_dir: Path) -> None:
-    """The study's figures and report.md (report.py). A failure is one warning line: the study is
-    stored either way, and `rlhf-sweep report` can redo it."""
-    try:
-        from .report import report
+# ----- planned trials -----------------------------------------------------------------------------
+RUN_ONLY_KEYS = ("run_dir", "progress", "mlflow", "cache_dir", "threads")  # config keys that cannot change a result
 
-        print(f"report: {report(name, storage=storage, tracking_uri=uri, out=str(out_dir))}", flush=True)
-    except (Exception, KeyboardInterrupt) as e:
-        print(f"warning: the study report failed ({type(e).__name__}: {' '.join(str(e).split())[:300]}); "
-              f"the study is intact: `rlhf-sweep report {name} --storage {_hide_password(storage)} --out {out_dir}` retries it", flush=True)
+
+def plan_key(spec: StudySpec, planned: PlannedTrial, threads: int) -> str:
+    """What identifies a planned trial: the configs it composes to on each of its seeds (less the keys
+    that cannot change a result) and the torch thread count (float reduction order)."""
+    configs = []
+    for seed in planned.seeds:
+        c = to_dict(compose(spec.trial_overrides(planned.params, seed)))
+        configs.append({k: v for k, v in c.items() if k not in RUN_ONLY_KEYS})
+    return config_hash(configs, threads)
+
+
+def plan_keys(spec: StudySpec, threads: int) -> list[str]:
+    from .study import check_planned
+
+    for i, t in enumerate(spec.trials):
+        check_planned(t, spec.space, f"study {spec.name}: trials[{i}]")
+    try:
+        return [plan_key(spec, t, threads) for t in spec.trials]
+    except ConfigError as e:
+        raise StudyError(f"study {spec.name}: a planned trial does not compose: {e}") from None
+
+
+def enqueue_planned(study, spec: StudySpec, keys: list[str]) -> int:
+    """Queue each planned trial that has no COMPLETE, RUNNING or WAITING trial with its key; returns how many.
+    The caller holds the sweep's lock (one machine); across machines two callers may queue one twice."""
+    live = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)
+    have = {t.user_attrs.get("plan_key") for t in study.get_trials(deepcopy=False, states=live)}
+    n = 0
+    for t, key in zip(spec.trials, keys, strict=True):
+        if key not in have:
+            study.enqueue_trial(t.params, user_attrs={"plan_key": key, "seeds": list(t.seeds), "plan_name": t.name})
+            have.add(key)
+            n += 1
+    return n
+
+
+def planned_results(trials, keys: list[str]) -> list[dict | None]:
+    """Per planned key, the latest COMPLETE trial with it: number, run_dir, seeds, seconds, metrics."""
+    by_key = {}
+    for t in sorted(trials, key=lambda t: t.number):
+        if t.state == TrialState.COMPLETE and t.user_attrs.get("plan_key"):
+            by_key[t.user_attrs["plan_key"]] = {"number": t.number, "run_dir": t.user_attrs.get("run_dir"),
+                                                "seeds": t.user_attrs.get("seeds"), "seconds": t.user_attrs.get("seconds"),
+                                                "metrics": t.user_attrs.get("metrics")}
+    return [by_key.get(k) for k in keys]
+
+
+def check_space(study, spec: StudySpec, storage: str) -> None:
+    """A stored study's categorical choices cannot change (Optuna refuses a trial that suggests other ones)."""
+    stored = {p["name"]: p for p in (study.user_attrs.get("spec") or {}).get("space", [])}
+    for p in spec.space:
+        old = stored.get(p.name)
+        if p.kind == "categorical" and old and old.get("kind") == "categorical" and list(old.get("choices")) != list(p.choices):
+            raise StudyError(f"study {study.study_name!r} in {_hide_password(storage)} has {p.name} choices {old.get('choices')}, "
+                             f"this run asks for {p.choices}; pass --name (or another --out) for a new study")
 
 
 # ----- outputs ------------------------------------------------------------------------------------
@@ -732,6 +880,8 @@ def trial_rows(spec: StudySpec, trials, study_trials=None) -> tuple[list[str], l
         header += ["feasible", *dict.fromkeys(extra)]
     if len(spec.seeds) > 1:
         header += [f"{m}[seed={s}]" for s in spec.seeds for m in tracked]
+    if spec.trials:  # a planned trial's own seeds and label
+        header += ["seeds", "plan"]
     header += ["seconds", "datetime_start", "datetime_complete", "run_dir", "mlflow_run_id", "error"]
     hv = study_hypervolume(spec, trials if study_trials is None else study_trials)
     hv_at = hv.by_trial() if hv is not None else None
@@ -747,6 +897,8 @@ def trial_rows(spec: StudySpec, trials, study_trials=None) -> tuple[list[str], l
         if len(spec.seeds) > 1:
             per = t.user_attrs.get("per_seed") or {}
             row += [(per.get(str(s)) or {}).get(m) for s in spec.seeds for m in tracked]
+        if spec.trials:
+            row += [" ".join(map(str, t.user_attrs.get("seeds") or [])), t.user_attrs.get("plan_name")]
         row += [t.user_attrs.get("seconds"), t.datetime_start, t.datetime_complete, t.user_attrs.get("run_dir"),
                 t.user_attrs.get("mlflow_run_id"), t.user_attrs.get("error")]
         if hv_at is not None:
@@ -774,10 +926,12 @@ def pareto_table(spec: StudySpec, best, n_complete: int) -> str:
 
 
 def finish(spec: StudySpec, name: str, storage: str, out_dir: Path, client, parent: str | None, uri: str | None,
-           interrupted: bool) -> SweepResult:
+           interrupted: bool, keys: list[str] | None = None) -> SweepResult:
     study = optuna.load_study(study_name=name, storage=open_storage(storage))
     trials = study.get_trials(deepcopy=False)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    planned = planned_results(trials, keys) if keys else []
+    n_done = len({k for k, r in zip(keys, planned, strict=True) if r}) if keys else len(complete)
     best = study.best_trials if complete else []
     header, rows = trial_rows(spec, trials)
     write_csv(out_dir / "trials.csv", header, rows)
@@ -794,9 +948,9 @@ def finish(spec: StudySpec, name: str, storage: str, out_dir: Path, client, pare
             now = int(time.time() * 1000)
             client.log_batch(parent, metrics=[Metric("study/complete", len(complete), now, 0), Metric("study/failed", n_failed, now, 0),
                                               Metric("study/pareto", len(best), now, 0)])
-            client.set_terminated(parent, status="FINISHED" if len(complete) >= spec.n_trials else "KILLED" if interrupted else "FAILED")
+            client.set_terminated(parent, status="FINISHED" if n_done >= spec.n_trials else "KILLED" if interrupted else "FAILED")
         except Exception as e:  # the study is in Optuna either way
             print(f"MLflow: could not finish the parent run: {type(e).__name__}: {e}")
-    return SweepResult(study_name=name, storage=storage, out_dir=str(out_dir), n_trials=spec.n_trials, n_complete=len(complete),
+    return SweepResult(study_name=name, storage=storage, out_dir=str(out_dir), n_trials=spec.n_trials, n_complete=n_done,
                        n_failed=n_failed, pareto=[t.number for t in best], interrupted=interrupted, tracking_uri=uri,
-                       parent_run_id=parent, table=table)
+                       parent_run_id=parent, table=table, planned=planned)

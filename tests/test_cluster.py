@@ -255,22 +255,23 @@ def test_workers_starting_together_on_an_empty_database(pg_server):
 def test_a_silent_trial_is_failed_and_retried_with_its_parameters(tmp_path):
     from rlhf_sweep import sweep
 
-    study = optuna.create_study(study_name="s", storage=sweep.open_storage(f"sqlite:///{tmp_path / 's.db'}", heartbeat=1))
-    assert sweep.heartbeats(study)
+    storage = sweep.open_storage(f"sqlite:///{tmp_path / 's.db'}", heartbeat=1)
+    study = optuna.create_study(study_name="s", storage=storage)
+    assert sweep.heartbeats(storage)
     t = sweep._ask(study)
     x = t.suggest_float("x", 0.0, 1.0)
     t.set_user_attr("worker", "another-host:123:456")
-    study._storage.record_heartbeat(t._trial_id)  # then its worker dies
-    assert sweep.fail_stale_trials(study) == []  # within the grace period (2 s)
+    storage.record_heartbeat(sweep.trial_id(storage, "s", t.number))  # then its worker dies
+    assert sweep.fail_stale_trials(study, storage) == []  # within the grace period (2 s)
     time.sleep(3.5)  # SQLite's clock has whole seconds
-    assert sweep.fail_stale_trials(study) == [0]
+    assert sweep.fail_stale_trials(study, storage) == [0]
     dead, retry = study.trials
     assert dead.state == TrialState.FAIL and dead.user_attrs["error"].startswith("stale: no heartbeat for 2 s from its worker (another-host")
     assert retry.state == TrialState.WAITING and optuna.storages.RetryFailedTrialCallback.retried_trial_number(retry) == 0
     assert retry.params == {"x": x} and retry.user_attrs == {}  # the dead attempt's bookkeeping stays with it
     again = sweep._ask(study)  # the next ask, on any machine, takes the retry
     assert again.number == 1 and again.suggest_float("x", 0.0, 1.0) == x
-    assert sweep.fail_stale_trials(study) == []  # the retry has no heartbeat yet: not stale
+    assert sweep.fail_stale_trials(study, storage) == []  # the retry has no heartbeat yet: not stale
 
 
 def test_a_trial_failed_by_another_worker_while_it_ran_is_void(tmp_path, monkeypatch):
@@ -278,19 +279,20 @@ def test_a_trial_failed_by_another_worker_while_it_ran_is_void(tmp_path, monkeyp
 
     storage = f"sqlite:///{tmp_path / 's.db'}"
     spec = sweep.load_spec("smoke", check_config=False)
-    study = optuna.create_study(study_name="s", storage=sweep.open_storage(storage, heartbeat=1), directions=spec.directions)
+    store = sweep.open_storage(storage, heartbeat=1)
+    study = optuna.create_study(study_name="s", storage=store, directions=spec.directions)
     trial = sweep._ask(study)
 
     def run_while_declared_dead(cfg, say=print):
         # meanwhile another machine saw no heartbeat and failed the trial
-        study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        store.set_trial_state_values(sweep.trial_id(store, "s", trial.number), TrialState.FAIL)
         return {"config": {"seed": cfg.seed, "run_dir": cfg.run_dir}, "metrics": dict.fromkeys(sweep.METRIC_KEYS, 0.5),
                 "history": [{"iteration": 0, "kl/exact": 0.1}], "observations": {}, "timing": {"ppo": 1.0}}
 
     monkeypatch.setattr(pipeline, "run", run_while_declared_dead)
     job = sweep.Job(spec=spec, study_name="s", storage=storage, out_dir=str(tmp_path / "out"), n_trials=2, threads=1,
                     tracking_uri=None, experiment_id=None, parent_run_id=None)
-    rec = sweep.run_trial(job, study, trial, None, print)
+    rec = sweep.run_trial(job, study, trial, None, print, store)
     assert rec["state"] == "FAIL" and rec["error"].startswith("failed by another worker: no heartbeat")
     assert study.trials[0].state == TrialState.FAIL and study.trials[0].values is None
 

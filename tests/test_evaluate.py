@@ -4,8 +4,11 @@ import numpy as np
 import pytest
 
 from rlhf_sweep.evaluate import (
+    ar1_trend_test,
+    kl_growth_share,
     mann_kendall,
     mean_ci,
+    mk_s,
     rm_slopes,
     verdict_humans_prefer_reference,
     verdict_kl_increasing,
@@ -80,3 +83,54 @@ def test_rm_slopes_recover_a_known_linear_reward():
     s = rm_slopes(rm, gold, length.astype(float), filler.astype(float))
     assert (s["gold"], s["length"], s["filler"]) == pytest.approx((2.0, 0.3, -0.1), abs=1e-6)
     assert s["r2"] == pytest.approx(1.0)
+
+
+# ----- verdict 3 on autocorrelated series -------------------------------------------------------------
+def _ar1(rng, phi, n):
+    e = rng.standard_normal(n)
+    x = np.empty(n)
+    x[0] = e[0]
+    for t in range(1, n):
+        x[t] = phi * x[t - 1] + np.sqrt(1 - phi**2) * e[t]
+    return x
+
+
+def test_mk_s_is_pymannkendalls_s():
+    import pymannkendall
+
+    rng = np.random.default_rng(0)
+    x = np.round(rng.normal(size=(3, 40)), 1)  # with ties
+    assert mk_s(x).tolist() == [pymannkendall.original_test(row).s for row in x]
+    assert mk_s(x.T, axis=0).tolist() == mk_s(x).tolist()
+
+
+def test_the_trend_rule_holds_its_level_on_autocorrelated_series_without_a_trend():
+    """Must show 2: 1000 AR(1) series of the run's tested length (75 = the last half of 150 iterations), phi from 0.5 to
+    0.95, no trend: the rule's trend test says 'increasing' at most 7% of the time at alpha 0.05, where the plain
+    Mann-Kendall test (independent points) says so far more often on the same series. 199 Monte Carlo series per
+    test instead of the run's 999 keep this fast; the p-value then moves in steps of 0.005, fine for a 5% level."""
+    rng = np.random.default_rng(7)
+    phis = np.linspace(0.5, 0.95, 10)
+    test_hits, plain_hits, rule_hits, n = 0, 0, 0, 0
+    for phi in phis:
+        for _ in range(100):
+            x = 10.0 + 0.5 * _ar1(rng, phi, 75)  # noise 5% of the level
+            mk = mann_kendall(x)
+            hit = ar1_trend_test(x, 199)["p"] < 0.05 and mk["S"] > 0
+            test_hits += hit
+            plain_hits += mk["p_increasing"] < 0.05
+            rule_hits += hit and kl_growth_share(mk["sen_slope"], x) >= 0.25
+            n += 1
+    assert n == 1000
+    assert test_hits / n <= 0.07, test_hits / n
+    assert plain_hits / n >= 0.15  # what the old rule did on the same series
+    assert rule_hits <= test_hits
+
+
+def test_a_strong_penalty_creep_is_not_the_puzzles_growing_kl():
+    """ppo.beta=1: KL creeps from ~0.25 to ~0.28 nats over the second half; significant as a trend, too small a rise."""
+    rng = np.random.default_rng(3)
+    creep = np.concatenate([np.linspace(0.0, 0.25, 75), np.linspace(0.25, 0.28, 75)]) + 0.003 * rng.standard_normal(150)
+    v = verdict_kl_increasing(creep.tolist(), beta=1.0)
+    assert v["p_value"] < 0.05 and 0.05 < v["growth"] < 0.25 and not v["value"]
+    assert verdict_kl_increasing(creep.tolist(), beta=1.0, min_growth=0.05)["value"]  # the threshold is what says no

@@ -118,3 +118,71 @@ def test_cli_explain_missing_run_is_one_line(tmp_path):
     r = subprocess.run([sys.executable, "-m", "rlhf_sweep.cli", "explain", str(tmp_path / "nope")], capture_output=True, text=True, timeout=120)
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert r.returncode == 2 and len(lines) == 1 and "summary.json" in lines[0]
+
+
+# ----- every sentence follows the sign and size of its own number -----------------------------------
+def _synthetic(slope=0.4, share=1.2, rm_gain=1.8, adv_len=0.3, adv_fill=0.2, pos_fill=0.4, ref_fill=0.15, clip=0.05,
+               kl_from=1.0, kl_to=15.0, len_from=4.0, len_to=7.0, beta_kl=0.45, k1_bias=-0.4, k1_neg=0.13, increasing=True):
+    n = 20
+    hist = []
+    for i in range(n):
+        f = i / (n - 1)
+        length = len_from + (len_to - len_from) * f
+        seq = kl_from + (kl_to - kl_from) * f if i else 0.0
+        hist.append({"iteration": i, "kl/exact": seq, "kl/exact_per_token": seq / (length + 1), "len": length})
+    return {
+        "config": {"eval": {"n_prompts": 512}, "ppo": {"iterations": n, "beta": 0.03}, "seed": 0},
+        "metrics": {"kl/exact": kl_to},
+        "observations": {"kl_increasing": {"value": increasing}},
+        "history": hist,
+        "diagnosis": {
+            "reward_model": {"rm_slope_per_token_holding_gold": slope, "rm_slope_per_filler_holding_gold": 0.1, "rm_slope_per_gold": 1.0,
+                             "fit_r2_on_reference": 0.5, "rm_gain": rm_gain, "gold_gain": -0.6, "length_gain": len_to - len_from,
+                             "filler_gain": 1.3, "share_of_rm_gain_from_length": share, "share_of_rm_gain_from_filler": 0.1,
+                             "share_of_rm_gain_from_gold": -0.3},
+            "ppo": {"adv_length_corr_mean": adv_len, "adv_filler_corr_mean": adv_fill, "filler_share_of_positive_adv_tokens": pos_fill,
+                    "filler_share_of_tokens_ref": ref_fill, "clipfrac_mean": clip, "clipfrac_last": clip},
+            "kl": {"beta_times_kl": beta_kl, "rm_gain": rm_gain, "beta_final": 0.03, "k1_negative_token_share": k1_neg,
+                   "k1_bias_vs_exact": k1_bias, "k1_seq_std": 3.0, "exact_seq_std": 2.0},
+        },
+    }
+
+
+def _text(s):
+    return "\n".join(explain.part_reward_model(s, None) + explain.part_ppo(s) + explain.part_kl(s))
+
+
+def test_the_puzzle_reads_as_the_puzzle():
+    t = _text(_synthetic())
+    for phrase in ("scores the longer one higher", "Length alone accounts for more than the whole gain", "longer, politer samples get positive advantages",
+                   "Filler is over-represented", "every extra token adds to the sequence KL", "and the KL keeps growing",
+                   "on average it under-charges", "0.400 nats below the exact KL", "3.00 more tokens"):
+        assert phrase in t, phrase
+
+
+def test_reversed_numbers_give_reversed_sentences():
+    t = _text(_synthetic(slope=-0.3, share=-0.4, adv_len=-0.3, adv_fill=-0.2, pos_fill=0.05, kl_from=15.0, kl_to=3.0, len_from=7.0,
+                         len_to=4.0, beta_kl=3.0, k1_bias=0.4, increasing=False))
+    for phrase in ("scores the shorter one higher", "Length works against the RM gain", "shorter, plainer samples get the positive advantages",
+                   "Filler is under-represented", "The sequence KL did not grow", "The policy is not longer than at the start",
+                   "The penalty charges at least as much as the RM pays", "on average it over-charges", "0.400 nats above the exact KL",
+                   "3.00 fewer tokens"):
+        assert phrase in t, phrase
+    for wrong in ("scores the longer one higher", "positive advantages, so the policy gradient raises", "over-represented", "keeps growing",
+                  "under-charges", "every extra token adds"):
+        assert wrong not in t, wrong
+    # the RM pays more than the penalty charges, but the verdict says the KL stopped: the sentence follows the verdict
+    t = _text(_synthetic(increasing=False))
+    assert "has nonetheless stopped growing" in t and "keeps growing" not in t
+    # no RM gain: nothing for length to explain, no drift for the penalty to hold back
+    t = _text(_synthetic(rm_gain=-0.2, share=float("nan")))
+    assert "does not score the policy above the reference" in t and "pays nothing for drifting" in t
+
+
+def test_tiny_numbers_say_they_are_tiny():
+    t = _text(_synthetic(slope=0.01, share=0.02, adv_len=0.01, adv_fill=0.0, pos_fill=0.15, k1_bias=0.001, clip=0.5))
+    for phrase in ("barely tells longer from shorter", "Length explains almost none of the RM gain", "Advantages barely track length",
+                   "about as common among reinforced tokens", "on average it matches the exact KL", "Clipping is active on a large share"):
+        assert phrase in t, phrase
+    for wrong in ("scores the longer one higher", "Length alone", "longer, politer", "over-represented", "the few clipped tokens"):
+        assert wrong not in t, wrong

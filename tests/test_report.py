@@ -166,7 +166,7 @@ def test_a_failing_report_is_one_warning_line(monkeypatch, tmp_path, capsys):
         raise RuntimeError("disk full\nsecond line")
 
     monkeypatch.setattr(report, "report", broken)
-    sweep.write_report("smoke", str(tmp_path / "study.journal"), None, tmp_path / "out")  # must not raise
+    report.write_report("smoke", str(tmp_path / "study.journal"), None, tmp_path / "out")  # must not raise
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("warning: the study report failed (RuntimeError: disk full second line)")
     assert "rlhf-sweep report smoke" in lines[0]

@@ -281,3 +281,79 @@ def test_a_stored_study_spec_reads_back_equal(name):
 
     spec = sweep.load_spec(name, check_config=False)
     assert StudySpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+
+
+# ----- planned trials: "run exactly these" ----------------------------------------------------------
+def _planned_spec(*trials, **fixed):
+    import dataclasses
+
+    from rlhf_sweep.study import PlannedTrial
+
+    spec = sweep.load_spec("smoke", check_config=False)
+    return dataclasses.replace(spec, sampler="random", sampler_options={}, fixed={**spec.fixed, "mlflow.enabled": False, **fixed},
+                               trials=[PlannedTrial({"ppo.beta": b, "ppo.clip_eps": 0.2}, seeds, name=f"b{b}") for b, seeds in trials])
+
+
+def test_planned_trials_run_once_and_an_edited_config_runs_again(workdir, tmp_path, monkeypatch):
+    monkeypatch.chdir(workdir)  # the module's SFT/RM cache
+    kw = {"storage": str(tmp_path / "study.journal"), "out": str(tmp_path / "out"), "progress": False}
+    res = sweep.sweep(_planned_spec((0.1, [0]), (0.5, [0, 1])), **kw)
+    assert (res.n_trials, res.n_complete) == (2, 2)
+    study = load(tmp_path, "smoke")
+    first = [study.trials[r["number"]] for r in res.planned]
+    assert [t.params for t in first] == [{"ppo.beta": 0.1, "ppo.clip_eps": 0.2}, {"ppo.beta": 0.5, "ppo.clip_eps": 0.2}]
+    assert [t.user_attrs["seeds"] for t in first] == [[0], [0, 1]] and first[1].user_attrs["plan_name"] == "b0.5"
+    assert sorted(p.name for p in Path(res.planned[1]["run_dir"]).iterdir()) == ["seed-0", "seed-1"]
+    assert set(first[0].user_attrs["per_seed"]) == {"0"}  # the trial's own seeds, not the study's (0, 1)
+    # a trial left queued by an earlier call with another plan is not run
+    study.enqueue_trial({"ppo.beta": 0.9, "ppo.clip_eps": 0.2}, user_attrs={"plan_key": "elsewhere", "seeds": [0]})
+    # the same plan plus one trial: only the new one runs; a run-only key (cache_dir) changes nothing
+    res2 = sweep.sweep(_planned_spec((0.1, [0]), (0.5, [0, 1]), (0.3, [1])), **kw)
+    assert [r["number"] for r in res2.planned[:2]] == [r["number"] for r in res.planned] and res2.n_complete == 3
+    states = [t.state for t in load(tmp_path, "smoke").trials]
+    assert states.count(TrialState.COMPLETE) == 3 and states.count(TrialState.PRUNED) == 1
+    assert load(tmp_path, "smoke").trials[2].user_attrs["error"].startswith("not run")
+    # a changed config (as an edited overlay would make) identifies another trial: it runs again
+    res3 = sweep.sweep(_planned_spec((0.1, [0]), **{"ppo.iterations": 2}), **kw)
+    assert res3.planned[0]["number"] not in {r["number"] for r in res2.planned}
+    same = _planned_spec((0.1, [0]))
+    assert sweep.plan_key(same, same.trials[0], 1) == sweep.plan_key(_planned_spec((0.1, [0]), cache_dir="elsewhere"), same.trials[0], 1)
+    assert sweep.plan_key(same, same.trials[0], 1) != sweep.plan_key(same, same.trials[0], 2)  # threads: another float order
+    csv_header = (tmp_path / "out" / "trials.csv").read_text().splitlines()[0]
+    assert ",seeds,plan," in csv_header
+
+
+def test_a_planned_study_file_is_checked_in_one_line(tmp_path):
+    from rlhf_sweep.study import StudyError, load_spec, param_override
+
+    raw = yaml.safe_load(SMOKE.read_text())
+    raw.pop("n_trials")
+    raw["trials"] = [{"params": {"ppo.beta": 0.1, "ppo.clip_eps": 0.2}, "seeds": [3, 4]}, {"params": {"ppo.beta": 0.2, "ppo.clip_eps": 0.3}}]
+    path = tmp_path / "planned.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    spec = load_spec(str(path))
+    assert spec.n_trials == 2 and spec.trials[0].seeds == [3, 4] and spec.trials[1].seeds == [0, 1]  # the study's seeds by default
+    for bad, message in (({"ppo.beta": 5.0, "ppo.clip_eps": 0.2}, "ppo.beta=5.0 is not a number in [0.010, 1.000]"),
+                         ({"ppo.beta": 0.1}, "missing: ppo.clip_eps"), ({"ppo.beta": 0.1, "ppo.clip_eps": 0.2, "ppo.epochs": 2}, "unknown: ppo.epochs")):
+        raw["trials"] = [{"params": bad}]
+        path.write_text(yaml.safe_dump(raw))
+        with pytest.raises(StudyError) as e:
+            load_spec(str(path))
+        assert message in str(e.value) and "trials[0]" in str(e.value) and "\n" not in str(e.value)
+    # a categorical over a config group: a+b composes both options, as experiment=[a,b] does
+    assert param_override("experiment", "rm_ensemble+kl_control") == "experiment=[rm_ensemble,kl_control]"
+    assert param_override("ppo.kl_estimator", "a+b") == "ppo.kl_estimator=a+b" and param_override("experiment", "baseline") == "experiment=baseline"
+
+
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+def test_the_one_private_optuna_name_still_finds_stale_trials(tmp_path):
+    """sweep.stale_trial_ids wraps RDBStorage._get_stale_trial_ids, the package's only private Optuna name:
+    if Optuna renames it or changes what it returns, this fails here instead of workers never failing dead trials."""
+    storage = sweep.open_storage(f"sqlite:///{tmp_path / 's.db'}", heartbeat=1)
+    study = optuna.create_study(study_name="s", storage=storage)
+    dead, alive = sweep._ask(study), sweep._ask(study)
+    storage.record_heartbeat(sweep.trial_id(storage, "s", dead.number))
+    assert sweep.stale_trial_ids(storage, "s") == []
+    time.sleep(3.5)  # twice the heartbeat and SQLite's whole seconds
+    storage.record_heartbeat(sweep.trial_id(storage, "s", alive.number))
+    assert sweep.stale_trial_ids(storage, "s") == [sweep.trial_id(storage, "s", dead.number)]

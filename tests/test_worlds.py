@@ -182,7 +182,7 @@ def test_world_phase_and_rm_scaling_reports(tmp_path, monkeypatch):
                "## Reward-model scaling", ["rm_scaling_curves.png", "rm_scaling_data.png", "rm_scaling_params.png"]),
     }
     for name, (path, heading, pngs) in studies.items():
-        res = sweep.sweep(str(path), workers=1, name=name, out=str(tmp_path / name), progress=False, report=False,
+        res = sweep.sweep(str(path), workers=1, name=name, out=str(tmp_path / name), progress=False,
                           tracking_uri=None)
         assert res.n_complete == 4
         md = Path(report.report(name, storage=str(tmp_path / name / "optuna.journal"), out=str(tmp_path / name), say=lambda *_: None)).read_text()

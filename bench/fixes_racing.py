@@ -1,0 +1,130 @@
+"""compare-fixes' statistics and racing on simulated arms shaped like a real comparison.
+
+Reads the per-seed gold of a finished `rlhf-sweep compare-fixes` (its fixes.json) and fits
+fixes.SyntheticArms to it: every run either exploits the RM or only pads (two gold levels, split by
+2-means over all runs), with per-run noise, a per-seed effect shared by the arms, and per arm the
+share of its runs that exploit. Then, on worlds drawn from that fit:
+
+1. interval coverage at 10 seeds, nominal 95%, of the paired differences of each fix against the
+   baseline: the Student-t interval compare-fixes reports, scipy's BCa and percentile bootstraps;
+2. the racing (fixes.select, as compare-fixes runs it: first block, seeds per look, alpha, the
+   confirmation's runs held back) within `--budget-runs` runs, in three worlds:
+   - pair:  the fitted top two fixes as fitted, the other two with the baseline's exploit rate
+            (a best pair exists): how often it names exactly that pair;
+   - equal: every fix with the baseline's exploit rate: how often it says "no stable pair";
+   - tied:  every fix with the mean of the fitted fixes' rates (all help, equally): the same;
+   and how many runs it spent against every arm on every seed until the same separation.
+
+Usage: python bench/fixes_racing.py FIXES_JSON [--budget-runs N] [--sims 1000]; prints tables and one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from rlhf_sweep import fixes
+
+
+def fit(result: dict) -> tuple[fixes.SyntheticArms, str, list[str]]:
+    """SyntheticArms from a comparison's per-seed gold (selection arms, on the seeds each ran)."""
+    base = result["baseline"]
+    arms = result["arms"]
+    singles = [a for a in arms if a != base]
+    gold = {a: dict(zip(r["seeds"], r["per_seed"]["gold/policy"], strict=True)) for a, r in arms.items()}
+    values = np.array([v for g in gold.values() for v in g.values()])
+    lo, hi = np.percentile(values, 25), np.percentile(values, 75)
+    for _ in range(50):  # 2-means in one dimension
+        cut = (lo + hi) / 2
+        lo, hi = values[values < cut].mean(), values[values >= cut].mean()
+    cut = (lo + hi) / 2
+    resid = {a: {s: v - (lo if v < cut else hi) for s, v in g.items()} for a, g in gold.items()}
+    all_resid = np.array([v for r in resid.values() for v in r.values()])
+    # the seed effect: the covariance of residuals of two arms on the same seed, averaged over pairs of arms
+    covs = []
+    names = list(resid)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            common = sorted(set(resid[a]) & set(resid[b]))
+            if len(common) > 2:
+                covs.append(np.cov([resid[a][s] for s in common], [resid[b][s] for s in common])[0, 1])
+    seed_var = max(0.0, float(np.mean(covs))) if covs else 0.0
+    noise = float(np.sqrt(max(1e-6, all_resid.var() - seed_var)))
+    exploit = {a: float(np.mean([v < cut for v in g.values()])) for a, g in gold.items()}
+    return fixes.SyntheticArms(exploit=exploit, high=float(hi), low=float(lo), noise=noise, seed_sd=float(np.sqrt(seed_var))), base, singles
+
+
+def coverage(arms: fixes.SyntheticArms, base: str, singles: list[str], n: int = 10, per_arm: int = 600, seed: int = 0) -> dict[str, float]:
+    from scipy import stats
+
+    rng = np.random.default_rng(seed)
+    hits = {"t": 0, "BCa": 0, "percentile": 0}
+    total = 0
+    for a in singles:
+        truth = arms.effect(a, base)
+        d = np.empty((per_arm, n))
+        for i in range(per_arm):
+            w = arms.outcome(rng)([(x, s) for x in (base, a) for s in range(n)])
+            d[i] = [w[(a, s)] - w[(base, s)] for s in range(n)]
+        for row in d:
+            _, lo, hi = fixes.paired_interval(row, np.zeros(n))
+            hits["t"] += lo <= truth <= hi
+        for method, key in (("BCa", "BCa"), ("percentile", "percentile")):
+            ci = stats.bootstrap((d,), np.mean, axis=-1, vectorized=True, n_resamples=1999, method=method, random_state=1).confidence_interval
+            hits[key] += int(np.sum((ci.low <= truth) & (truth <= ci.high)))
+        total += per_arm
+    return {k: v / total for k, v in hits.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("fixes_json")
+    ap.add_argument("--budget-runs", type=int, help="runs the budget affords (default: what the comparison spent, confirmation included)")
+    ap.add_argument("--sims", type=int, default=1000)
+    a = ap.parse_args()
+    result = json.loads(Path(a.fixes_json).read_text())
+    spec = fixes.load_spec()
+    arms, base, singles = fit(result)
+    budget = a.budget_runs or result["racing"]["runs"] + (result["confirmation"] or {}).get("runs", 0)
+    confirm_runs = (1 + 3) * spec.confirm_seeds
+    t0 = time.perf_counter()
+    print(f"fit to {a.fixes_json}: gold {arms.high:.3f} (pads) or {arms.low:.3f} (exploits), noise {arms.noise:.3f}, seed effect {arms.seed_sd:.3f}")
+    print("exploit rate: " + ", ".join(f"{k} {v:.2f}" for k, v in arms.exploit.items()))
+    print("true effect vs baseline: " + ", ".join(f"{k} {arms.effect(k, base):+.3f}" for k in singles))
+    cov = coverage(arms, base, singles)
+    print("coverage of nominal 95% intervals, 10 seeds: " + ", ".join(f"{k} {v:.3f}" for k, v in cov.items()))
+    ranked = sorted(singles, key=lambda x: arms.exploit[x])
+    worlds = {
+        "pair": {**arms.exploit, **{x: arms.exploit[base] for x in ranked[2:]}},
+        "equal": {**arms.exploit, **{x: arms.exploit[base] for x in singles}},
+        "tied": {**arms.exploit, **{x: float(np.mean([arms.exploit[y] for y in singles])) for x in singles}},
+        "fitted": dict(arms.exploit),
+    }
+    out = {"fit": {"high": arms.high, "low": arms.low, "noise": arms.noise, "seed_sd": arms.seed_sd, "exploit": arms.exploit},
+           "coverage": cov, "budget_runs": budget, "sims": a.sims, "worlds": {}}
+    print(f"\nracing within {budget} runs ({confirm_runs} held back for the confirmation), first block {spec.seeds}, "
+          f"{spec.seeds_per_round} seeds per look, at most {spec.max_seeds} seeds, alpha {spec.alpha}; {a.sims} worlds each")
+    print(f"{'world':8s} {'true pair':36s} {'named it':>9s} {'no pair':>8s} {'runs':>6s}  fixed design vs racing, same separation")
+    for name, rates in worlds.items():
+        w = fixes.SyntheticArms(exploit=rates, high=arms.high, low=arms.low, noise=arms.noise, seed_sd=arms.seed_sd)
+        effects = {x: w.effect(x, base) for x in singles}
+        top = sorted(singles, key=lambda x: -effects[x])
+        separated = len(top) == 2 or effects[top[1]] > effects[top[2]] + 1e-9
+        true_pair = "+".join(sorted(top[:2])) if separated and effects[top[1]] > 0 else "none"
+        r = fixes.simulate(w, base, singles, spec.max_seeds, spec.seeds, spec.seeds_per_round, spec.alpha, budget, confirm_runs, a.sims)
+        named = r["named"].get(true_pair, 0) / a.sims if true_pair != "none" else float("nan")
+        nopair = r["named"].get("none", 0) / a.sims
+        both = (f"{r['fixed_runs_when_both_separated']:.0f} vs {r['race_runs_when_both_separated']:.0f} runs ({r['separated_by_both']} worlds)"
+                if r["separated_by_both"] else "neither separated")
+        print(f"{name:8s} {true_pair:36s} {named:9.3f} {nopair:8.3f} {r['runs_mean']:6.1f}  {both}")
+        out["worlds"][name] = {"exploit": rates, "effects": effects, "true_pair": true_pair, "named_true_pair": named, "no_pair": nopair, **r}
+    print(f"({time.perf_counter() - t0:.0f} s)")
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
