@@ -1,8 +1,10 @@
 """The study file: `studies/NAME.yaml` -> a checked `StudySpec`.
 
 A study names its objectives (metric keys and directions), a search space over config keys
-(float and int, optionally log-scaled or on a grid, and categorical), fixed overrides, seeds
-per trial, the number of trials, the sampler and optional constraints (`kl/exact <= 20`).
+(float and int, optionally log-scaled or on a grid, and categorical) or an explicit list of
+planned trials (`trials:`, each a mapping of config overrides; a list value expands into one
+trial per value), fixed overrides, seeds per trial, the number of trials, the sampler and
+optional constraints (`kl/exact <= 20`).
 Every problem is found here, before any trial runs, and reported as one line that names it.
 """
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import itertools
 import json
 import re
 from dataclasses import dataclass, field
@@ -126,6 +129,7 @@ class StudySpec:
     sampler_seed: base seed of the sampler (each worker derives its own from it).
     sampler_options: extra keyword arguments of the Optuna sampler (e.g. n_startup_trials, population_size).
     constraints: `metric <= bound` / `metric >= bound`; infeasible trials stay off the Pareto front.
+    trials: planned trials (instead of a space): each a mapping of config overrides, run exactly once.
     """
 
     name: str
@@ -140,10 +144,41 @@ class StudySpec:
     sampler_seed: int = 0
     sampler_options: dict[str, Any] = field(default_factory=dict)
     constraints: list[Constraint] = field(default_factory=list)
+    # planned trials, in place of a search space: each a mapping of config keys to values, run exactly
+    # (the sweep enqueues them in Optuna); n_trials is their count
+    trials: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def directions(self) -> list[str]:
         return [o.direction for o in self.objectives]
+
+    @property
+    def param_names(self) -> list[str]:
+        """The config keys that vary between trials: the searched ones, or every key of the planned trials."""
+        if self.trials:
+            return list(dict.fromkeys(k for t in self.trials for k in t))
+        return [p.name for p in self.space]
+
+    def planned_choices(self) -> dict[str, list[Any]]:
+        """Every value each key takes across the planned trials: its categorical distribution in Optuna
+        (one distribution per name for the whole study, whichever trial suggests it)."""
+        out: dict[str, list[Any]] = {}
+        for t in self.trials:
+            for k, v in t.items():
+                if v not in out.setdefault(k, []):
+                    out[k].append(v)
+        return out
+
+    def suggest(self, trial) -> dict[str, Any]:
+        """A trial's config overrides: sampled from the space, or its planned trial's (`planned` user attribute,
+        set when the sweep enqueued it; Optuna hands the enqueued values back)."""
+        if not self.trials:
+            return {p.name: p.suggest(trial) for p in self.space}
+        i = trial.user_attrs.get("planned")
+        if i is None or not 0 <= int(i) < len(self.trials):
+            raise StudyError(f"trial {trial.number} is not one of the study's {len(self.trials)} planned trials")
+        choices = self.planned_choices()
+        return {k: trial.suggest_categorical(k, choices[k]) for k in self.trials[int(i)]}
 
     def fixed_overrides(self) -> list[str]:
         return [f"{k}={override_value(v)}" for k, v in self.fixed.items()]
@@ -270,6 +305,31 @@ def _param(name: str, raw: Any, where: str) -> Param:
     return p
 
 
+def planned_trials(raw: Any, where: str) -> list[dict[str, Any]]:
+    """`trials:` -> one dict of overrides per trial. An entry is a mapping of config keys to values; a list
+    value expands the entry into one trial per value (several lists: every combination, in order), so
+    `{algo: rloo, rloo.beta: [0.01, 0.1]}` plans two trials."""
+    if not isinstance(raw, list) or not raw:
+        raise StudyError(f"{where}: expected a non-empty list of mappings of config keys to values")
+    out: list[dict[str, Any]] = []
+    for i, entry in enumerate(raw):
+        at = f"{where}[{i}]"
+        if not isinstance(entry, dict) or not entry:
+            raise StudyError(f"{at}: expected a mapping of config keys to values, got {entry!r}")
+        for k in entry:
+            if k in RESERVED_KEYS:
+                raise StudyError(f"{at}: {k} is set by the sweep" + (" (use 'seeds')" if k == "seed" else ""))
+        axes = [[_scalar(x, at) for x in v] if isinstance(v, list) else [_scalar(v, at)] for v in entry.values()]
+        if any(not a for a in axes):
+            raise StudyError(f"{at}: an empty list of values")
+        out += [dict(zip(entry, combo, strict=True)) for combo in itertools.product(*axes)]
+    seen = [json.dumps(t, sort_keys=True) for t in out]
+    dup = next((t for i, t in enumerate(seen) if t in seen[:i]), None)
+    if dup is not None:
+        raise StudyError(f"{where}: the trial {dup} is planned twice")
+    return out
+
+
 CONSTRAINT_RE = re.compile(r"^\s*(\S+)\s*(<=|>=)\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*$")
 
 
@@ -303,7 +363,7 @@ def load_spec(study: str, check_config: bool = True) -> StudySpec:
     where = f"study {name}"
     if not isinstance(raw, dict):
         raise StudyError(f"{where}: expected a mapping with objectives, space, n_trials, ...")
-    _check_keys(raw, ("description", "objectives", "space", "fixed", "seeds", "n_trials", "sampler",
+    _check_keys(raw, ("description", "objectives", "space", "trials", "fixed", "seeds", "n_trials", "sampler",
                       "sampler_seed", "sampler_options", "constraints"), where)
 
     objectives_raw = raw.get("objectives")
@@ -319,8 +379,14 @@ def load_spec(study: str, check_config: bool = True) -> StudySpec:
         objectives.append(Objective(metric, DIRECTIONS[str(direction).lower()]))
 
     space_raw = raw.get("space")
-    if not isinstance(space_raw, dict) or not space_raw:
-        raise StudyError(f"{where}: space: expected a mapping of config keys to {{type, low, high}} or {{choices}}")
+    planned = planned_trials(raw.get("trials"), f"{where}: trials") if "trials" in raw else []
+    if planned and space_raw:
+        raise StudyError(f"{where}: give either 'space' (a search) or 'trials' (planned trials), not both")
+    if planned:
+        space_raw = {}
+    elif not isinstance(space_raw, dict) or not space_raw:
+        raise StudyError(f"{where}: space: expected a mapping of config keys to {{type, low, high}} or {{choices}}"
+                         " (or 'trials': a list of planned trials)")
     space = [_param(str(k), v, f"{where}: space: {k}") for k, v in space_raw.items()]
 
     fixed = raw.get("fixed") or {}
@@ -331,6 +397,8 @@ def load_spec(study: str, check_config: bool = True) -> StudySpec:
             raise StudyError(f"{where}: fixed: {k} is set by the sweep" + (" (use 'seeds')" if k == "seed" else ""))
         if k in space_raw:
             raise StudyError(f"{where}: {k} is both searched (space) and fixed")
+        if any(k in t for t in planned):
+            raise StudyError(f"{where}: {k} is both in planned trials and fixed")
 
     seeds_raw = raw.get("seeds", 1)
     if isinstance(seeds_raw, int) and not isinstance(seeds_raw, bool) and seeds_raw >= 1:
@@ -340,14 +408,16 @@ def load_spec(study: str, check_config: bool = True) -> StudySpec:
     else:
         raise StudyError(f"{where}: seeds: expected a count >= 1 or a list of seeds >= 0, got {seeds_raw!r}")
 
-    n_trials = raw.get("n_trials")
+    n_trials = raw.get("n_trials", len(planned) if planned else None)
     if not isinstance(n_trials, int) or isinstance(n_trials, bool) or n_trials < 1:
         raise StudyError(f"{where}: n_trials: expected an integer >= 1, got {n_trials!r}")
+    if planned and n_trials != len(planned):
+        raise StudyError(f"{where}: n_trials is {n_trials} but 'trials' plans {len(planned)}; leave n_trials out")
 
     sampler = str(raw.get("sampler", "tpe")).lower()
     if sampler not in SAMPLERS:
         raise StudyError(f"{where}: sampler {raw.get('sampler')!r} is not one of {', '.join(SAMPLERS)}")
-    if sampler == "grid":
+    if sampler == "grid" and not planned:
         missing = [p.name for p in space if not p.grid_values()]
         if missing:
             raise StudyError(f"{where}: the grid sampler needs 'grid' values (or categorical choices) for {', '.join(missing)}")
@@ -367,7 +437,7 @@ def load_spec(study: str, check_config: bool = True) -> StudySpec:
 
     spec = StudySpec(name=name, path=str(path), description=str(raw.get("description", "")).strip(), objectives=objectives,
                      space=space, fixed=dict(fixed), seeds=seeds, n_trials=n_trials, sampler=sampler,
-                     sampler_seed=sampler_seed, sampler_options=dict(options), constraints=constraints)
+                     sampler_seed=sampler_seed, sampler_options=dict(options), constraints=constraints, trials=planned)
     try:
         make_sampler(spec, seed=0)
     except (TypeError, ValueError) as e:
@@ -384,6 +454,13 @@ def check_against_config(spec: StudySpec) -> None:
         compose(spec.fixed_overrides())
     except ConfigError as e:
         raise StudyError(f"{where}: fixed: {e}") from None
+    for i, t in enumerate(spec.trials):
+        try:
+            compose(spec.trial_overrides(t, spec.seeds[0]))
+        except ConfigError as e:
+            raise StudyError(f"{where}: trials[{i}] {json.dumps(t)}: {e}") from None
+    if not spec.space:
+        return
     base = {p.name: p.probe_values()[0] for p in spec.space}
     try:
         compose(spec.trial_overrides(base, spec.seeds[0]))
@@ -398,6 +475,8 @@ def check_against_config(spec: StudySpec) -> None:
 
 
 def make_sampler(spec: StudySpec, seed: int):
+    if spec.trials:  # every trial is planned and enqueued: Optuna hands back their values, nothing is sampled
+        return optuna.samplers.RandomSampler(seed=seed)
     opts = dict(spec.sampler_options)
     if spec.sampler == "tpe":
         # constant_liar: a running trial counts as a bad result, so parallel workers spread out

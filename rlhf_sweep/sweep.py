@@ -187,7 +187,8 @@ class RetryStaleTrial(optuna.storages.RetryHeartbeatStaleTrialCallback):
     user attributes (its worker, error, MLflow run, run directory) stay with the failed trial."""
 
     def __call__(self, study, trial) -> None:
-        trial.user_attrs = {}
+        # a planned trial's index stays: it names the overrides the retry runs (StudySpec.suggest)
+        trial.user_attrs = {k: v for k, v in trial.user_attrs.items() if k == "planned"}
         super().__call__(study, trial)
 
 
@@ -305,16 +306,64 @@ def _clean(v: Any) -> Any:
     return v
 
 
+def run_config(overrides: list[str], run_dir: Path, threads: int, say: Callable[[str], None]) -> tuple[Any, dict]:
+    """One pipeline run of the composed overrides into run_dir (summary.json there): what every trial seed and
+    every baseline run is. A cold SFT reference or RM is built under its lock, once per host."""
+    from . import pipeline
+
+    cfg = compose(overrides)
+    cfg.run_dir = str(run_dir)
+    cfg.progress = False
+    cfg.threads = threads
+    return cfg, pipeline.run(cfg, say=say)
+
+
+# ----- the best-of-n baseline ---------------------------------------------------------------------
+BASELINE_DIR = "baseline"  # OUT/baseline/seed-N/summary.json, read by report.bon_baseline
+BASELINE_N = 256  # its history walks best-of-n' for n' = 1, 2, 4, ..., 256
+
+
+def baseline_overrides(spec: StudySpec, seed: int) -> list[str]:
+    """`algo=bon` on the study's fixed config: the same world, reference, RM and held-out evaluation as its
+    trials (a fixed `algo` and that algorithm's own knobs are left out: best-of-n trains nothing)."""
+    from .config import ALGO_SECTIONS
+
+    keep = {k: v for k, v in spec.fixed.items() if k != "algo" and k.split(".")[0] not in ALGO_SECTIONS}
+    return [*(f"{k}={override_value(v)}" for k, v in keep.items()), "algo=bon", f"bon.n={BASELINE_N}",
+            f"bon.samples_per_prompt={BASELINE_N}", f"seed={seed}"]
+
+
+def run_baseline(spec: StudySpec, name: str, out_dir: Path, threads: int, client=None, exp_id: str | None = None,
+                 parent: str | None = None, say: Callable[[str], None] = print) -> list[Path]:
+    """The study's best-of-n baseline, one `algo=bon` run per seed into OUT/baseline/seed-N/ (skipped when its
+    summary.json exists), with the trials' thread count so it reuses their cached reference and RM; each run
+    is an MLflow run nested in the study's. Returns the summary paths."""
+    from . import tracking
+
+    paths = []
+    for seed in spec.seeds:
+        run_dir = out_dir / BASELINE_DIR / f"seed-{seed}"
+        paths.append(run_dir / "summary.json")
+        if paths[-1].is_file():
+            continue
+        say(f"best-of-n baseline, seed {seed}: algo=bon, n' = 1…{BASELINE_N}, {BASELINE_N} reference samples per held-out prompt")
+        cfg, summary = run_config(baseline_overrides(spec, seed), run_dir, threads, say)
+        if client is not None and exp_id is not None:
+            tracking.log_finished(client, exp_id, summary, cfg.run_dir, f"{name}-baseline-s{seed}",
+                                  tags={"study": name, "seed": str(seed), "rlhf_sweep.role": "baseline"}, parent_run_id=parent)
+    return paths
+
+
 def run_trial(job: Job, study, trial, client, say: Callable[[str], None]) -> dict:
     """Run one asked trial over its seeds, log it, and tell Optuna; returns a short record."""
-    from . import pipeline, tracking
+    from . import tracking
 
     spec, t0 = job.spec, time.perf_counter()
     trial_dir = Path(job.out_dir) / "trials" / f"t{trial.number:04d}"
     params: dict[str, Any] = {}
     run_id = None
     try:
-        params = {p.name: p.suggest(trial) for p in spec.space}  # a retried trial gets its parameters back
+        params = spec.suggest(trial)  # a retried trial gets its parameters back
         trial.set_user_attr("run_dir", str(trial_dir))
         trial.set_user_attr("threads", job.threads)  # part of the cache keys: the report reuses the trials' reference and RM
         retry_of = _retried_trial_number(study, trial)
@@ -328,11 +377,7 @@ def run_trial(job: Job, study, trial, client, say: Callable[[str], None]) -> dic
             trial.set_user_attr("mlflow_run_id", run_id)
         summaries = []
         for seed in spec.seeds:
-            cfg = compose(spec.trial_overrides(params, seed))
-            cfg.run_dir = str(trial_dir / f"seed-{seed}")
-            cfg.progress = False
-            cfg.threads = job.threads
-            summary = pipeline.run(cfg, say=say)  # a cold artefact is built under its lock, once per host
+            cfg, summary = run_config(spec.trial_overrides(params, seed), trial_dir / f"seed-{seed}", job.threads, say)
             summaries.append(summary)
             if client is not None and len(spec.seeds) > 1:
                 seed_run = tracking.start_run(client, job.experiment_id, f"{job.study_name}-t{trial.number:04d}-s{seed}",
@@ -437,6 +482,7 @@ def work(job: Job, index: int, progress=None) -> None:
                 return
             trial = None
             if done + len(running) < job.n_trials:
+                enqueue_planned(study, job.spec)
                 trial = _ask(study)
                 trial.set_user_attr("worker", token)
         if trial is not None and _over_budget(study, trial, job.n_trials):
@@ -473,6 +519,19 @@ def _retried_trial_number(study, trial) -> int | None:
     with warnings.catch_warnings():  # "experimental" since Optuna 2.8
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(study._storage.get_trial(trial._trial_id))
+
+
+def enqueue_planned(study, spec: StudySpec) -> list[int]:
+    """Queue every planned trial (spec.trials) that no complete, running or queued trial holds: all of
+    them on the first call, a failed one again later. Returns the indices queued."""
+    if not spec.trials:
+        return []
+    held = {t.user_attrs.get("planned") for t in study.get_trials(
+        deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING))}
+    todo = [i for i in range(len(spec.trials)) if i not in held]
+    for i in todo:
+        study.enqueue_trial(spec.trials[i], user_attrs={"planned": i})
+    return todo
 
 
 def _ask(study):
@@ -550,6 +609,7 @@ def _parent_run(client, exp_id: str, study, spec: StudySpec, name: str, uri: str
               "study.constraints": "; ".join(c.text for c in spec.constraints),
               **{f"space.{p.name}": json.dumps({k: v for k, v in dataclasses.asdict(p).items() if v not in (None, [], False) and k != "name"})
                  for p in spec.space},
+              **({"study.trials": json.dumps(spec.trials)} if spec.trials else {}),
               **{f"fixed.{k}": v for k, v in flatten(spec.fixed).items()}}
     client.log_batch(run_id, params=[MLParam(k, str(v)[:6000]) for k, v in params.items()])
     study.set_user_attr("mlflow_parent_run_id", run_id)
@@ -586,7 +646,7 @@ def sweep(study: str | StudySpec, n_trials: int | None = None, workers: int = 1,
         spec = dataclasses.replace(spec, n_trials=n_trials)
     if workers < 1:
         raise StudyError(f"--workers must be >= 1, got {workers}")
-    if spec.sampler == "grid":
+    if spec.sampler == "grid" and not spec.trials:
         size = math.prod(len(p.grid_values()) for p in spec.space)
         if spec.n_trials > size:
             print(f"grid has {size} points: running {size} trials, not {spec.n_trials}")
@@ -663,6 +723,13 @@ def sweep(study: str | StudySpec, n_trials: int | None = None, workers: int = 1,
                 p.join(timeout=30)
                 if p.is_alive():
                     p.terminate()
+    if not interrupted:
+        try:
+            run_baseline(spec, name, out_dir, threads, client, exp_id, parent,
+                         say=lambda msg: None if ": cached" in msg else print(msg, flush=True))
+        except Exception as e:  # the trials are stored either way; the next `sweep` retries it
+            print(f"warning: the best-of-n baseline failed ({type(e).__name__}: {' '.join(str(e).split())[:300]}); "
+                  "the same command runs it again", flush=True)
     result = finish(spec, name, storage, out_dir, client, parent, uri, interrupted)
     if report and not interrupted and result.n_complete:
         write_report(name, storage, uri, out_dir)
@@ -684,7 +751,7 @@ def write_report(name: str, storage: str, uri: str | None, out_dir: Path) -> Non
 # ----- outputs ------------------------------------------------------------------------------------
 def trial_rows(spec: StudySpec, trials) -> tuple[list[str], list[list[Any]]]:
     """trials.csv / pareto.csv: objectives, params, constraints, per-seed objectives, bookkeeping."""
-    names = [p.name for p in spec.space]
+    names = spec.param_names
     tracked = _tracked_metrics(spec)
     header = ["number", "state", *[o.metric for o in spec.objectives], *names]
     # constraint metrics that are not objectives get a column of their own
@@ -718,7 +785,7 @@ def write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
 
 
 def pareto_table(spec: StudySpec, best, n_complete: int) -> str:
-    names = [p.name for p in spec.space]
+    names = spec.param_names
     first = spec.objectives[0]
     best = sorted(best, key=lambda t: t.values[0], reverse=first.direction == "maximize")
     headers = ["trial", *names, *[f"{o.metric} ({o.direction[:3]})" for o in spec.objectives]]
