@@ -18,6 +18,7 @@ pressure grows, as PPO's iterations are (one entry per n', `bon/n` its n').
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -73,18 +74,28 @@ def evaluate_bon(
     gen: torch.Generator,
     device: torch.device,
     progress: bool = True,
+    cache: Callable[[Callable[[], dict]], dict] | None = None,
 ) -> tuple[dict[str, float], dict, list[dict[str, float]]]:
-    """Metrics (evaluate's keys, plus kl/bon_bound, bon/*), samples for the diagnosis, and the history over n'."""
+    """Metrics (evaluate's keys, plus kl/bon_bound, bon/*), samples for the diagnosis, and the history over n'.
+
+    cache(make) returns the reference samples and their RM scores, calling make() only when they are not
+    stored yet (pipeline passes one keyed by the reference, the RM, the seed, the prompts and M)."""
     T, M, n = world.cfg.max_new_tokens, cfg.samples_per_prompt, cfg.n
     prompts = world.sample_prompts(n_prompts, rng)  # the held-out prompts of evaluate.evaluate (same stream, first draw)
     rep = prompts.repeat_interleave(M, 0)
-    chunks = range(0, len(rep), SAMPLE_CHUNK)
-    responses = torch.cat([sample(ref, rep[s : s + SAMPLE_CHUNK].to(device), T, gen).cpu()
-                           for s in tqdm(chunks, desc="best-of-n samples", disable=not progress, leave=False)])
-    # identical responses of a prompt are one outcome of its distribution: one id, one RM score
-    prompt_id = torch.arange(n_prompts).repeat_interleave(M)
-    uniq, ids = torch.unique(torch.cat([prompt_id[:, None], responses], 1), dim=0, return_inverse=True)
-    rm_all = score(rm, prompts[uniq[:, 0]], uniq[:, 1:], device)[ids]
+
+    def make() -> dict[str, torch.Tensor]:
+        chunks = range(0, len(rep), SAMPLE_CHUNK)
+        responses = torch.cat([sample(ref, rep[s : s + SAMPLE_CHUNK].to(device), T, gen).cpu()
+                               for s in tqdm(chunks, desc="best-of-n samples", disable=not progress, leave=False)])
+        # identical responses of a prompt are one outcome of its distribution: one id, one RM score
+        prompt_id = torch.arange(n_prompts).repeat_interleave(M)
+        uniq, ids = torch.unique(torch.cat([prompt_id[:, None], responses], 1), dim=0, return_inverse=True)
+        return {"responses": responses.to(torch.int16), "ids": ids, "rm": score(rm, prompts[uniq[:, 0]], uniq[:, 1:], device)[ids]}
+
+    # they depend on the reference, the RM, the prompts and M, not on n: runs with several n share them (int16: 1/4 the disk)
+    drawn = cache(make) if cache is not None else make()
+    responses, ids, rm_all = drawn["responses"].long(), drawn["ids"], drawn["rm"]
     f = world.features(rep, responses)
     side = {"rm": rm_all.numpy(), "gold": world.gold(rep, responses, f).numpy(), "length": f["length"].numpy(),
             "filler": f["filler"].numpy(), "tokens": response_mask(responses).sum(1).numpy(),

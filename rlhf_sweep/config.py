@@ -217,7 +217,8 @@ class DPOConfig:
     on the labeled pairs the RM is trained on, with the SFT reference as the reference model."""
 
     beta: float = 0.1  # KL coefficient of the implicit reward; IPO's tau (TRL's default for both)
-    iterations: int = 150  # optimizer steps, one history entry each
+    iterations: int = 150  # history entries (policy samples after each)
+    steps_per_iteration: int = 3  # optimizer steps per entry: 450 steps of 64 pairs, about TRL's 3 epochs over 10000 pairs
     batch_size: int = 64  # pairs per step
     lr: float = 1e-4  # as ppo.lr (TRL's 1e-6 is for billion-parameter models)
     max_grad_norm: float = 1.0
@@ -393,6 +394,7 @@ def validate_algos(c: Config) -> None:
     d = c.dpo
     _require(d.beta > 0, "dpo.beta", d.beta, "a number > 0 (it scales the implicit reward; IPO's target margin is 1/(2 beta))")
     _require(d.iterations >= 1, "dpo.iterations", d.iterations, "an integer >= 1")
+    _require(d.steps_per_iteration >= 1, "dpo.steps_per_iteration", d.steps_per_iteration, "an integer >= 1")
     _require(d.batch_size >= 1, "dpo.batch_size", d.batch_size, "an integer >= 1")
     _require(d.lr > 0, "dpo.lr", d.lr, "a number > 0")
     _require(d.monitor_size >= 2, "dpo.monitor_size", d.monitor_size, "an integer >= 2")

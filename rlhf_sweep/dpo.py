@@ -11,9 +11,10 @@ reference. With s(y) = sum_t log pi(y_t) - log ref(y_t) over the response (EOS i
 Both keep the policy near the reference only through beta: the implicit reward beta s(y) is what grows,
 and Rafailov et al. (2024) find gold rising then falling with KL here too.
 
-One iteration is one optimizer step on `batch_size` pairs (epochs over the shuffled pairs as needed);
-after it, `monitor_size` policy samples on fresh prompts give the history's shared keys (RM score, gold,
-length, KL), so a DPO run has the same trajectory, verdicts and figures as an RL run.
+One iteration is `steps_per_iteration` optimizer steps on `batch_size` pairs each (epochs over the
+shuffled pairs as needed); after it, `monitor_size` policy samples on fresh prompts give the history's
+shared keys (RM score, gold, length, KL), so a DPO run has the same trajectory, verdicts and figures as
+an RL run.
 """
 
 from __future__ import annotations
@@ -79,9 +80,9 @@ def train_dpo(
     on_iteration: Callable[[int, dict, dict], None] | None = None,
 ) -> list[dict[str, float]]:
     """cfg.iterations DPO/IPO steps on `lm` from the labeled `pairs`; `rm` only scores the monitoring
-    samples. One history entry per step: the shared keys and dpo/* (beta, loss, rewards_chosen,
-    rewards_rejected, reward_margin, reward_accuracy (implicit rewards, TRL's names), gold_accuracy (how
-    often the labelers' choice is also gold's), lr)."""
+    samples. One history entry per iteration: the shared keys and dpo/* (beta; the iteration's step means of
+    loss, rewards_chosen, rewards_rejected, reward_margin, reward_accuracy (implicit rewards, TRL's names) and
+    gold_accuracy (how often the labelers' choice is also gold's))."""
     chosen, rejected = pairs.chosen_rejected()
     width = int(max(response_mask(chosen).sum(1).max(), response_mask(rejected).sum(1).max()))
     prompts = pairs.prompts.to(device)
@@ -98,27 +99,33 @@ def train_dpo(
     history: list[dict[str, float]] = []
     bar = tqdm(range(cfg.iterations), desc=loss_type.upper() if loss_type == "ipo" else "DPO", disable=not progress, leave=False)
     for it in bar:
-        if pos + cfg.batch_size > n:  # next epoch
-            order, pos = torch.from_numpy(rng.permutation(n)).to(device), 0
-        idx = order[pos : pos + cfg.batch_size]
-        pos += cfg.batch_size
         lm.eval()  # no dropout anywhere; eval() only documents it
-        # chosen and rejected in one forward
-        logps = sequence_logprobs(lm, torch.cat([prompts[idx], prompts[idx]]), torch.cat([chosen[idx], rejected[idx]]))
-        pol_c, pol_r = logps.chunk(2)
-        s_c, s_r = pol_c - ref_c[idx], pol_r - ref_r[idx]
-        loss = pair_loss(loss_type, s_c, s_r, tok_c[idx], tok_r[idx], cfg.beta).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(lm.parameters(), cfg.max_grad_norm)
-        opt.step()
-        with torch.no_grad():
-            margin = cfg.beta * (s_c - s_r)
-            decided = chose_gold_better[idx].abs() > 1e-6
-            stats = {"dpo/beta": cfg.beta, "dpo/loss": loss.item(), "dpo/rewards_chosen": (cfg.beta * s_c).mean().item(),
-                     "dpo/rewards_rejected": (cfg.beta * s_r).mean().item(), "dpo/reward_margin": margin.mean().item(),
-                     "dpo/reward_accuracy": (margin > 0).float().mean().item(),
-                     "dpo/gold_accuracy": (chose_gold_better[idx][decided] > 0).float().mean().item() if bool(decided.any()) else float("nan")}
+        steps: dict[str, list[float]] = {}
+        for _ in range(cfg.steps_per_iteration):
+            if pos + cfg.batch_size > n:  # next epoch
+                order, pos = torch.from_numpy(rng.permutation(n)).to(device), 0
+            idx = order[pos : pos + cfg.batch_size]
+            pos += cfg.batch_size
+            # chosen and rejected in one forward
+            logps = sequence_logprobs(lm, torch.cat([prompts[idx], prompts[idx]]), torch.cat([chosen[idx], rejected[idx]]))
+            pol_c, pol_r = logps.chunk(2)
+            s_c, s_r = pol_c - ref_c[idx], pol_r - ref_r[idx]
+            loss = pair_loss(loss_type, s_c, s_r, tok_c[idx], tok_r[idx], cfg.beta).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(lm.parameters(), cfg.max_grad_norm)
+            opt.step()
+            with torch.no_grad():
+                margin = cfg.beta * (s_c - s_r)
+                decided = chose_gold_better[idx].abs() > 1e-6
+                for k, v in {"loss": loss.item(), "rewards_chosen": (cfg.beta * s_c).mean().item(),
+                             "rewards_rejected": (cfg.beta * s_r).mean().item(), "reward_margin": margin.mean().item(),
+                             "reward_accuracy": (margin > 0).float().mean().item(),
+                             "gold_accuracy": (chose_gold_better[idx][decided] > 0).float().mean().item()
+                             if bool(decided.any()) else float("nan")}.items():
+                    steps.setdefault(k, []).append(v)
+        stats = {"dpo/beta": cfg.beta, **{f"dpo/{k}": float(np.nanmean(v)) if not all(map(np.isnan, v)) else float("nan")
+                                         for k, v in steps.items()}}
         monitor = sample_and_score(lm, ref, rm, world.sample_prompts(cfg.monitor_size, rng).to(device), world.cfg.max_new_tokens,
                                    gen, cfg.temperature)
         cpu = {k: v.detach().cpu() for k, v in monitor.items() if k not in ("logits", "hidden", "ref_logits")}

@@ -123,6 +123,27 @@ def load_or_train(path: Path, module: torch.nn.Module, train, device: torch.devi
     return {"cached": True, "path": str(path), **blob["info"]}
 
 
+def cached_tensors(path: Path, make) -> dict:
+    """A dict of tensors from `path`, or `make()`'s, saved there first: load_or_train's lock and atomic
+    rename for artefacts that are data, not a module's weights."""
+    if not path.exists():
+        with file_lock(path.parent / ".locks" / f"{path.stem}.lock"):
+            if not path.exists():
+                blob = make()
+                tmp = path.with_suffix(f".{os.getpid()}.tmp")
+                torch.save(blob, tmp)
+                os.replace(tmp, path)
+                return blob
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def bon_key(cfg: Config, device: torch.device) -> str:
+    """The cache key of best-of-n's reference samples and RM scores: the reference and RM (their keys),
+    the held-out prompts (seed, eval.n_prompts) and samples per prompt; not n."""
+    rm = ensemble_key(cfg, device) if cfg.rm.ensemble_size > 1 else rm_key(cfg, device)
+    return "bonsamples-" + config_hash(rm, cfg.seed, cfg.eval.n_prompts, cfg.bon.samples_per_prompt)
+
+
 def freeze(module: torch.nn.Module) -> None:
     module.eval()
     for p in module.parameters():
@@ -289,8 +310,9 @@ def run(cfg: Config, say=print) -> dict:
     if cfg.algo == "bon":  # nothing to train: the evaluation is the algorithm
         with timer.stage("eval"):
             rng, gen = streams(cfg.seed, "eval", device)
+            path = Path(cfg.cache_dir) / f"{bon_key(cfg, device)}.pt"
             metrics, samples, history = evaluate_bon(ref, rm, world, cfg.bon, cfg.eval.n_prompts, cfg.eval.confidence, rng,
-                                                     gen, device, cfg.progress)
+                                                     gen, device, cfg.progress, lambda make: cached_tensors(path, make))
     else:
         def on_iteration(_i: int, entry: dict, batch: dict) -> None:
             if "advantages" in batch:  # DPO has none

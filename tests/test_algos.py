@@ -208,3 +208,32 @@ def test_bad_algo_knobs_fail_in_one_line(override, needle):
     with pytest.raises(ConfigError) as e:
         compose(override)
     assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.e2e
+def test_best_of_n_runs_share_their_cached_samples(tmp_path):
+    """Runs with another n reuse the reference samples and RM scores (keyed by reference, RM, prompts and
+    samples per prompt) and give what an uncached run gives; the exact KL stays under the bound."""
+    import math
+
+    from rlhf_sweep import pipeline
+
+    from .conftest import TINY
+
+    def run(n: int) -> dict:
+        cfg = compose([*TINY, "mlflow.enabled=false", "algo=bon", f"bon.n={n}", "bon.samples_per_prompt=32"])
+        cfg.cache_dir = str(tmp_path)
+        return pipeline.run(cfg, say=lambda *_: None)
+
+    run(16)
+    (cached,) = list(tmp_path.glob("bonsamples-*.pt"))
+    shared = run(4)
+    assert list(tmp_path.glob("bonsamples-*.pt")) == [cached]  # n is not part of the key
+    cached.unlink()
+    fresh = run(4)
+    same = lambda a, b: a == b or (math.isnan(a) and math.isnan(b))  # noqa: E731
+    assert all(same(shared["metrics"][k], fresh["metrics"][k]) for k in fresh["metrics"])
+    assert shared["history"] == fresh["history"] and [h["bon/n"] for h in fresh["history"]] == [1, 2, 4]
+    m = fresh["metrics"]
+    assert 0 < m["kl/exact"] <= m["kl/bon_bound"] + 1e-9 and m["rm/win_rate"] > 0.5
+    assert fresh["observations"]["kl_increasing"]["applies"] is False
