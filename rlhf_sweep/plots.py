@@ -108,7 +108,9 @@ def pareto(trials: pd.DataFrame, bon: pd.DataFrame | None, path: str | Path, ref
     for ax, key, ylabel, xmax, panel_title in panels:
         zoom = xmax < kl_max
         shown = trials[trials["kl"] <= xmax * 1.08]
-        ax.scatter(shown["kl"], shown[key], c=shown["beta"], cmap=BETA_CMAP, norm=norm, s=55, edgecolors="white",
+        # trials without a beta (best-of-n's knob is n) in grey, not invisible
+        ax.scatter(shown["kl"], shown[key], c=shown["beta"], cmap=plt.get_cmap(BETA_CMAP).with_extremes(bad="0.6"), norm=norm,
+                   plotnonfinite=True, s=55, edgecolors="white",
                    linewidths=0.6, zorder=3, label="PPO trial, held-out (color: β)")
         front = trials[trials[f"front_{key}"]].sort_values("kl")
         if len(front):
@@ -288,7 +290,8 @@ def length_filler(trials: pd.DataFrame, curves: list[dict], bon: pd.DataFrame | 
                             (axes[1], "filler", "filler tokens per response")):
         for c in curves:
             ax.scatter(c["kl"], c[key], color=c["color"], s=8, alpha=0.35, label=f"{c['label']} (per iteration)")
-        ax.scatter(trials["kl"], trials[key], c=trials["beta"], cmap=BETA_CMAP, norm=norm, s=55, edgecolors="white",
+        ax.scatter(trials["kl"], trials[key], c=trials["beta"], cmap=plt.get_cmap(BETA_CMAP).with_extremes(bad="0.6"), norm=norm,
+                   plotnonfinite=True, s=55, edgecolors="white",
                    linewidths=0.6, zorder=3, label="PPO trial, held-out (color: β)")
         if bon is not None and len(bon):
             ax.plot(bon["kl"], bon[key], "o--", color=BON_COLOR, ms=4.5, lw=1.4, zorder=4, label="best-of-n (RM picks)")
