@@ -387,7 +387,7 @@ def validate_algos(c: Config) -> None:
         _require(a.temperature > 0, f"{name}.temperature", a.temperature, "a number > 0")
     g = c.grpo
     _require(g.kl_estimator in KL_ESTIMATORS, "grpo.kl_estimator", g.kl_estimator, " | ".join(KL_ESTIMATORS))
-    _require(g.kl_in in KL_IN, "grpo.kl_in", g.kl_in, " | ".join(KL_IN))
+    _require(g.kl_in in ("loss", "reward"), "grpo.kl_in", g.kl_in, "loss | reward")
     _require(g.epsilon_high is None or g.epsilon_high > 0, "grpo.epsilon_high", g.epsilon_high, "a number > 0, or null (= grpo.epsilon)")
     _require(g.loss_type in GRPO_LOSS_TYPES, "grpo.loss_type", g.loss_type, " | ".join(GRPO_LOSS_TYPES))
     _require(g.scale_rewards in SCALE_REWARDS, "grpo.scale_rewards", g.scale_rewards, " | ".join(SCALE_REWARDS))
