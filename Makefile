@@ -30,11 +30,12 @@ test-fast: install
 lint: install
 	$(BIN)/ruff check rlhf_sweep tests bench
 
-# PPO vs its compute floor and TRL (the bench extra), sweep workers, cost growth; then the default run's wall time
+# PPO vs its compute floor and TRL (the bench extra), sweep workers, cost growth; then the default run's wall time; time per trial per algorithm
 bench: install
 	$(BIN)/python -m pip install -q -e ".[bench]"
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/run_time.py
+	$(BIN)/python bench/algos.py
 
 # optuna-dashboard and the MLflow UI on loopback for the most recent study under OUT (Ctrl-C stops both)
 OUT ?= outputs

@@ -30,6 +30,7 @@ ones; or RLHF_SWEEP_STUDIES_DIR).
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from collections import Counter
@@ -66,30 +67,28 @@ def run_table(s: dict) -> str:
         ("correct action rate", fmt(m["correct/policy"]), fmt(m["correct/ref"])),
         ("wrong action rate", fmt(m["wrong/policy"]), fmt(m["wrong/ref"])),
         ("KL exact (nats/seq)", fmt(m["kl/exact"]), "0"),
-        ("KL k1 / k3 (nats/seq)", f"{m['kl/k1']:.3f} / {m['kl/k3']:.3f}", "0"),
+        ("KL k1 / k3 (nats/seq)", f"{m['kl/k1']:.3f} / {m['kl/k3']:.3f}" if _finite(m["kl/k1"]) else "n/a (no token log-probs)", "0"),
         ("KL exact per token", fmt(m["kl/exact_per_token"]), "0"),
     ]
-    out = [format_table(("held-out (95% CI)", "policy", "reference"), rows, title="")]
+    if "kl/bon_bound" in m:
+        rows.append(("KL bound log n - (n-1)/n", fmt(m["kl/bon_bound"]), f"n = {int(m['bon/n'])}"))
+    algo = s["config"].get("algo", "ppo")
+    out = [format_table((f"held-out (95% CI), algo={algo}", "policy", "reference"), rows, title="")]
     o = s["observations"]
+    v1, v3 = o["rm_prefers_policy"], o["kl_increasing"]
     v_rows = [
-        ("1. RM prefers the policy", o["rm_prefers_policy"]["value"],
-         f"RM win rate {o['rm_prefers_policy']['rm/win_rate']:.3f}, CI [{o['rm_prefers_policy']['ci'][0]:.3f}, {o['rm_prefers_policy']['ci'][1]:.3f}]"),
+        ("1. RM prefers the policy", v1["value"],
+         f"RM win rate {v1['rm/win_rate']:.3f}, CI [{v1['ci'][0]:.3f}, {v1['ci'][1]:.3f}]"
+         + (f" (judge: {v1['judge']})" if "judge" in v1 else "")),
         ("2. humans prefer the reference", o["humans_prefer_reference"]["value"],
          f"gold win rate {o['humans_prefer_reference']['gold/win_rate']:.3f}, CI [{o['humans_prefer_reference']['ci'][0]:.3f}, "
          f"{o['humans_prefer_reference']['ci'][1]:.3f}]; mean gold {m['gold/policy']:.3f} vs {m['gold/ref']:.3f}; "
          f"length {m['len/policy']:.2f} vs {m['len/ref']:.2f}"),
-        ("3. KL keeps increasing", o["kl_increasing"]["value"], kl_evidence(o["kl_increasing"])),
+        ("3. KL keeps increasing", v3["value"] if v3.get("applies", True) else "n/a",
+         kl_evidence(v3) if v3.get("applies", True) else v3["rule"]),
     ]
     out.append(format_table(("observation", "holds", "evidence"), v_rows, title=""))
-    d = s["diagnosis"]
-    out.append(
-        "\nwhy: the RM pays {:.2f} per token holding gold fixed ({:.0%} of its gain is length); "
-        "advantages correlate {:.2f} with filler; beta*KL = {:.2f} against an RM gain of {:.2f}; "
-        "{:.0%} of sampled k1 terms are negative.".format(
-            d["reward_model"]["rm_slope_per_token_holding_gold"], d["reward_model"]["share_of_rm_gain_from_length"],
-            d["ppo"]["adv_filler_corr_mean"], d["kl"]["beta_times_kl"], d["kl"]["rm_gain"], d["kl"]["k1_negative_token_share"],
-        )
-    )
+    out.append(_why(s["diagnosis"]))
     t = s["timing"]
     out.append("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in t.items()))
     return "\n".join(out)
@@ -102,13 +101,38 @@ def kl_evidence(v: dict) -> str:
             f"beta={v['beta']:.3g}")
 
 
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def _why(d: dict) -> str:
+    """The diagnosis in one line: the parts that apply to the run's algorithm (advantages need a policy
+    gradient; beta*KL a KL coefficient; k1 terms per-token log-probabilities)."""
+    rm_part = "the RM pays {:.2f} per token holding gold fixed ({:.0%} of its gain is length)".format(
+        d["reward_model"]["rm_slope_per_token_holding_gold"], d["reward_model"]["share_of_rm_gain_from_length"])
+    parts = [rm_part]
+    if _finite(d["ppo"]["adv_filler_corr_mean"]):
+        parts.append("advantages correlate {:.2f} with filler".format(d["ppo"]["adv_filler_corr_mean"]))
+    if _finite(d["kl"]["beta_times_kl"]):
+        parts.append("beta*KL = {:.2f} against an RM gain of {:.2f}".format(d["kl"]["beta_times_kl"], d["kl"]["rm_gain"]))
+    if _finite(d["kl"]["k1_negative_token_share"]):
+        parts.append("{:.0%} of sampled k1 terms are negative".format(d["kl"]["k1_negative_token_share"]))
+    return "\nwhy: " + "; ".join(parts) + "."
+
+
 def _trajectory_figure(summary: dict, cfg) -> str | None:
     """trajectory.png beside summary.json; a plotting problem costs the figure, never the run."""
     try:
         from . import plots
 
         c = cfg.ppo
-        title = f"rlhf-sweep run, seed {cfg.seed}: β={c.beta:g}, clip ε={c.clip_eps:g}, KL penalty {c.kl_in}+{c.kl_estimator}"
+        title = {"ppo": f"rlhf-sweep run, seed {cfg.seed}: β={c.beta:g}, clip ε={c.clip_eps:g}, KL penalty {c.kl_in}+{c.kl_estimator}",
+                 "rloo": f"rlhf-sweep run algo=rloo, seed {cfg.seed}: β={cfg.rloo.beta:g}, k={cfg.rloo.num_generations}",
+                 "grpo": f"rlhf-sweep run algo=grpo, seed {cfg.seed}: β={cfg.grpo.beta:g}, G={cfg.grpo.num_generations}, "
+                         f"KL {cfg.grpo.kl_estimator} in the {cfg.grpo.kl_in}",
+                 "dpo": f"rlhf-sweep run algo=dpo, seed {cfg.seed}: β={cfg.dpo.beta:g}",
+                 "ipo": f"rlhf-sweep run algo=ipo, seed {cfg.seed}: β (τ)={cfg.dpo.beta:g}",
+                 "bon": f"rlhf-sweep run algo=bon, seed {cfg.seed}: best-of-n' for n' up to {cfg.bon.n}"}[cfg.algo]
         return plots.trajectory(summary["history"], os.path.join(cfg.run_dir, "trajectory.png"), title=title)
     except Exception as e:
         print(f"warning: no trajectory figure ({type(e).__name__}: {e})", file=sys.stderr)

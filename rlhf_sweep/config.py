@@ -180,6 +180,84 @@ class PPOConfig:
     temperature: float = 1.0
 
 
+ALGOS = ("ppo", "rloo", "grpo", "dpo", "ipo", "bon")
+GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+SCALE_REWARDS = ("group", "batch", "none")
+# the config sections that only an `algo=` option composes (conf/algo/), and the algorithms that read each
+ALGO_SECTIONS = {"rloo": ("rloo",), "grpo": ("grpo",), "dpo": ("dpo", "ipo"), "bon": ("bon",)}
+
+
+@dataclass
+class RLOOConfig:
+    """RLOO (Ahmadian et al. 2024) as TRL 1.16's RLOOTrainer runs it: num_generations samples per prompt,
+    each one's baseline the mean reward of the others, the sequence's summed k1 KL in its reward, and a
+    clipped sequence-level ratio. Knob names are TRL's; the sample and update budget is PPO's default."""
+
+    iterations: int = 150  # generation batches, as ppo.iterations
+    batch_size: int = 64  # completions per iteration (TRL's generation batch), a multiple of num_generations
+    num_generations: int = 4  # k samples per prompt (TRL's default is 2; Ahmadian et al. report k = 2 and 4)
+    beta: float = 0.05  # KL coefficient: reward - beta * sum_t (log pi - log ref) (TRL's default)
+    epsilon: float = 0.2  # clip range of the sequence-level ratio (TRL's default)
+    num_iterations: int = 4  # mu, passes over each generation batch (TRL's default 1; PPO's epochs here)
+    steps_per_generation: int = 2  # optimizer steps per pass (TRL's default 1; PPO's minibatches here)
+    normalize_advantages: bool = False  # scale advantages to unit std over the batch (TRL's default: off)
+    lr: float = 1e-4  # as ppo.lr (TRL's 1e-6 is for billion-parameter models)
+    max_grad_norm: float = 1.0
+    temperature: float = 1.0
+
+
+@dataclass
+class GRPOConfig:
+    """GRPO (Shao et al. 2024) as TRL 1.16's GRPOTrainer runs it: num_generations samples per prompt,
+    advantages = reward minus the group mean, divided by the group's std (scale_rewards), a per-token
+    clipped ratio, and the KL term of the KL-penalty machinery (kl.py): the published k3 in the loss,
+    or another estimator and placement. The sample and update budget is PPO's default."""
+
+    iterations: int = 150
+    batch_size: int = 64  # completions per iteration, a multiple of num_generations
+    num_generations: int = 8  # samples per prompt, the group (TRL's default)
+    beta: float = 0.04  # KL coefficient (Shao et al.'s value; TRL's default 0.0 drops the KL term)
+    kl_estimator: str = "k3"  # what the KL term uses per token (k3: Shao et al. and TRL)
+    kl_in: str = "loss"  # loss (per-token term added to the loss, as published) | reward (summed into the sequence reward)
+    # in the loss, a sampled estimator times the ratio pi / pi_old (with its gradient), which makes the term's
+    # expected gradient that of KL(pi || ref) (DeepSeek-V3.2; TRL's default); false = Shao et al.'s published k3 term
+    use_bias_correction_kl: bool = True
+    epsilon: float = 0.2  # lower clip of the per-token ratio
+    epsilon_high: float | None = None  # upper clip; null = epsilon (DAPO recommends 0.28)
+    loss_type: str = "dapo"  # grpo (per-sequence token mean, Shao et al.) | bnpo | dr_grpo | dapo (TRL's default)
+    scale_rewards: str = "group"  # group (divide by the group's std) | batch | none (Dr. GRPO)
+    num_iterations: int = 4  # mu (TRL's default 1)
+    steps_per_generation: int = 2  # (TRL's default 1)
+    lr: float = 1e-4
+    max_grad_norm: float = 1.0
+    temperature: float = 1.0
+
+
+@dataclass
+class DPOConfig:
+    """DPO (Rafailov et al. 2023) and IPO (Azar et al. 2023; `algo=ipo`, TRL's loss_type="ipo") offline
+    on the labeled pairs the RM is trained on, with the SFT reference as the reference model."""
+
+    beta: float = 0.1  # KL coefficient of the implicit reward; IPO's tau (TRL's default for both)
+    iterations: int = 150  # history entries (policy samples after each)
+    steps_per_iteration: int = 3  # optimizer steps per entry: 450 steps of 64 pairs, about TRL's 3 epochs over 10000 pairs
+    batch_size: int = 64  # pairs per step
+    lr: float = 1e-4  # as ppo.lr (TRL's 1e-6 is for billion-parameter models)
+    max_grad_norm: float = 1.0
+    monitor_size: int = 64  # policy samples per iteration behind the history (rm, gold, length, KL)
+    temperature: float = 1.0  # of those samples
+
+
+@dataclass
+class BoNConfig:
+    """Best-of-n: the RM picks the best of n reference samples; nothing is trained."""
+
+    n: int = 16  # candidates per prompt
+    # reference samples per held-out prompt behind the empirical distribution that the exact KL and the
+    # best-of-n expectations are computed on (>= n; Beirami et al.'s formula for discrete distributions)
+    samples_per_prompt: int = 256
+
+
 @dataclass
 class EvalConfig:
     n_prompts: int = 512
@@ -199,6 +277,7 @@ class MLflowConfig:
 @dataclass
 class Config:
     seed: int = 0
+    algo: str = "ppo"  # ppo | rloo | grpo | dpo | ipo | bon: what optimizes against the RM (conf/algo/)
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # torch threads; 0 = all cores
     cache_dir: str = "outputs/cache"
@@ -209,6 +288,10 @@ class Config:
     sft: SFTConfig = field(default_factory=SFTConfig)
     rm: RMConfig = field(default_factory=RMConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    rloo: RLOOConfig = field(default_factory=RLOOConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    bon: BoNConfig = field(default_factory=BoNConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     mlflow: MLflowConfig = field(default_factory=MLflowConfig)
 
@@ -325,6 +408,8 @@ def validate(c: Config) -> None:
     _require(w.gold.ideal_len >= 0, "world.gold.ideal_len", w.gold.ideal_len, "an integer >= 0")
     d = w.demo
     _require(min(d.complete, d.partial, d.wrong) >= 0 and d.complete + d.partial + d.wrong > 0, "world.demo", f"{d.complete}/{d.partial}/{d.wrong}", "non-negative weights complete/partial/wrong with a positive sum")
+    _require(c.algo in ALGOS, "algo", c.algo, " | ".join(ALGOS))
+    validate_algos(c)
     _require(0 < c.eval.confidence < 1, "eval.confidence", c.eval.confidence, "a number in (0, 1)")
     _require(0 < c.eval.trend_window <= 1, "eval.trend_window", c.eval.trend_window, "a share in (0, 1]")
     _require(0 < c.eval.trend_alpha < 1, "eval.trend_alpha", c.eval.trend_alpha, "a level in (0, 1)")
@@ -335,6 +420,40 @@ def validate(c: Config) -> None:
 def rm_model(c: Config) -> ModelConfig:
     """The reward model's architecture: the policy's, with rm.n_layer / rm.n_embd where set."""
     return dataclasses.replace(c.model, n_layer=c.rm.n_layer or c.model.n_layer, n_embd=c.rm.n_embd or c.model.n_embd)
+
+
+def validate_algos(c: Config) -> None:
+    """The knobs of RLOO, GRPO, DPO/IPO and best-of-n (checked whichever algorithm runs: they are all in the config)."""
+    for name in ("rloo", "grpo"):
+        a = getattr(c, name)
+        _require(a.iterations >= 1, f"{name}.iterations", a.iterations, "an integer >= 1")
+        _require(a.num_generations >= 2, f"{name}.num_generations", a.num_generations, "an integer >= 2 (a baseline needs another sample)")
+        _require(a.batch_size >= a.num_generations and a.batch_size % a.num_generations == 0, f"{name}.batch_size", a.batch_size,
+                 f"a multiple of {name}.num_generations={a.num_generations}")
+        _require(a.beta >= 0, f"{name}.beta", a.beta, "a number >= 0")
+        _require(a.epsilon > 0, f"{name}.epsilon", a.epsilon, "a number > 0 (0.2 is usual)")
+        _require(a.num_iterations >= 1, f"{name}.num_iterations", a.num_iterations, "an integer >= 1")
+        _require(1 <= a.steps_per_generation <= a.batch_size, f"{name}.steps_per_generation", a.steps_per_generation,
+                 f"an integer in [1, {name}.batch_size={a.batch_size}]")
+        _require(a.lr > 0, f"{name}.lr", a.lr, "a number > 0")
+        _require(a.temperature > 0, f"{name}.temperature", a.temperature, "a number > 0")
+    g = c.grpo
+    _require(g.kl_estimator in KL_ESTIMATORS, "grpo.kl_estimator", g.kl_estimator, " | ".join(KL_ESTIMATORS))
+    _require(g.kl_in in ("loss", "reward"), "grpo.kl_in", g.kl_in, "loss | reward")
+    _require(g.epsilon_high is None or g.epsilon_high > 0, "grpo.epsilon_high", g.epsilon_high, "a number > 0, or null (= grpo.epsilon)")
+    _require(g.loss_type in GRPO_LOSS_TYPES, "grpo.loss_type", g.loss_type, " | ".join(GRPO_LOSS_TYPES))
+    _require(g.scale_rewards in SCALE_REWARDS, "grpo.scale_rewards", g.scale_rewards, " | ".join(SCALE_REWARDS))
+    d = c.dpo
+    _require(d.beta > 0, "dpo.beta", d.beta, "a number > 0 (it scales the implicit reward; IPO's target margin is 1/(2 beta))")
+    _require(d.iterations >= 1, "dpo.iterations", d.iterations, "an integer >= 1")
+    _require(d.steps_per_iteration >= 1, "dpo.steps_per_iteration", d.steps_per_iteration, "an integer >= 1")
+    _require(d.batch_size >= 1, "dpo.batch_size", d.batch_size, "an integer >= 1")
+    _require(d.lr > 0, "dpo.lr", d.lr, "a number > 0")
+    _require(d.monitor_size >= 2, "dpo.monitor_size", d.monitor_size, "an integer >= 2")
+    _require(d.temperature > 0, "dpo.temperature", d.temperature, "a number > 0")
+    b = c.bon
+    _require(b.n >= 1, "bon.n", b.n, "an integer >= 1")
+    _require(b.samples_per_prompt >= b.n, "bon.samples_per_prompt", b.samples_per_prompt, f"an integer >= bon.n={b.n}")
 
 
 def to_dict(obj: Any) -> dict:
@@ -389,6 +508,10 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> Config:
             parent = key.rsplit(".", 1)[0] if "." in key else ""
             known = _known_keys(_node_at(parent))
             raise ConfigError(f"unknown config key '{key}'; known keys under {parent or 'the top level'}: {known}") from None
+        if m and m.group(1).split(".")[0] in ALGO_SECTIONS:
+            key, algos = m.group(1), ALGO_SECTIONS[m.group(1).split(".")[0]]
+            raise ConfigError(f"{key} is a knob of {' and '.join(f'algo={a}' for a in algos)}, not of the algorithm this "
+                              f"config runs; add algo={algos[0]} (conf/algo/{algos[0]}.yaml)") from None
         m = re.search(r"Could not find '([^/']+)/([^']+)'", text)
         if m:
             group, options = m.group(1), re.findall(r"^\t(\S+)", text, flags=re.M)

@@ -348,7 +348,15 @@ def rm_filler_curve(rm: nn.Module, world: World, prompts: torch.Tensor, response
     return out
 
 
-def diagnose(metrics: dict[str, float], samples: dict, history: list[dict], beta: float, ood: dict | None = None) -> dict:
+def not_applicable(rule: str) -> dict:
+    """A verdict that does not apply to this run's algorithm (e.g. a KL trend where nothing trains)."""
+    return {"value": False, "applies": False, "rule": rule}
+
+
+def diagnose(metrics: dict[str, float], samples: dict, history: list[dict], beta: float, ood: dict | None = None,
+             prefix: str = "ppo") -> dict:
+    """`prefix`: the training algorithm's history prefix (ppo, rloo, grpo, dpo); `beta` its final KL coefficient
+    (NaN for best-of-n). Parts that need per-token KL (samples["kl"]) or advantages are NaN when absent."""
     R, kt = samples["R"], samples["kl"]
     # (a) the reward model: what it pays for, holding gold fixed, on reference samples
     slopes = rm_slopes(R["rm"], R["gold"], R["length"], R["filler"])
@@ -358,14 +366,17 @@ def diagnose(metrics: dict[str, float], samples: dict, history: list[dict], beta
     d_gold = metrics["gold/policy"] - metrics["gold/ref"]
     safe = d_rm if abs(d_rm) > 1e-9 else float("nan")
     # (b) PPO: how advantages lined up with the exploit over training
-    adv_len = [h["ppo/adv_len_corr"] for h in history if "ppo/adv_len_corr" in h]
-    adv_fill = [h["ppo/adv_filler_corr"] for h in history if "ppo/adv_filler_corr" in h]
-    fill_share = [h["ppo/filler_pos_adv_share"] for h in history if "ppo/filler_pos_adv_share" in h]
+    adv_len = [h[f"{prefix}/adv_len_corr"] for h in history if f"{prefix}/adv_len_corr" in h]
+    adv_fill = [h[f"{prefix}/adv_filler_corr"] for h in history if f"{prefix}/adv_filler_corr" in h]
+    fill_share = [h[f"{prefix}/filler_pos_adv_share"] for h in history if f"{prefix}/filler_pos_adv_share" in h]
     # (c) the KL term: sequence KL = per-token KL x length; k1 on sampled tokens
-    mask = kt["mask"].bool()
-    k1_tok = kt["k1"][mask].numpy()
-    k1_seq, ex_seq = kt["k1"].sum(1).numpy(), kt["exact"].sum(1).numpy()
+    nan = float("nan")
+    if kt is not None:
+        mask = kt["mask"].bool()
+        k1_tok = kt["k1"][mask].numpy()
+        k1_seq, ex_seq = kt["k1"].sum(1).numpy(), kt["exact"].sum(1).numpy()
     first, last = history[0], history[-1]
+    clipfrac = [h[f"{prefix}/clipfrac"] for h in history if f"{prefix}/clipfrac" in h]
     out = {
         "reward_model": {
             "rm_slope_per_token_holding_gold": slopes["length"],
@@ -385,8 +396,8 @@ def diagnose(metrics: dict[str, float], samples: dict, history: list[dict], beta
             "adv_filler_corr_mean": float(np.mean(adv_fill)) if adv_fill else float("nan"),
             "filler_share_of_positive_adv_tokens": float(np.mean(fill_share)) if fill_share else float("nan"),
             "filler_share_of_tokens_ref": float(R["filler"].sum() / max(R["length"].sum() + len(R["length"]), 1)),
-            "clipfrac_mean": float(np.mean([h["ppo/clipfrac"] for h in history])),
-            "clipfrac_last": float(last["ppo/clipfrac"]),
+            "clipfrac_mean": float(np.mean(clipfrac)) if clipfrac else nan,
+            "clipfrac_last": float(clipfrac[-1]) if clipfrac else nan,
         },
         "kl": {
             "seq_kl_first": first["kl/exact"],
@@ -396,13 +407,13 @@ def diagnose(metrics: dict[str, float], samples: dict, history: list[dict], beta
             "len_first": first["len"],
             "len_last": last["len"],
             "growth": kl_growth(history),
-            "beta_final": last["ppo/beta"],
-            "beta_times_kl": last["ppo/beta"] * metrics["kl/exact"],
+            "beta_final": beta,
+            "beta_times_kl": beta * metrics["kl/exact"],
             "rm_gain": d_rm,
-            "k1_negative_token_share": float((k1_tok < 0).mean()) if len(k1_tok) else float("nan"),
-            "k1_bias_vs_exact": float(k1_seq.mean() - ex_seq.mean()),
-            "k1_seq_std": float(k1_seq.std()),
-            "exact_seq_std": float(ex_seq.std()),
+            "k1_negative_token_share": float((k1_tok < 0).mean()) if kt is not None and len(k1_tok) else nan,
+            "k1_bias_vs_exact": float(k1_seq.mean() - ex_seq.mean()) if kt is not None else nan,
+            "k1_seq_std": float(k1_seq.std()) if kt is not None else nan,
+            "exact_seq_std": float(ex_seq.std()) if kt is not None else nan,
         },
     }
     if ood is not None:

@@ -303,6 +303,10 @@ def explain(run_dir: str | Path) -> Path:
         s = json.loads(path.read_text())
     except ValueError as e:
         raise ExplainError(f"{path} is not readable JSON ({type(e).__name__}: {' '.join(str(e).split())[:120]}); rerun the run") from None
+    algo = s.get("config", {}).get("algo", "ppo")
+    if algo != "ppo":
+        raise ExplainError(f"{path} is an algo={algo} run; explain.md reads PPO's mechanisms (advantages, the KL penalty): "
+                           "its summary.json holds the verdicts and the diagnosis that apply to it")
     if "diagnosis" not in s or "filler_curve" not in s["diagnosis"].get("reward_model", {}):
         raise ExplainError(f"{path} has no current diagnosis; rerun it with this version (rlhf-sweep run ...)")
     samples = None

@@ -520,7 +520,8 @@ class Runner:
         if todo:
             try:
                 res = sweep.sweep(study_spec(self.spec, self.extra, todo), workers=self.spec.workers,
-                                  storage=str(self.out / "optuna.journal"), tracking_uri=self.uri, out=str(self.out), progress=self.progress)
+                                  storage=str(self.out / "optuna.journal"), tracking_uri=self.uri, out=str(self.out), progress=self.progress,
+                                  baseline=False)  # the report of a study reads it; fixes.md does not
             except StudyError as e:
                 raise FixesError(str(e)) from None
             if res.interrupted:

@@ -1,6 +1,8 @@
-"""One trial, end to end: world -> SFT reference -> labeled pairs -> RM -> PPO -> evaluation.
+"""One trial, end to end: world -> SFT reference -> labeled pairs -> RM -> PPO (or `algo`'s trainer) -> evaluation.
 
-`run(cfg)` is what `rlhf-sweep run` and every sweep trial call. The reference
+`run(cfg)` is what `rlhf-sweep run` and every sweep trial call; `train_policy` is the one place that
+picks the trainer (ppo, rloo, grpo, dpo/ipo), and best-of-n (`algo=bon`) replaces training and
+evaluation with bon.evaluate_bon. The reference
 and the RM are cached under `cache_dir` by a hash of exactly the config that
 determines each, so a run that changes only PPO knobs reuses both.
 """
@@ -19,11 +21,15 @@ import torch
 
 from . import __version__
 from . import kl as klmod
+from .bon import evaluate_bon
 from .config import Config, ModelConfig, config_hash, rm_model, to_dict
-from .evaluate import advantage_record, advantage_stats_from, diagnose, evaluate, observations, rm_filler_curve
+from .dpo import LOSS_TYPES, train_dpo
+from .evaluate import advantage_record, advantage_stats_from, diagnose, evaluate, not_applicable, observations, rm_filler_curve
+from .grpo import train_grpo
 from .models import PolicyWithValue, build_lm, train_sft
 from .ppo import train_ppo
 from .reward import EnsembleRM, RewardModel, calibrate, collect_pairs, pair_accuracy, train_rm
+from .rloo import train_rloo
 from .runtime import cores, file_lock
 from .world import PROMPT_LEN, World, WorldCheckError, describe_world
 
@@ -173,6 +179,27 @@ def load_or_train(path: Path, module: torch.nn.Module, train, device: torch.devi
         return {"cached": False, "path": str(path), **info}
 
 
+def cached_tensors(path: Path, make) -> dict:
+    """A dict of tensors from `path`, or `make()`'s, saved there first: load_or_train's lock and atomic
+    rename for artefacts that are data, not a module's weights."""
+    if not path.exists():
+        with file_lock(path.parent / ".locks" / f"{path.stem}.lock"):
+            if not path.exists():
+                blob = make()
+                tmp = path.with_suffix(f".{os.getpid()}.tmp")
+                torch.save(blob, tmp)
+                os.replace(tmp, path)
+                return blob
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def bon_key(cfg: Config, device: torch.device) -> str:
+    """The cache key of best-of-n's reference samples and RM scores: the reference and RM (their keys),
+    the held-out prompts (seed, eval.n_prompts) and samples per prompt; not n."""
+    rm = ensemble_key(cfg, device) if cfg.rm.ensemble_size > 1 else rm_key(cfg, device)
+    return "bonsamples-" + config_hash(rm, cfg.seed, cfg.eval.n_prompts, cfg.bon.samples_per_prompt)
+
+
 def freeze(module: torch.nn.Module) -> None:
     module.eval()
     for p in module.parameters():
@@ -292,13 +319,40 @@ def get_reward_model(cfg: Config, world: World, ref: torch.nn.Module, device: to
     return ens, info
 
 
+# the history and metric prefix of each algorithm's own statistics (IPO is DPO's trainer)
+PREFIX = {"ppo": "ppo", "rloo": "rloo", "grpo": "grpo", "dpo": "dpo", "ipo": "dpo", "bon": "bon"}
+
+
+def train_policy(cfg: Config, world: World, ref: torch.nn.Module, rm, device: torch.device,
+                 on_iteration) -> tuple[torch.nn.Module, list[dict]]:
+    """The one place that picks the trainer (cfg.algo): the policy starts as a copy of the reference and
+    trains on the training stream; returns the policy LM and one history entry per iteration."""
+    max_len = PROMPT_LEN + cfg.world.max_new_tokens
+    policy_lm = build_lm(cfg.model, world.vocab.size, max_len).to(device)
+    policy_lm.load_state_dict(ref.state_dict())
+    if cfg.algo == "ppo":
+        policy = PolicyWithValue(policy_lm, cfg.model.n_embd).to(device)
+        rng, gen = streams(cfg.seed, "ppo", device)
+        return policy.lm, train_ppo(policy, ref, rm, world, cfg.ppo, rng, gen, device, cfg.progress, on_iteration)
+    rng, gen = streams(cfg.seed, "ppo", device)  # the training stream, whichever algorithm trains
+    if cfg.algo == "rloo":
+        return policy_lm, train_rloo(policy_lm, ref, rm, world, cfg.rloo, rng, gen, device, cfg.progress, on_iteration)
+    if cfg.algo == "grpo":
+        return policy_lm, train_grpo(policy_lm, ref, rm, world, cfg.grpo, rng, gen, device, cfg.progress, on_iteration)
+    if cfg.algo in LOSS_TYPES:  # dpo, ipo: offline on the RM's own labeled pairs
+        pairs, _ = labeled_pairs(cfg, world, ref, device)
+        return policy_lm, train_dpo(policy_lm, ref, rm, world, pairs, cfg.dpo, LOSS_TYPES[cfg.algo], rng, gen, device,
+                                    cfg.progress, on_iteration)
+    raise ValueError(f"algo={cfg.algo!r} trains nothing here; algo accepts ppo | rloo | grpo | dpo | ipo | bon")
+
+
 def save_samples(path: Path, samples: dict, adv_records: list[dict], ood: dict) -> None:
     """The raw held-out numbers the diagnosis reads (~0.5 MB), so `explain` and tests can recompute it."""
     side = ("rm", "gold", "length", "filler")
     torch.save({
         "P": {k: torch.as_tensor(samples["P"][k]) for k in side},
         "R": {k: torch.as_tensor(samples["R"][k]) for k in side},
-        "kl": {k: v.clone() for k, v in samples["kl"].items()},
+        "kl": {k: v.clone() for k, v in samples["kl"].items()} if samples["kl"] is not None else None,
         "adv": [{k: torch.as_tensor(v) for k, v in rec.items()} for rec in adv_records],
         "filler_curve": ood,
     }, path)
@@ -318,42 +372,55 @@ def run(cfg: Config, say=print) -> dict:
         if problems:  # a draw range that makes a broken world: never run on it
             raise WorldCheckError(f"world.draw={cfg.world.draw}: " + "; ".join(problems))
     timer = Timer()
-    penalty = klmod.penalty(cfg.ppo.kl_estimator, cfg.ppo.kl_in)
-    if klmod.warning(penalty):
+    penalty = klmod.penalty(cfg.ppo.kl_estimator, cfg.ppo.kl_in) if cfg.algo == "ppo" else None
+    if penalty is not None and klmod.warning(penalty):
         say(klmod.warning(penalty))
 
     with timer.stage("sft"):
         ref, sft_info = get_reference(cfg, world, device, say)
     with timer.stage("rm"):
         rm, rm_info = get_reward_model(cfg, world, ref, device, say)
-    with timer.stage("ppo"):
-        max_len = PROMPT_LEN + cfg.world.max_new_tokens
-        policy_lm = build_lm(cfg.model, world.vocab.size, max_len).to(device)
-        policy_lm.load_state_dict(ref.state_dict())
-        policy = PolicyWithValue(policy_lm, cfg.model.n_embd).to(device)
-        rng, gen = streams(cfg.seed, "ppo", device)
-
-        adv_records = []  # raw per-iteration numbers behind the advantage diagnosis (samples.pt)
-
+    adv_records = []  # raw per-iteration numbers behind the advantage diagnosis (samples.pt)
+    if cfg.algo == "bon":  # nothing to train: the evaluation is the algorithm
+        with timer.stage("eval"):
+            rng, gen = streams(cfg.seed, "eval", device)
+            path = Path(cfg.cache_dir) / f"{bon_key(cfg, device)}.pt"
+            metrics, samples, history = evaluate_bon(ref, rm, world, cfg.bon, cfg.eval.n_prompts, cfg.eval.confidence, rng,
+                                                     gen, device, cfg.progress, lambda make: cached_tensors(path, make))
+    else:
         def on_iteration(_i: int, entry: dict, batch: dict) -> None:
-            adv_records.append(advantage_record(world, batch))
-            entry.update(advantage_stats_from(adv_records[-1]))
+            if "advantages" in batch:  # DPO has none
+                adv_records.append(advantage_record(world, batch))
+                entry.update({k.replace("ppo/", f"{PREFIX[cfg.algo]}/", 1): v for k, v in advantage_stats_from(adv_records[-1]).items()})
 
-        history = train_ppo(policy, ref, rm, world, cfg.ppo, rng, gen, device, cfg.progress, on_iteration)
+        with timer.stage(cfg.algo):  # the training stage's timing key: ppo, rloo, ...
+            policy_lm, history = train_policy(cfg, world, ref, rm, device, on_iteration)
+        with timer.stage("eval"):
+            rng, gen = streams(cfg.seed, "eval", device)
+            temperature = cfg.ppo.temperature if cfg.algo == "ppo" else 1.0  # PPO evaluates the distribution it sampled from
+            metrics, samples = evaluate(policy_lm, ref, rm, world, cfg.eval.n_prompts, cfg.eval.confidence, rng, gen, device,
+                                        temperature)
     with timer.stage("eval"):
-        rng, gen = streams(cfg.seed, "eval", device)
-        metrics, samples = evaluate(policy.lm, ref, rm, world, cfg.eval.n_prompts, cfg.eval.confidence, rng, gen, device,
-                                    cfg.ppo.temperature)
         metrics["rm/acc_labels"] = rm_info["rm/acc_labels"]
         metrics["rm/acc_gold"] = rm_info["rm/acc_gold"]
-        for k in ("ppo/beta", "ppo/clipfrac", "ppo/approx_kl", "ppo/entropy", "ppo/value_loss"):
-            metrics[k] = history[-1][k]
-        final_beta = history[-1]["ppo/beta"]
+        prefix = PREFIX[cfg.algo]
+        if cfg.algo == "ppo":
+            for k in ("ppo/beta", "ppo/clipfrac", "ppo/approx_kl", "ppo/entropy", "ppo/value_loss"):
+                metrics[k] = history[-1][k]
+        else:  # the trainer's own final statistics (bon's are in its metrics already)
+            metrics.update({k: v for k, v in history[-1].items() if k.startswith(f"{prefix}/") and k not in metrics})
+        final_beta = history[-1][f"{prefix}/beta"] if cfg.algo != "bon" else float("nan")
         obs = observations(metrics, history, final_beta, cfg.eval.trend_window, cfg.eval.trend_alpha,
                            cfg.eval.trend_min_growth)
+        if cfg.algo == "bon":
+            obs["kl_increasing"] = not_applicable("best-of-n trains nothing, so no KL grows over iterations: its KL is set "
+                                                  f"by n (exact {metrics['kl/exact']:.3g} nats, bound {metrics['kl/bon_bound']:.3g})")
+        if cfg.algo in ("dpo", "ipo"):
+            obs["rm_prefers_policy"]["judge"] = ("the RM trained on the same labeled pairs, which DPO never queried: "
+                                                 "a proxy like the one an RL team would have optimized")
         # the RM's shape beyond the reference's filler counts; deterministic, draws no random numbers
         ood = rm_filler_curve(rm, world, samples["prompts"], samples["ref"], device)
-        diag = diagnose(metrics, samples, history, final_beta, ood)
+        diag = diagnose(metrics, samples, history, final_beta, ood, prefix)
     timer.seconds["total"] = round(sum(timer.seconds.values()), 3)
 
     examples = [
@@ -361,7 +428,7 @@ def run(cfg: Config, say=print) -> dict:
         for i in range(5)
     ]
     # what the KL penalty's gradient is (kl.PENALTIES): in the config it ran with, and as a tag for MLflow
-    tags = {"kl/gradient": penalty.gradient}
+    tags = {"kl/gradient": penalty.gradient} if penalty is not None else {}
     summary = {
         "version": __version__,
         "config": {**to_dict(cfg), **tags},
@@ -377,8 +444,9 @@ def run(cfg: Config, say=print) -> dict:
         # timing was recorded) and what PPO + evaluation cost now, in wall and CPU seconds
         "cost": {"rm_train_seconds": rm_info.get("rm/train_seconds", float("nan")),
                  "rm_train_cpu_seconds": rm_info.get("rm/train_cpu_seconds", float("nan")),
-                 "ppo_eval_seconds": round(timer.seconds["ppo"] + timer.seconds["eval"], 3),
-                 "ppo_eval_cpu_seconds": round(timer.cpu["ppo"] + timer.cpu["eval"], 3)},
+                 # the training stage's (PPO's, or the algorithm's; none for best-of-n) + the evaluation's
+                 "ppo_eval_seconds": round(timer.seconds.get(cfg.algo, 0.0) + timer.seconds["eval"], 3),
+                 "ppo_eval_cpu_seconds": round(timer.cpu.get(cfg.algo, 0.0) + timer.cpu["eval"], 3)},
         "examples": examples,
     }
     if cfg.run_dir:

@@ -96,10 +96,11 @@ def pareto(trials: pd.DataFrame, bon: pd.DataFrame | None, path: str | Path, ref
     use_style()
     norm = beta_norm(trials["beta"])
     has_bon = bon is not None and len(bon) > 0
-    kl_max = float(max(trials["kl"].max(), bon["kl"].max() if has_bon else 0))
+    bon_kl_max = float(max(bon["kl"].max(), bon["kl_bound"].max() if "kl_bound" in bon else 0)) if has_bon else 0.0
+    kl_max = float(max(trials["kl"].max(), bon_kl_max))
     # the zoom: where the gold front and the best-of-n curve live (the far, over-optimized trials squash it)
     front_gold = trials[trials["front_gold"]]
-    zoom_kl = float(max(front_gold["kl"].max() if len(front_gold) else 0, bon["kl"].max() if has_bon else 0, 0.5)) * 1.15
+    zoom_kl = float(max(front_gold["kl"].max() if len(front_gold) else 0, bon_kl_max, 0.5)) * 1.15
     fig, axes = plt.subplots(1, 3, figsize=(18, 5.4), constrained_layout=True)
     panels = ((axes[0], "gold", GOLD_LABEL, kl_max, "gold score vs KL"),
               (axes[1], "gold", GOLD_LABEL, zoom_kl, f"gold, zoom on the front (KL ≤ {zoom_kl:.3g})"),
@@ -107,7 +108,9 @@ def pareto(trials: pd.DataFrame, bon: pd.DataFrame | None, path: str | Path, ref
     for ax, key, ylabel, xmax, panel_title in panels:
         zoom = xmax < kl_max
         shown = trials[trials["kl"] <= xmax * 1.08]
-        ax.scatter(shown["kl"], shown[key], c=shown["beta"], cmap=BETA_CMAP, norm=norm, s=55, edgecolors="white",
+        # trials without a beta (best-of-n's knob is n) in grey, not invisible
+        ax.scatter(shown["kl"], shown[key], c=shown["beta"], cmap=plt.get_cmap(BETA_CMAP).with_extremes(bad="0.6"), norm=norm,
+                   plotnonfinite=True, s=55, edgecolors="white",
                    linewidths=0.6, zorder=3, label="PPO trial, held-out (color: β)")
         front = trials[trials[f"front_{key}"]].sort_values("kl")
         if len(front):
@@ -119,7 +122,10 @@ def pareto(trials: pd.DataFrame, bon: pd.DataFrame | None, path: str | Path, ref
                     ax.annotate(f"t{int(r['number'])}", (r["kl"], r[key]), textcoords="offset points", xytext=(4, 5), fontsize=8)
         if has_bon:
             ax.plot(bon["kl"], bon[key], "o--", color=BON_COLOR, ms=4.5, lw=1.4, zorder=4,
-                    label=f"best-of-n, reference samples (n = 1…{int(bon['n'].max())})")
+                    label=f"best-of-n at its exact KL (n = 1…{int(bon['n'].max())})")
+            if "kl_bound" in bon:
+                ax.plot(bon["kl_bound"], bon[key], "o:", color=BON_COLOR, mfc="none", ms=4.5, lw=0.9, alpha=0.45, zorder=3,
+                        label="best-of-n at the bound log n − (n−1)/n")
             for _, r in bon.iterrows():
                 if int(r["n"]) in ((1, 2, 4, 16, 64, 256) if zoom else (1, 256)):
                     ax.annotate(f"n={int(r['n'])}", (r["kl"], r[key]), textcoords="offset points", xytext=(-4, -14),
@@ -219,6 +225,54 @@ def overoptimization(curves: list[dict], bon: dict | None, path: str | Path, tit
     return save(fig, path)
 
 
+ALGO_COLORS = {"ppo": "C0", "rloo": "C1", "grpo": "C2", "dpo": "C4", "ipo": "C9", "bon": BON_COLOR}
+
+
+def algorithms(points: dict[str, pd.DataFrame], fits: dict[str, object], path: str | Path, baseline: pd.DataFrame | None = None,
+               ref: dict[str, float] | None = None, budgets: Sequence[float] = (), title: str = "") -> str:
+    """Every algorithm's frontier on one figure: held-out gold and RM score against exact KL, one colour per
+    algorithm, its trials joined in KL order, and its Gao et al. fit (gao.GaoFit, RL or best-of-n form,
+    on the gold gain over the reference; drawn over its own KL range only).
+
+    points: algorithm -> frame with kl, gold, rm (one row per trial, seed-averaged). baseline: the study's
+    best-of-n baseline path (n, kl, gold, rm) or None. ref: reference gold and rm (dotted lines, and the
+    fits' zero). budgets: KL budgets marked as vertical lines.
+    """
+    use_style()
+    fig, axes = plt.subplots(1, 2, figsize=(15, 5.8), constrained_layout=True)
+    kl_max = max([float(df["kl"].max()) for df in points.values() if len(df)] +
+                 ([float(baseline["kl"].max())] if baseline is not None else []) + [max(budgets, default=1.0)])
+    for ax, key, ylabel in ((axes[0], "gold", GOLD_LABEL), (axes[1], "rm", RM_LABEL)):
+        for algo, df in points.items():
+            color = ALGO_COLORS.get(algo, "0.3")
+            d = df.sort_values("kl")
+            ax.plot(d["kl"], d[key], "-", color=color, lw=1.0, alpha=0.6, zorder=2)
+            ax.scatter(d["kl"], d[key], color=color, s=42, edgecolors="white", linewidths=0.6, zorder=3,
+                       label=f"{algo} ({len(d)} trials)")
+            fit = fits.get(algo)
+            if key == "gold" and fit is not None and fit.ok and ref is not None and len(d):
+                g = np.linspace(0, math.sqrt(float(d["kl"].max())), 200)
+                ax.plot(g**2, ref["gold"] + fit.predict(g), "--", color=color, lw=1.6, zorder=2,
+                        label=f"{algo} Gao fit ({fit.form}): {fit.label()}")
+        if baseline is not None:
+            ax.plot(baseline["kl"], baseline[key], ":", color=BON_COLOR, lw=1.4, zorder=1,
+                    label=f"best-of-n baseline path, exact KL (n = 1…{int(baseline['n'].max())})")
+        if ref and ref.get(key) is not None:
+            ax.axhline(ref[key], color=REF_COLOR, ls=":", lw=1.0, label="reference policy (KL = 0)")
+        for b in budgets:
+            ax.axvline(b, color="0.6", lw=0.8, ls="-.", zorder=0)
+        _sqrt_x(ax, kl_max)
+        ax.set_xlabel(KL_LABEL + ", √ scale" + (f"; budgets {', '.join(f'{b:g}' for b in budgets)} nats" if budgets else ""))
+        ax.set_ylabel(ylabel)
+    axes[0].set_title("gold against exact KL, per algorithm")
+    axes[1].set_title("RM (proxy) against exact KL, per algorithm")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=3, fontsize=8)
+    if title:
+        fig.suptitle(title)
+    return save(fig, path)
+
+
 def length_filler(trials: pd.DataFrame, curves: list[dict], bon: pd.DataFrame | None, path: str | Path,
                   ref: dict[str, float] | None = None, title: str = "") -> str:
     """Figure 3: response length and filler tokens against KL.
@@ -236,7 +290,8 @@ def length_filler(trials: pd.DataFrame, curves: list[dict], bon: pd.DataFrame | 
                             (axes[1], "filler", "filler tokens per response")):
         for c in curves:
             ax.scatter(c["kl"], c[key], color=c["color"], s=8, alpha=0.35, label=f"{c['label']} (per iteration)")
-        ax.scatter(trials["kl"], trials[key], c=trials["beta"], cmap=BETA_CMAP, norm=norm, s=55, edgecolors="white",
+        ax.scatter(trials["kl"], trials[key], c=trials["beta"], cmap=plt.get_cmap(BETA_CMAP).with_extremes(bad="0.6"), norm=norm,
+                   plotnonfinite=True, s=55, edgecolors="white",
                    linewidths=0.6, zorder=3, label="PPO trial, held-out (color: β)")
         if bon is not None and len(bon):
             ax.plot(bon["kl"], bon[key], "o--", color=BON_COLOR, ms=4.5, lw=1.4, zorder=4, label="best-of-n (RM picks)")
@@ -313,35 +368,46 @@ def slices(trials: pd.DataFrame, objectives: list[tuple[str, str]], params: list
 
 # ----- one run ----------------------------------------------------------------------------------------
 def trajectory(history: list[dict], path: str | Path, title: str = "") -> str:
-    """The trajectory of one `rlhf-sweep run`: RM, gold, KL, length and beta against PPO iteration.
+    """The trajectory of one `rlhf-sweep run`: RM, gold, KL, length and beta against iteration.
 
     history: summary["history"] (one dict per iteration with rm, gold, kl/exact, kl/k1, kl/k3,
-    len, filler, ppo/beta).
+    len, filler, and the algorithm's beta: ppo/beta, rloo/beta, ...). A best-of-n history (bon/n,
+    kl/bon_bound, no beta) is drawn against n' with the KL bound beside the exact KL.
     """
     use_style()
     df = pd.DataFrame(history)
-    it = df["iteration"]
-    fig, axes = plt.subplots(5, 1, figsize=(8.5, 12), sharex=True, constrained_layout=True)
+    beta_key = next((c for c in df if c.endswith("/beta")), None)  # ppo/beta, rloo/beta, ...; best-of-n has none
+    bon = "bon/n" in df  # best-of-n's history walks n' instead of iterations
+    it = df["bon/n"] if bon else df["iteration"]
+    fig, axes = plt.subplots(5 if beta_key else 4, 1, figsize=(8.5, 12 if beta_key else 10), sharex=True, constrained_layout=True)
     axes[0].plot(it, df["rm"], color="C0", label="RM score of policy samples")
     axes[0].set_ylabel(RM_LABEL.replace(" (", "\n("))
     axes[1].plot(it, df["gold"], color="C2", label="gold score of policy samples")
     axes[1].set_ylabel(GOLD_LABEL.replace(" (", "\n("))
-    for key, style in (("kl/exact", "-"), ("kl/k1", "--"), ("kl/k3", ":")):
+    for key, style in (("kl/exact", "-"), ("kl/k1", "--"), ("kl/k3", ":"), ("kl/bon_bound", "--")):
         if key in df:
-            axes[2].plot(it, df[key], style, label=key + (" (full vocabulary)" if key == "kl/exact" else " (sampled tokens)"))
+            label = {"kl/exact": " (full vocabulary)" if not bon else " (exact, empirical distribution)",
+                     "kl/bon_bound": ": log n' - (n'-1)/n' (upper bound)"}.get(key, " (sampled tokens)")
+            axes[2].plot(it, df[key], style, label=key + label)
     axes[2].set_ylabel("KL to reference\n(nats per response)")
     axes[3].plot(it, df["len"], color="C4", label="length (tokens)")
     if "filler" in df:
         axes[3].plot(it, df["filler"], color="C5", ls="--", label="filler tokens")
     axes[3].set_ylabel("tokens per response")
-    axes[4].plot(it, df["ppo/beta"], color="C7", label="β (KL coefficient)")
-    axes[4].set_ylabel("β")
-    axes[4].set_ylim(0, float(df["ppo/beta"].max()) * 1.25 or 1.0)  # from 0: a constant β reads as constant
-    axes[4].set_xlabel("PPO iteration")
-    axes[4].xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    if beta_key:
+        axes[4].plot(it, df[beta_key], color="C7", label="β (KL coefficient)")
+        axes[4].set_ylabel("β")
+        axes[4].set_ylim(0, float(df[beta_key].max()) * 1.25 or 1.0)  # from 0: a constant β reads as constant
+    if bon:
+        axes[-1].set_xscale("log", base=2)
+        axes[-1].xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        axes[-1].set_xlabel("n' (best of n' reference samples, RM-chosen)")
+    else:
+        axes[-1].set_xlabel(f"{beta_key.split('/')[0].upper()} iteration")
+        axes[-1].xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     for ax in axes:
         ax.legend(loc="best", fontsize=8)
-    fig.suptitle(title or "PPO trajectory (policy samples of each iteration)")
+    fig.suptitle(title or f"{'best-of-n' if bon else beta_key.split('/')[0].upper()} trajectory (policy samples of each iteration)")
     return save(fig, path)
 
 

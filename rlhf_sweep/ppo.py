@@ -70,16 +70,28 @@ def gae(
     return adv, adv + values
 
 
+def surrogate_terms(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, clip_eps: float,
+    clip_eps_high: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-element PPO-clip loss max(-A r, -A clip(r, 1-eps, 1+eps_high)) and where the clip binds.
+
+    Elements are tokens (PPO, GRPO) or whole sequences (RLOO: log-probs summed over the response);
+    the caller aggregates. eps_high defaults to eps (DAPO's asymmetric clip when it differs).
+    """
+    ratio = torch.exp(logprobs - old_logprobs)
+    loss_unclipped = -advantages * ratio
+    high = clip_eps if clip_eps_high is None else clip_eps_high
+    loss_clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + high)
+    return torch.max(loss_unclipped, loss_clipped), loss_clipped > loss_unclipped
+
+
 def clipped_surrogate(
     logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip_eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """PPO-clip loss max(-A r, -A clip(r, 1-eps, 1+eps)) and the fraction of clipped tokens."""
-    ratio = torch.exp(logprobs - old_logprobs)
-    loss_unclipped = -advantages * ratio
-    loss_clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
-    loss = masked_mean(torch.max(loss_unclipped, loss_clipped), mask)
-    clipfrac = masked_mean((loss_clipped > loss_unclipped).float(), mask)
-    return loss, clipfrac
+    loss, clipped = surrogate_terms(logprobs, old_logprobs, advantages, clip_eps)
+    return masked_mean(loss, mask), masked_mean(clipped.float(), mask)
 
 
 def clipped_value_loss(
@@ -165,6 +177,47 @@ class RunningMoments:
 
 
 # ----- rollouts ---------------------------------------------------------------------------------
+@torch.no_grad()
+def sample_and_score(
+    lm: nn.Module, ref: nn.Module, rm: RewardModel, prompts: torch.Tensor, max_new_tokens: int, gen: torch.Generator,
+    temperature: float = 1.0,
+) -> dict[str, torch.Tensor]:
+    """Policy samples for `prompts` with what every trainer reads from them: log-probs under the policy
+    and the reference, the reference's logits, exact per-token KL and the RM's scores.
+
+    The sampling pass already computed the policy's logits and hidden states for every response
+    token: log-probs, exact KL and values come from it, with no second policy forward.
+    """
+    responses, logits, hidden = sample(lm, prompts, max_new_tokens, gen, temperature, with_states=True)
+    seqs = torch.cat([prompts, responses], 1)
+    ref_logits = response_logits(lm_logits(ref, seqs))
+    if temperature != 1:  # the distributions sampled from (the reference's at the same temperature)
+        logits, ref_logits = logits / temperature, ref_logits / temperature
+    return dict(
+        prompts=prompts, responses=responses, seqs=seqs, mask=response_mask(responses), logits=logits, hidden=hidden,
+        ref_logits=ref_logits, logprobs=token_logprobs(logits, responses), ref_logprobs=token_logprobs(ref_logits, responses),
+        kl_exact=klmod.exact(logits, ref_logits), scores=rm(prompts, responses),
+    )
+
+
+def sample_stats(world: World, cpu: dict[str, torch.Tensor]) -> dict[str, float]:
+    """The history keys every trainer shares, from one batch of policy samples (on the CPU):
+    mean RM score, gold, length, filler, and the sequence KL (exact, k1, k3; nats) and exact KL per token."""
+    feats = world.features(cpu["prompts"], cpu["responses"])
+    m = cpu["mask"]
+    kl_seq = klmod.sequence_sum(cpu["kl_exact"], m)
+    return {
+        "rm": cpu["scores"].mean().item(),
+        "gold": world.gold(cpu["prompts"], cpu["responses"], feats).mean().item(),
+        "len": feats["length"].float().mean().item(),
+        "filler": feats["filler"].float().mean().item(),
+        "kl/exact": kl_seq.mean().item(),
+        "kl/k1": klmod.sequence_sum(klmod.k1(cpu["logprobs"], cpu["ref_logprobs"]), m).mean().item(),
+        "kl/k3": klmod.sequence_sum(klmod.k3(cpu["logprobs"], cpu["ref_logprobs"]), m).mean().item(),
+        "kl/exact_per_token": (kl_seq.sum() / m.sum()).item(),
+    }
+
+
 def rollout(
     policy: PolicyWithValue,
     ref: nn.Module,
@@ -179,20 +232,11 @@ def rollout(
 ) -> dict[str, torch.Tensor]:
     """Sample, score and turn into per-token rewards, advantages and returns."""
     prompts = world.sample_prompts(cfg.batch_size, rng).to(device)
-    # the sampling pass already computed the policy's logits and hidden states for every response
-    # token: log-probs, exact KL and values come from it, with no second policy forward
-    responses, logits, hidden = sample(policy.lm, prompts, world.cfg.max_new_tokens, gen, cfg.temperature, with_states=True)
-    seqs = torch.cat([prompts, responses], 1)
-    mask = response_mask(responses)
+    b = sample_and_score(policy.lm, ref, rm, prompts, world.cfg.max_new_tokens, gen, cfg.temperature)
+    responses, seqs, mask, logprobs, ref_logprobs = b["responses"], b["seqs"], b["mask"], b["logprobs"], b["ref_logprobs"]
+    ref_logits, kl_exact, scores = b["ref_logits"], b["kl_exact"], b["scores"]
     with torch.no_grad():
-        values = policy.v_head(hidden).squeeze(-1)
-        ref_logits = response_logits(lm_logits(ref, seqs))
-        if cfg.temperature != 1:  # the distributions sampled from (the reference's at the same temperature)
-            logits, ref_logits = logits / cfg.temperature, ref_logits / cfg.temperature
-        logprobs = token_logprobs(logits, responses)
-        ref_logprobs = token_logprobs(ref_logits, responses)
-        kl_exact = klmod.exact(logits, ref_logits)
-        scores = rm(prompts, responses)
+        values = policy.v_head(b["hidden"]).squeeze(-1)
     raw_scores = scores.clone()
     if cfg.reward_norm:
         moments.update(scores)
@@ -279,19 +323,10 @@ def train_ppo(
         batch = rollout(policy, ref, rm, world, cfg, beta, rng, gen, device, moments)
         stats = update(policy, opt, batch, cfg, beta, rng)
         cpu = {k: v.detach().cpu() for k, v in batch.items()}
-        feats = world.features(cpu["prompts"], cpu["responses"])
         m = cpu["mask"]
-        kl_seq = klmod.sequence_sum(cpu["kl_exact"], m)
         entry = {
             "iteration": it,
-            "rm": cpu["scores"].mean().item(),
-            "gold": world.gold(cpu["prompts"], cpu["responses"], feats).mean().item(),
-            "len": feats["length"].float().mean().item(),
-            "filler": feats["filler"].float().mean().item(),
-            "kl/exact": kl_seq.mean().item(),
-            "kl/k1": klmod.sequence_sum(klmod.k1(cpu["logprobs"], cpu["ref_logprobs"]), m).mean().item(),
-            "kl/k3": klmod.sequence_sum(klmod.k3(cpu["logprobs"], cpu["ref_logprobs"]), m).mean().item(),
-            "kl/exact_per_token": (kl_seq.sum() / m.sum()).item(),
+            **sample_stats(world, cpu),
             "kl/penalty": klmod.sequence_sum(cpu["kl_t"], m).mean().item(),  # what the penalty's estimator charged
             "ppo/beta": beta,
             "ppo/non_score_reward": (cpu["rewards"].sum(1) - cpu["scores_used"]).mean().item(),

@@ -4,9 +4,11 @@ This module owns gathering what a study's figures need and writing `report.md`:
 - the trials from the Optuna storage (objectives, params, the seed-averaged metrics each
   trial stored), and each trial's per-iteration history from its nested MLflow run
   (falling back to the trials' summary.json files when MLflow is off or elsewhere);
-- the best-of-n baseline: reference samples on held-out prompts (the cached SFT reference
-  and RM of the study's fixed config, via rlhf_sweep.pipeline), scored by the RM and by gold,
-  turned into best-of-n curves with the unbiased estimator of `gao.py`;
+- the best-of-n baseline: the study's `algo=bon` runs, which the sweep ran into OUT/baseline/
+  (sweep.run_baseline); their history is best-of-n' for n' = 1, 2, 4, ..., 256 at the exact KL,
+  beside the bound log n - (n-1)/n. The report reads results only: it never builds a model;
+- when the trials span several algorithms (`algo`): every algorithm's frontier on one figure
+  and a table of best gold, its KL, and gold at fixed KL budgets;
 - Gao et al. fits (RL form per trial, best-of-n form on the baseline), PED-ANOVA importances;
 - the figures (drawn by `plots.py`), `report.md`, and their upload as artifacts of the
   study's MLflow parent run.
@@ -31,10 +33,6 @@ from .study import StudyError, StudySpec, load_spec
 from .sweep import open_storage
 from .tables import fmt, md_table
 
-BON_NS = tuple(2**k for k in range(9))  # 1, 2, 4, ..., 256
-BON_PROMPTS = 64  # held-out prompts at most (split over the seeds); each gets max(BON_NS) reference samples
-BON_STREAM = 6  # a random stream of its own (pipeline.STREAMS uses 1-5), so the prompts are not the eval's
-SAMPLE_CHUNK = 4096  # sequences per sampling call
 MAX_CURVES = 6  # trials drawn in the over-optimization figure
 MIN_IMPORTANCE_TRIALS = 10  # PED-ANOVA compares the top 10% of trials with all: fewer is noise
 HV_SHARE = 0.9  # the report says after how many trials the study's hypervolume reached this share of its final value
@@ -47,7 +45,9 @@ HISTORY_KEYS = ("gold", "rm", "kl/exact", "len", "filler")
 
 FIGURES = {
     "pareto": "Pareto frontier: gold and RM score against exact KL, every trial colored by β, the non-dominated front "
-              "as a line, and the best-of-n baseline from reference samples",
+              "as a line, and the best-of-n baseline at its exact KL (hollow: where the bound log n − (n−1)/n puts it)",
+    "algorithms": "Algorithms: gold and RM score against exact KL, one colour per algorithm (its trials joined in KL "
+                  "order), Gao et al.'s fit per algorithm, the best-of-n baseline path, and the KL budgets of the table",
     "overoptimization": "Over-optimization: per-iteration gold and RM gain against d = √KL for chosen trials, "
                         "with Gao et al.'s RL form fitted to gold and the best-of-n form fitted to the best-of-n curve",
     "length_filler": "Length and filler tokens against KL: held-out values per trial, per-iteration paths of the chosen "
@@ -126,10 +126,15 @@ def non_dominated(kl: np.ndarray, value: np.ndarray) -> np.ndarray:
     return out
 
 
+# each algorithm's KL knob, as its runs record it in their metrics (IPO's is DPO's beta, best-of-n's is n)
+ALGO_KNOB = {"ppo": "ppo/beta", "rloo": "rloo/beta", "grpo": "grpo/beta", "dpo": "dpo/beta", "ipo": "dpo/beta", "bon": "bon/n"}
+
+
 def _beta(t) -> float:
     if "ppo.beta" in t.params:
         return float(t.params["ppo.beta"])
-    return float((t.user_attrs.get("metrics") or {}).get("ppo/beta", math.nan))
+    m = t.user_attrs.get("metrics") or {}
+    return float(next((v for k, v in m.items() if k.endswith("/beta") and v is not None), math.nan))
 
 
 def trial_frame(spec: StudySpec, ostudy) -> pd.DataFrame:
@@ -140,14 +145,16 @@ def trial_frame(spec: StudySpec, ostudy) -> pd.DataFrame:
     for t in complete:
         m = t.user_attrs.get("metrics") or {}
         cons = t.constraints
-        row = {"number": t.number, "beta": _beta(t), "pareto": t.number in pareto,
+        algo = str(t.params.get("algo", spec.fixed.get("algo", "ppo")))
+        row = {"number": t.number, "algo": algo, "knob": m.get(ALGO_KNOB.get(algo, "ppo/beta")),
+               "seconds": t.user_attrs.get("seconds"), "beta": _beta(t), "pareto": t.number in pareto,
                "feasible": all(v <= 0 for v in cons.values()) if cons else True,
                "kl": m.get("kl/exact"), "gold": m.get("gold/policy"), "rm": m.get("rm/policy"),
                "len": m.get("len/policy"), "filler": m.get("filler/policy"),
                "gold_ref": m.get("gold/ref"), "rm_ref": m.get("rm/ref"), "len_ref": m.get("len/ref"),
                "filler_ref": m.get("filler/ref"), "run_id": t.user_attrs.get("mlflow_run_id"),
                "run_dir": t.user_attrs.get("run_dir"), "threads": t.user_attrs.get("threads")}
-        row.update({p.name: t.params.get(p.name) for p in spec.space})
+        row.update({name: t.params.get(name) for name in spec.param_names})
         row.update({o.metric: v for o, v in zip(spec.objectives, t.values, strict=True)})
         rows.append(row)
     df = pd.DataFrame(rows)
@@ -221,63 +228,78 @@ def histories(spec: StudySpec, trials: pd.DataFrame, tracking_uri: str | None) -
 
 
 # ----- the best-of-n baseline ------------------------------------------------------------------------
-def trial_threads(trials: pd.DataFrame) -> int | None:
-    """The torch thread count most trials ran with (cache keys hold it; cores // workers in a sweep)."""
-    counts = trials["threads"].dropna() if "threads" in trials else pd.Series(dtype=float)
-    return int(counts.mode().iloc[0]) if len(counts) else None
+def bon_baseline(out_dir: Path, spec: StudySpec) -> tuple[pd.DataFrame | None, str]:
+    """The best-of-n baseline from the study's `algo=bon` runs (sweep.run_baseline wrote them into
+    OUT/baseline/seed-N/): each run's history is best-of-n' for n' = 1, 2, 4, ..., at the exact KL of the
+    empirical distribution of reference samples (kl) beside the bound (kl_bound); averaged over the seeds.
+    Returns (frame with n, kl, kl_bound, gold, rm, len, filler; or None, and a line saying what it is)."""
+    import json
+
+    from .sweep import BASELINE_DIR, combine_seeds
+
+    where = out_dir / BASELINE_DIR
+    runs = [(seed, where / f"seed-{seed}" / "summary.json") for seed in spec.seeds]
+    runs = [(seed, p) for seed, p in runs if p.is_file()]
+    if not runs:
+        return None, (f"best-of-n baseline: no runs in {where} (the sweep runs them after its trials; a study swept "
+                      f"before they existed, or interrupted, has none): `rlhf-sweep sweep {spec.name}` runs them")
+    summaries = [json.loads(p.read_text()) for _, p in runs]
+    seeds = [seed for seed, _ in runs]
+    h = pd.DataFrame(combine_seeds(summaries, seeds)["history"])
+    df = h.rename(columns={"bon/n": "n", "kl/exact": "kl", "kl/bon_bound": "kl_bound"})[
+        ["n", "kl", "kl_bound", "gold", "rm", "len", "filler"]]
+    c = summaries[0]["config"]
+    info = (f"algo=bon runs in {where}: {c['bon']['samples_per_prompt']} reference samples per held-out prompt, "
+            f"{c['eval']['n_prompts']} prompts, seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}; "
+            "exact KL of the empirical distribution (Beirami et al.), bound log n − (n−1)/n beside it")
+    return df, info
 
 
-def bon_frontier(spec: StudySpec, threads: int | None, n_prompts: int = BON_PROMPTS, say=print) -> tuple[pd.DataFrame, str]:
-    """Best-of-n from reference samples: for n in BON_NS, the RM-chosen sample's gold, RM, length, filler.
+# ----- algorithms -------------------------------------------------------------------------------------
+BUDGETS = (1.0, 3.0, 10.0)  # KL budgets (nats) of the algorithms table
 
-    Loads the study's reference and RM through the pipeline (those the trials used when `threads` is
-    theirs; trained now when not cached), samples
-    max(BON_NS) responses per held-out prompt, and applies the unbiased estimator to all of them.
-    KL is log n - (n-1)/n, an upper bound (exact only for continuous outcomes).
-    """
-    import torch
 
-    from . import pipeline
-    from .config import compose
-    from .models import sample
-    from .reward import score
-    from .world import World
+def algo_frontier(kl: np.ndarray, gold: np.ndarray, gold_ref: float) -> tuple[np.ndarray, np.ndarray]:
+    """An algorithm's gold frontier: its non-dominated trials (no other has less KL and more gold) with the
+    reference (KL 0, gold_ref) in front, sorted by KL. Gold never falls along it: a budget can always be
+    spent on less KL."""
+    kl = np.concatenate([[0.0], np.asarray(kl, dtype=float)])
+    gold = np.concatenate([[gold_ref], np.asarray(gold, dtype=float)])
+    keep = non_dominated(kl, gold)
+    order = np.argsort(kl[keep], kind="stable")
+    return kl[keep][order], gold[keep][order]
 
-    N = max(BON_NS)
-    # no more prompts than the trials' own evaluation uses (a smoke study evaluates on a few dozen)
-    n_prompts = min(n_prompts, compose(spec.fixed_overrides()).eval.n_prompts)
-    per_seed = max(1, math.ceil(n_prompts / len(spec.seeds)))
-    cols: dict[str, list[np.ndarray]] = {k: [] for k in ("rm", "gold", "len", "filler")}
-    for seed in spec.seeds:
-        cfg = compose([*spec.fixed_overrides(), f"seed={seed}"])
-        cfg.progress = False
-        device = pipeline.pick_device(cfg.device)
-        if threads is not None:
-            cfg.threads = threads
-        world = World(cfg.world)
-        ref, _ = pipeline.get_reference(cfg, world, device, say)
-        rm, _ = pipeline.get_reward_model(cfg, world, ref, device, say)
-        rng = np.random.default_rng([seed, BON_STREAM])
-        gen = torch.Generator(device=device)
-        gen.manual_seed(seed * 1000 + BON_STREAM)
-        prompts = world.sample_prompts(per_seed, rng).repeat_interleave(N, dim=0)
-        responses = torch.cat([sample(ref, prompts[s : s + SAMPLE_CHUNK].to(device), cfg.world.max_new_tokens, gen).cpu()
-                               for s in range(0, len(prompts), SAMPLE_CHUNK)])
-        feats = world.features(prompts, responses)
-        values = {"rm": score(rm, prompts, responses, device), "gold": world.gold(prompts, responses, feats),
-                  "len": feats["length"], "filler": feats["filler"]}
-        for k, v in values.items():
-            cols[k].append(v.float().numpy().reshape(per_seed, N))
-    arr = {k: np.concatenate(v) for k, v in cols.items()}
-    rows = []
-    for n in BON_NS:
-        row = {"n": n, "kl": gao.bon_kl(n)}
-        for k in ("rm", "gold", "len", "filler"):
-            row[k] = float(gao.bon_estimate(arr["rm"], arr[k], n).mean())
-        rows.append(row)
-    info = (f"{per_seed * len(spec.seeds)} held-out prompts x {N} reference samples"
-            + (f" (seeds {', '.join(map(str, spec.seeds))})" if len(spec.seeds) > 1 else f" (seed {spec.seeds[0]})"))
-    return pd.DataFrame(rows), info
+
+def gold_at_budget(kl: np.ndarray, gold: np.ndarray, gold_ref: float, budget: float) -> float:
+    """Gold reachable with at most `budget` nats: linear interpolation in KL between the two frontier points
+    around it (a mixture of the two policies reaches that gold at no more KL, since KL is convex); NaN
+    when no trial reached the budget (what more KL would buy is unknown)."""
+    if not len(kl) or budget > float(np.max(kl)):
+        return math.nan
+    fk, fg = algo_frontier(kl, gold, gold_ref)
+    return float(np.interp(budget, fk, fg))
+
+
+def algorithm_rows(df: pd.DataFrame, budgets: tuple[float, ...] = BUDGETS) -> tuple[list[list], dict[str, gao.GaoFit]]:
+    """Per algorithm: trials, knob range, best gold and its KL and knob, gold at each budget, Gao et al.'s
+    fit (best-of-n form for bon, RL form otherwise) on the trials' held-out end points, wall time."""
+    rows, fits = [], {}
+    for algo, g in df.groupby("algo", sort=False):
+        g = g.sort_values("kl")
+        ref = float(g["gold_ref"].mean())
+        d = np.sqrt(np.clip(g["kl"].to_numpy(dtype=float), 0, None))
+        fit = (gao.fit_bon if algo == "bon" else gao.fit_rl)(d, g["gold"].to_numpy(dtype=float) - ref)
+        fits[algo] = fit
+        best = g.loc[g["gold"].idxmax()]
+        peak = fit.peak_d**2 if fit.ok else math.nan
+        falls = bool(best["kl"] < g["kl"].max() and g.iloc[-1]["gold"] < best["gold"])
+        knobs = g["knob"].dropna()
+        rows.append([algo, len(g), f"{float(knobs.min()):g}…{float(knobs.max()):g}" if len(knobs) else "",
+                     float(best["gold"]), float(best["kl"]), f"{float(best['knob']):g}" if best["knob"] is not None else "",
+                     *[gold_at_budget(g["kl"].to_numpy(), g["gold"].to_numpy(), ref, b) for b in budgets],
+                     f"{fit.form}: {fit.label()}", peak, "yes" if falls else "no",
+                     float(g["seconds"].astype(float).sum()) / 60])
+    return rows, fits
 
 
 def write_report(name: str, storage: str, uri: str | None, out_dir: Path) -> None:
@@ -319,6 +341,8 @@ def choose_trials(df: pd.DataFrame, have: set[int]) -> list[int]:
 
 def param_importances(ostudy, spec: StudySpec, n_complete: int) -> tuple[dict[str, dict[str, float]], list[str]]:
     """PED-ANOVA importances of the searched knobs per objective, or notes saying why not."""
+    if spec.trials:
+        return {}, ["importances: not computed, the study runs planned trials (no search whose knobs could matter)"]
     if len(spec.space) < 2:
         return {}, [f"importances: only one knob ({spec.space[0].name}) is searched, so its importance is trivially 1"]
     if n_complete < MIN_IMPORTANCE_TRIALS:
@@ -355,7 +379,7 @@ def _figure(files: dict[str, str], key: str, number: int) -> str:
 def write_markdown(data: StudyData, files: dict[str, str], fits: dict[int, gao.GaoFit], bon_fit: gao.GaoFit | None,
                    study_fit: gao.GaoFit, imps: dict[str, dict[str, float]]) -> str:
     s, df = data.spec, data.trials
-    knobs = [p.name for p in s.space]
+    knobs = s.param_names
     out = [f"# Study report: {data.name}", ""]
     if s.description:
         out += [s.description, ""]
@@ -363,7 +387,7 @@ def write_markdown(data: StudyData, files: dict[str, str], fits: dict[int, gao.G
         ["objectives", ", ".join(f"{o.metric} ({o.direction})" for o in s.objectives)],
         ["search space", "; ".join(f"{p.name}: " + (f"{p.choices}" if p.kind == "categorical" else
                                                     f"{p.kind} [{fmt(p.low)}, {fmt(p.high)}]" + (" log" if p.log else ""))
-                                   for p in s.space)],
+                                   for p in s.space) or f"none: {len(s.trials)} planned trials over {', '.join(knobs)}"],
         ["fixed", ", ".join(f"{k}={v}" for k, v in s.fixed.items()) or "none"],
         ["constraints", "; ".join(c.text for c in s.constraints) or "none"],
         ["seeds per trial", f"{len(s.seeds)} ({'seed' if len(s.seeds) == 1 else 'seeds'} {', '.join(map(str, s.seeds))})"],
@@ -400,11 +424,12 @@ def write_markdown(data: StudyData, files: dict[str, str], fits: dict[int, gao.G
     out += [md_table(["objective", "trial", *knobs, *obj_cols], rows), ""]
     if data.bon is not None:
         ref = df[["gold_ref", "rm_ref", "len_ref"]].mean()
-        out += [f"Best-of-n baseline ({data.bon_info}; the RM picks, gold judges; KL = log n − (n−1)/n, an upper bound). "
+        out += [f"Best-of-n baseline ({data.bon_info}; the RM picks, gold judges). The exact KL is at most the bound and "
+                "saturates where the reference's answers repeat (at −log of the RM's favourite's probability). "
                 f"The trials' reference on their evaluation prompts: gold {fmt(ref['gold_ref'])}, RM {fmt(ref['rm_ref'])}, "
                 f"length {fmt(ref['len_ref'])}.", ""]
-        out += [md_table(["n", "KL (nats)", "gold", "RM", "length", "filler"],
-                         [[int(r.n), r.kl, r.gold, r.rm, r.len, r.filler] for r in data.bon.itertuples()]), ""]
+        out += [md_table(["n", "KL exact (nats)", "KL bound (nats)", "gold", "RM", "length", "filler"],
+                         [[int(r.n), r.kl, r.kl_bound, r.gold, r.rm, r.len, r.filler] for r in data.bon.itertuples()]), ""]
 
     # 2. Gao fits
     out += ["## 2. Over-optimization and Gao et al. fits", "", _figure(files, "overoptimization", 2)]
@@ -422,7 +447,7 @@ def write_markdown(data: StudyData, files: dict[str, str], fits: dict[int, gao.G
     blank = [""] * len(knobs)
     rows = []
     if bon_fit is not None:
-        rows.append(fit_row("best-of-n (n = 1…256)", blank, float(data.bon["kl"].max()), bon_fit))
+        rows.append(fit_row(f"best-of-n (n = 1…{int(data.bon['n'].max())}, exact KL)", blank, float(data.bon["kl"].max()), bon_fit))
     rows.append(fit_row("all trials, held-out end points", blank, float(df["kl"].max()), study_fit))
     for _, r in df.sort_values("beta").iterrows():
         f = fits.get(int(r["number"]))
@@ -443,6 +468,8 @@ def write_markdown(data: StudyData, files: dict[str, str], fits: dict[int, gao.G
     out += [_figure(files, "importance", 4), _figure(files, "slices", 5 if "importance" in files else 4)]
 
     out += data.sections
+    if "algorithms" in files:
+        out += algorithms_markdown(df, files)
     out += hypervolume_section(data, files)
 
     if data.notes:
@@ -482,9 +509,24 @@ def hypervolume_section(data: StudyData, files: dict[str, str]) -> list[str]:
     return out
 
 
+def algorithms_markdown(df: pd.DataFrame, files: dict[str, str]) -> list[str]:
+    """The algorithms section: its figure and, per algorithm, best gold, its KL, gold at the KL budgets."""
+    rows, _ = algorithm_rows(df)
+    number = sum(1 for k in FIGURES if k in files and k not in ("algorithms", "hypervolume")) + 1
+    return ["## Algorithms: one frontier each", "", _figure(files, "algorithms", number),
+            "Per algorithm, over its KL knob (β; n for best-of-n), each trial averaged over its seeds. \"gold at B nats\": "
+            "the algorithm's gold frontier (its trials that no other of its trials beats with less KL, and the reference at "
+            "KL 0) interpolated linearly in KL at B, what a mixture of its two neighbouring policies reaches at no more KL "
+            "(KL is convex); n/a when none of its trials reached B. \"falls\": its highest-KL trial has less gold than its "
+            "best (gold rose, then fell). The Gao et al. fit is on the trials' held-out end points (gain over the "
+            "reference against d = √KL); its peak KL is d*².", "",
+            md_table(["algorithm", "trials", "knob", "best gold", "at KL (nats)", "knob there",
+                      *[f"gold at {b:g} nats" for b in BUDGETS], "Gao fit", "fitted peak KL", "falls", "wall (min)"], rows), ""]
+
+
 # ----- the report ---------------------------------------------------------------------------------------
 def report(study: str, storage: str | None = None, tracking_uri: str | None = None, out: str | None = None,
-           bon_prompts: int = BON_PROMPTS, say=print) -> str:
+           say=print) -> str:
     """Write the figures and report.md of a study into its output directory; returns report.md's path.
 
     study: a name in studies/, a study YAML path, or the --name a sweep used. storage and out
@@ -517,16 +559,9 @@ def report(study: str, storage: str | None = None, tracking_uri: str | None = No
         data.notes.append("the study searches knobs that change the reference or the RM; the best-of-n baseline uses the "
                           "study's fixed config with those knobs at their defaults")
 
-    quiet = lambda msg: None if ": cached" in msg else say(f"report: {msg}")  # noqa: E731 (only builds are news)
-    say(f"report: best-of-n baseline from reference samples (up to {bon_prompts} prompts x {max(BON_NS)})")
-    try:
-        threads = trial_threads(df)
-        if threads is None:
-            data.notes.append("the trials did not record their thread count (a study from before it was recorded): "
-                              "the best-of-n baseline uses a reference and RM of this process's thread count")
-        data.bon, data.bon_info = bon_frontier(spec, threads, bon_prompts, quiet)
-    except Exception as e:  # the trials' figures are still worth having
-        data.notes.append(f"best-of-n baseline not computed: {type(e).__name__}: {e}")
+    data.bon, data.bon_info = bon_baseline(out_dir, spec)
+    if data.bon is None:
+        data.notes.append(data.bon_info)
 
     ref = {"gold": float(df["gold_ref"].mean()), "rm": float(df["rm_ref"].mean()),
            "len": float(df["len_ref"].mean()), "filler": float(df["filler_ref"].mean())}
@@ -543,7 +578,8 @@ def report(study: str, storage: str | None = None, tracking_uri: str | None = No
         r, h = df[df["number"] == n].iloc[0], hist[n]
         d = np.sqrt(np.clip(h["kl/exact"].to_numpy(dtype=float), 0, None))
         role = "front" if r["front_gold"] else "β extreme"
-        curves.append({"label": f"t{n} β={r['beta']:.3g} ({role})", "color": color, "d": d, "kl": d**2,
+        knob = f"β={r['beta']:.3g}" if r["algo"] == "ppo" else f"{r['algo']} {ALGO_KNOB[r['algo']].split('/')[1]}={r['knob']:.3g}"
+        curves.append({"label": f"t{n} {knob} ({role})", "color": color, "d": d, "kl": d**2,
                        "gold_gain": h["gold"].to_numpy(dtype=float) - r["gold_ref"],
                        "rm_gain": h["rm"].to_numpy(dtype=float) - r["rm_ref"],
                        "len": h["len"].to_numpy(dtype=float), "filler": h["filler"].to_numpy(dtype=float), "fit": fits[n]})
@@ -562,13 +598,20 @@ def report(study: str, storage: str | None = None, tracking_uri: str | None = No
                                                        trials=study_points)
     files["length_filler"] = plots.length_filler(df, curves, data.bon, out_dir / "length_filler.png", ref=ref, title=title)
 
+    if df["algo"].nunique() > 1:
+        _, algo_fits = algorithm_rows(df)
+        files["algorithms"] = plots.algorithms(
+            {a: g[["kl", "gold", "rm"]] for a, g in df.groupby("algo", sort=False)}, algo_fits, out_dir / "algorithms.png",
+            baseline=data.bon, ref={"gold": ref["gold"], "rm": ref["rm"]}, budgets=BUDGETS, title=title)
+
     imps, imp_notes = param_importances(ostudy, spec, len(df))
     data.notes += imp_notes
     if imps:
         files["importance"] = plots.importances(imps, out_dir / "importance.png", title=title)
     params = [(p.name, p.log, p.kind == "categorical") for p in spec.space]
-    files["slices"] = plots.slices(df, [(o.metric, o.direction) for o in spec.objectives], params, out_dir / "slices.png",
-                                   title=title)
+    if params and not spec.trials:  # planned trials: each sets its own keys, nothing to slice along
+        files["slices"] = plots.slices(df, [(o.metric, o.direction) for o in spec.objectives], params, out_dir / "slices.png",
+                                       title=title)
     if kl_study.searched(spec):  # a study of KL penalties: what each lets through at equal beta, and its frontier
         a = kl_study.analyse(kl_study.points(spec, ostudy), ref["gold"])
         files["kl_placement"] = plots.kl_placement(
@@ -594,7 +637,7 @@ def report(study: str, storage: str | None = None, tracking_uri: str | None = No
     from . import worlds
 
     try:
-        extra, extra_files = worlds.section(data, quiet)
+        extra, extra_files = worlds.section(data, lambda msg: None if ": cached" in msg else say(f"report: {msg}"))
     except Exception as e:  # the generic report is still worth having
         say(f"report: the world analyses failed: {type(e).__name__}: {e}")
         extra, extra_files = f"\n## World analyses\n\nnot computed: {type(e).__name__}: {e}\n", {}

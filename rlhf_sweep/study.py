@@ -3,8 +3,11 @@
 A study names its objectives (metric keys and directions), a search space over config keys
 (float and int, optionally log-scaled or on a grid, and categorical), fixed overrides, seeds
 per trial, the number of trials, the sampler and optional constraints (`kl/exact <= 20`).
-Instead of sampling, a study can list its trials (`trials:`, `PlannedTrial`): a value for every
-searched key and the seeds of each; the sweep then runs exactly those (see sweep.py).
+Instead of sampling, a study can list its trials (`trials:`, `PlannedTrial`); the sweep then runs
+exactly those (see sweep.py). An entry is `{params: {key: value}, seeds: [..], name: ..}`, or a
+plain mapping of config keys to values where a list value expands into one trial per value
+(`{algo: rloo, rloo.beta: [0.01, 0.1]}` plans two). Without a `space`, every key the trials set
+is searched as a categorical of the values they give it.
 A categorical value `a+b` of a config group (`experiment: [baseline, rm_ensemble+kl_control]`)
 composes both options, as `experiment=[a,b]` does on the command line.
 Every problem is found here, before any trial runs, and reported as one line that names it.
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import itertools
 import json
 import math
 import re
@@ -170,6 +174,17 @@ class StudySpec:
     def directions(self) -> list[str]:
         return [o.direction for o in self.objectives]
 
+    @property
+    def param_names(self) -> list[str]:
+        """The config keys that vary between trials (the searched ones)."""
+        return [p.name for p in self.space]
+
+    def suggest(self, trial) -> dict[str, Any]:
+        """A trial's config overrides: sampled from the space, or for a planned trial (queued by the sweep;
+        Optuna hands the queued values back) the keys it sets (`plan_params`)."""
+        keys = trial.user_attrs.get("plan_params")
+        return {p.name: p.suggest(trial) for p in self.space if keys is None or p.name in keys}
+
     def fixed_overrides(self) -> list[str]:
         return [param_override(k, v) for k, v in self.fixed.items()]
 
@@ -314,13 +329,16 @@ def _seeds(raw: Any, where: str) -> list[int]:
 
 
 def check_planned(t: PlannedTrial, space: list[Param], where: str) -> None:
-    """A planned trial gives every searched key a value its Param admits, and nothing else."""
+    """A planned trial gives searched keys only, each a value its Param admits (a key it leaves out keeps
+    the study's fixed value or the config's default)."""
     names = [p.name for p in space]
-    extra, missing = [k for k in t.params if k not in names], [n for n in names if n not in t.params]
-    if extra or missing:
-        raise StudyError(f"{where}: params must give exactly the searched keys ({', '.join(names)})"
-                         + (f"; unknown: {', '.join(extra)}" if extra else "") + (f"; missing: {', '.join(missing)}" if missing else ""))
+    extra = [k for k in t.params if k not in names]
+    if extra or not t.params:
+        raise StudyError(f"{where}: params must give searched keys ({', '.join(names)})"
+                         + (f"; unknown: {', '.join(extra)}" if extra else "; it gives none"))
     for p in space:
+        if p.name not in t.params:
+            continue
         v = t.params[p.name]
         if p.kind == "categorical":
             if v not in p.choices:
@@ -337,6 +355,21 @@ def _planned(raw: Any, space: list[Param], seeds: list[int], where: str) -> Plan
                      seeds=_seeds(raw["seeds"], f"{where}.seeds") if "seeds" in raw else list(seeds), name=str(raw.get("name", "")))
     check_planned(t, space, where)
     return t
+
+
+def expand_planned(entry: dict, at: str) -> list[dict[str, Any]]:
+    """A plain `trials:` entry -> one dict of overrides per trial: a list value expands the entry into one
+    trial per value (several lists: every combination, in order), so `{algo: rloo, rloo.beta: [0.01, 0.1]}`
+    plans two trials."""
+    if not entry:
+        raise StudyError(f"{at}: expected a mapping of config keys to values, got {entry!r}")
+    for k in entry:
+        if k in RESERVED_KEYS:
+            raise StudyError(f"{at}: {k} is set by the sweep" + (" (use 'seeds')" if k == "seed" else ""))
+    axes = [[_scalar(x, at) for x in v] if isinstance(v, list) else [_scalar(v, at)] for v in entry.values()]
+    if any(not a for a in axes):
+        raise StudyError(f"{at}: an empty list of values")
+    return [dict(zip(entry, combo, strict=True)) for combo in itertools.product(*axes)]
 
 
 CONSTRAINT_RE = re.compile(r"^\s*(\S+)\s*(<=|>=)\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*$")
@@ -380,8 +413,8 @@ def load_spec(study: str, check_config: bool = True) -> StudySpec:
     where = f"study {name}"
     if not isinstance(raw, dict):
         raise StudyError(f"{where}: expected a mapping with objectives, space, n_trials, ...")
-    _check_keys(raw, ("description", "objectives", "space", "fixed", "seeds", "n_trials", "sampler",
-                      "sampler_seed", "sampler_options", "constraints", "reference_point", "trials"), where)
+    _check_keys(raw, ("description", "objectives", "space", "trials", "fixed", "seeds", "n_trials", "sampler",
+                      "sampler_seed", "sampler_options", "constraints", "reference_point"), where)
 
     objectives_raw = raw.get("objectives")
     if isinstance(objectives_raw, str):  # a single metric to maximize? no: make the direction explicit
@@ -395,9 +428,28 @@ def load_spec(study: str, check_config: bool = True) -> StudySpec:
             raise StudyError(f"{where}: objectives: {metric}: direction {direction!r} is not maximize or minimize")
         objectives.append(Objective(metric, DIRECTIONS[str(direction).lower()]))
 
-    space_raw = raw.get("space")
-    if not isinstance(space_raw, dict) or not space_raw:
-        raise StudyError(f"{where}: space: expected a mapping of config keys to {{type, low, high}} or {{choices}}")
+    space_raw = raw.get("space") or {}
+    trials_raw = raw.get("trials")
+    if trials_raw is not None and (not isinstance(trials_raw, list) or not trials_raw):
+        raise StudyError(f"{where}: trials: expected a non-empty list of planned trials")
+    if not isinstance(space_raw, dict) or (not space_raw and not trials_raw):
+        raise StudyError(f"{where}: space: expected a mapping of config keys to {{type, low, high}} or {{choices}}"
+                         " (or 'trials': a list of planned trials)")
+    seeds = _seeds(raw.get("seeds", 1), f"{where}: seeds")
+    entries = []  # (the {params, seeds, name} form, where), a plain entry expanded
+    for i, t in enumerate(trials_raw or []):
+        at = f"{where}: trials[{i}]"
+        if isinstance(t, dict) and "params" not in t:
+            entries += [({"params": p}, at) for p in expand_planned(t, at)]
+        else:
+            entries.append((t, at))
+    if trials_raw and not space_raw:  # searched: every key the trials set, as a categorical of the values they give it
+        choices: dict[str, list[Any]] = {}
+        for t, at in entries:
+            for k, v in (t.get("params") or {}).items() if isinstance(t, dict) and isinstance(t.get("params"), dict) else ():
+                if _scalar(v, at) not in choices.setdefault(str(k), []):
+                    choices[str(k)].append(_scalar(v, at))
+        space_raw = {k: v for k, v in choices.items()}
     space = [_param(str(k), v, f"{where}: space: {k}") for k, v in space_raw.items()]
 
     fixed = raw.get("fixed") or {}
@@ -407,10 +459,13 @@ def load_spec(study: str, check_config: bool = True) -> StudySpec:
         if k in RESERVED_KEYS:
             raise StudyError(f"{where}: fixed: {k} is set by the sweep" + (" (use 'seeds')" if k == "seed" else ""))
         if k in space_raw:
-            raise StudyError(f"{where}: {k} is both searched (space) and fixed")
+            raise StudyError(f"{where}: {k} is both " + ("searched (space)" if "space" in raw else "in planned trials") + " and fixed")
 
-    seeds = _seeds(raw.get("seeds", 1), f"{where}: seeds")
-    trials = [_planned(t, space, seeds, f"{where}: trials[{i}]") for i, t in enumerate(raw.get("trials") or [])]
+    trials = [_planned(t, space, seeds, at) for t, at in entries]
+    seen = [json.dumps([t.params, t.seeds], sort_keys=True, default=str) for t in trials]
+    dup = next((i for i, k in enumerate(seen) if k in seen[:i]), None)
+    if dup is not None:
+        raise StudyError(f"{entries[dup][1]}: the trial {trials[dup].params} on seeds {trials[dup].seeds} is planned twice")
 
     n_trials = raw.get("n_trials", len(trials) if trials else None)
     if not isinstance(n_trials, int) or isinstance(n_trials, bool) or n_trials < 1:
@@ -421,7 +476,7 @@ def load_spec(study: str, check_config: bool = True) -> StudySpec:
     sampler = str(raw.get("sampler", "tpe")).lower()
     if sampler not in SAMPLERS:
         raise StudyError(f"{where}: sampler {raw.get('sampler')!r} is not one of {', '.join(SAMPLERS)}")
-    if sampler == "grid":
+    if sampler == "grid" and not trials:
         missing = [p.name for p in space if not p.grid_values()]
         if missing:
             raise StudyError(f"{where}: the grid sampler needs 'grid' values (or categorical choices) for {', '.join(missing)}")
@@ -477,6 +532,13 @@ def check_against_config(spec: StudySpec) -> None:
         compose(spec.fixed_overrides())
     except ConfigError as e:
         raise StudyError(f"{where}: fixed: {e}") from None
+    for i, t in enumerate(spec.trials):
+        try:
+            compose(spec.trial_overrides(t, spec.seeds[0]))
+        except ConfigError as e:
+            raise StudyError(f"{where}: trials[{i}] {json.dumps(t)}: {e}") from None
+    if not spec.space:
+        return
     base = {p.name: p.probe_values()[0] for p in spec.space}
     try:
         compose(spec.trial_overrides(base, spec.seeds[0]))
@@ -491,6 +553,8 @@ def check_against_config(spec: StudySpec) -> None:
 
 
 def make_sampler(spec: StudySpec, seed: int):
+    if spec.trials:  # every trial is planned and enqueued: Optuna hands back their values, nothing is sampled
+        return optuna.samplers.RandomSampler(seed=seed)
     opts = dict(spec.sampler_options)
     if spec.sampler == "tpe":
         # constant_liar: a running trial counts as a bad result, so parallel workers spread out

@@ -209,7 +209,7 @@ def owner_alive(token: str) -> bool | None:
         return True
 
 
-PLAN_ATTRS = ("plan_key", "seeds", "plan_name")  # what makes a queued trial a planned one
+PLAN_ATTRS = ("plan_key", "seeds", "plan_name", "plan_params")  # what makes a queued trial a planned one
 
 
 class RetryStaleTrial(optuna.storages.RetryHeartbeatStaleTrialCallback):
@@ -378,10 +378,58 @@ def _clean(v: Any) -> Any:
     return v
 
 
+def run_config(overrides: list[str], run_dir: Path, threads: int, say: Callable[[str], None]) -> tuple[Any, dict]:
+    """One pipeline run of the composed overrides into run_dir (summary.json there): what every trial seed and
+    every baseline run is. A cold SFT reference or RM is built under its lock, once per host."""
+    from . import pipeline
+
+    cfg = compose(overrides)
+    cfg.run_dir = str(run_dir)
+    cfg.progress = False
+    cfg.threads = threads
+    return cfg, pipeline.run(cfg, say=say)
+
+
+# ----- the best-of-n baseline ---------------------------------------------------------------------
+BASELINE_DIR = "baseline"  # OUT/baseline/seed-N/summary.json, read by report.bon_baseline
+BASELINE_N = 256  # its history walks best-of-n' for n' = 1, 2, 4, ..., 256
+
+
+def baseline_overrides(spec: StudySpec, seed: int) -> list[str]:
+    """`algo=bon` on the study's fixed config: the same world, reference, RM and held-out evaluation as its
+    trials (a fixed `algo` and that algorithm's own knobs are left out: best-of-n trains nothing)."""
+    from .config import ALGO_SECTIONS
+
+    keep = {k: v for k, v in spec.fixed.items() if k != "algo" and k.split(".")[0] not in ALGO_SECTIONS}
+    return [*(f"{k}={override_value(v)}" for k, v in keep.items()), "algo=bon", f"bon.n={BASELINE_N}",
+            f"bon.samples_per_prompt={BASELINE_N}", f"seed={seed}"]
+
+
+def run_baseline(spec: StudySpec, name: str, out_dir: Path, threads: int, client=None, exp_id: str | None = None,
+                 parent: str | None = None, say: Callable[[str], None] = print) -> list[Path]:
+    """The study's best-of-n baseline, one `algo=bon` run per seed into OUT/baseline/seed-N/ (skipped when its
+    summary.json exists), with the trials' thread count so it reuses their cached reference and RM; each run
+    is an MLflow run nested in the study's. Returns the summary paths."""
+    from . import tracking
+
+    paths = []
+    for seed in spec.seeds:
+        run_dir = out_dir / BASELINE_DIR / f"seed-{seed}"
+        paths.append(run_dir / "summary.json")
+        if paths[-1].is_file():
+            continue
+        say(f"best-of-n baseline, seed {seed}: algo=bon, n' = 1…{BASELINE_N}, {BASELINE_N} reference samples per held-out prompt")
+        cfg, summary = run_config(baseline_overrides(spec, seed), run_dir, threads, say)
+        if client is not None and exp_id is not None:
+            tracking.log_finished(client, exp_id, summary, cfg.run_dir, f"{name}-baseline-s{seed}",
+                                  tags={"study": name, "seed": str(seed), "rlhf_sweep.role": "baseline"}, parent_run_id=parent)
+    return paths
+
+
 def run_trial(job: Job, study, trial, client, say: Callable[[str], None], storage=None) -> dict:
     """Run one asked trial over its seeds (a planned trial's own, else the study's), log it, and tell
     Optuna; returns a short record. storage: the study's, when the caller has it open."""
-    from . import pipeline, tracking
+    from . import tracking
 
     spec, t0 = job.spec, time.perf_counter()
     seeds = list(trial.user_attrs.get("seeds") or spec.seeds)
@@ -390,7 +438,7 @@ def run_trial(job: Job, study, trial, client, say: Callable[[str], None], storag
     params: dict[str, Any] = {}
     run_id = None
     try:
-        params = {p.name: p.suggest(trial) for p in spec.space}  # a retried trial gets its parameters back
+        params = spec.suggest(trial)  # a retried trial gets its parameters back
         trial.set_user_attr("run_dir", str(trial_dir))
         trial.set_user_attr("threads", job.threads)  # part of the cache keys: the report reuses the trials' reference and RM
         retry_of = _retried_trial_number(storage or open_storage(job.storage), study.study_name, trial)
@@ -405,11 +453,7 @@ def run_trial(job: Job, study, trial, client, say: Callable[[str], None], storag
             trial.set_user_attr("mlflow_run_id", run_id)
         summaries = []
         for seed in seeds:
-            cfg = compose(spec.trial_overrides(params, seed))
-            cfg.run_dir = str(trial_dir / f"seed-{seed}")
-            cfg.progress = False
-            cfg.threads = job.threads
-            summary = pipeline.run(cfg, say=say)  # a cold artefact is built under its lock, once per host
+            cfg, summary = run_config(spec.trial_overrides(params, seed), trial_dir / f"seed-{seed}", job.threads, say)
             summaries.append(summary)
             if client is not None and len(seeds) > 1:
                 seed_run = tracking.start_run(client, job.experiment_id, f"{job.study_name}-t{trial.number:04d}-s{seed}",
@@ -647,6 +691,7 @@ def _parent_run(client, exp_id: str, study, spec: StudySpec, name: str, uri: str
               "study.constraints": "; ".join(c.text for c in spec.constraints),
               **{f"space.{p.name}": json.dumps({k: v for k, v in dataclasses.asdict(p).items() if v not in (None, [], False) and k != "name"})
                  for p in spec.space},
+              **({"study.trials": json.dumps(spec.trials)} if spec.trials else {}),
               **{f"fixed.{k}": v for k, v in flatten(spec.fixed).items()}}
     client.log_batch(run_id, params=[MLParam(k, str(v)[:6000]) for k, v in params.items()])
     study.set_user_attr("mlflow_parent_run_id", run_id)
@@ -673,9 +718,10 @@ def effective_spec(study: str | StudySpec, n_trials: int | None, workers: int) -
 
 def sweep(study: str | StudySpec, n_trials: int | None = None, workers: int = 1, storage: str | None = None,
           name: str | None = None, tracking_uri: str | None = None, out: str | None = None, progress: bool = True,
-          heartbeat: int = HEARTBEAT_S) -> SweepResult:
+          heartbeat: int = HEARTBEAT_S, baseline: bool = True) -> SweepResult:
     """Run (or resume) a study until it has n_trials COMPLETE trials (a planned study: until each of its
-    `trials` is complete); write the CSVs; return a summary. The report is the caller's (report.write_report).
+    `trials` is complete); then (with `baseline`) its best-of-n baseline runs; write the CSVs; return a
+    summary. The report is the caller's (report.write_report).
 
     Everything that can be wrong with the inputs raises StudyError before any trial runs.
     heartbeat: seconds between the heartbeats of a running trial on an RDB storage.
@@ -783,6 +829,13 @@ def sweep(study: str | StudySpec, n_trials: int | None = None, workers: int = 1,
                 p.join(timeout=30)
                 if p.is_alive():
                     p.terminate()
+    if baseline and not interrupted:
+        try:
+            run_baseline(spec, name, out_dir, threads, client, exp_id, parent,
+                         say=lambda msg: None if ": cached" in msg else print(msg, flush=True))
+        except Exception as e:  # the trials are stored either way; the next `sweep` retries it
+            print(f"warning: the best-of-n baseline failed ({type(e).__name__}: {' '.join(str(e).split())[:300]}); "
+                  "the same command runs it again", flush=True)
     return finish(spec, name, storage, out_dir, client, parent, uri, interrupted, keys)
 
 
@@ -837,7 +890,8 @@ def enqueue_planned(study, spec: StudySpec, keys: list[str]) -> int:
     n = 0
     for t, key in zip(spec.trials, keys, strict=True):
         if key not in have:
-            study.enqueue_trial(t.params, user_attrs={"plan_key": key, "seeds": list(t.seeds), "plan_name": t.name})
+            study.enqueue_trial(t.params, user_attrs={"plan_key": key, "seeds": list(t.seeds), "plan_name": t.name,
+                                                    "plan_params": list(t.params)})
             have.add(key)
             n += 1
     return n
@@ -915,7 +969,7 @@ def write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
 
 
 def pareto_table(spec: StudySpec, best, n_complete: int) -> str:
-    names = [p.name for p in spec.space]
+    names = spec.param_names
     first = spec.objectives[0]
     best = sorted(best, key=lambda t: t.values[0], reverse=first.direction == "maximize")
     headers = ["trial", *names, *[f"{o.metric} ({o.direction[:3]})" for o in spec.objectives]]

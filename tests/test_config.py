@@ -20,6 +20,25 @@ def test_conf_defaults_equal_dataclass_defaults(group, option):
     assert flatten(text) == flatten(dataclasses.asdict(getattr(Config(), group)))
 
 
+@pytest.mark.parametrize("option", ["ppo", "rloo", "grpo", "dpo", "ipo", "bon"])
+def test_algo_options_equal_dataclass_defaults(option):
+    """Each conf/algo/ option names its algorithm and carries its sections whole, at the dataclass defaults
+    (an option's `defaults` list brings another option's sections: ipo uses dpo's)."""
+    def sections(name: str) -> dict:
+        text = yaml.safe_load((Path(CONF_DIR) / "algo" / f"{name}.yaml").read_text())
+        out = {}
+        for d in text.pop("defaults", []):
+            if d != "_self_":
+                out.update(sections(d))
+        return {**out, **text}
+
+    text = sections(option)
+    assert text.pop("algo") == option
+    for section, values in text.items():
+        assert flatten(values) == flatten(dataclasses.asdict(getattr(Config(), section))), section
+    assert dataclasses.asdict(compose([f"algo={option}"])) == {**dataclasses.asdict(Config()), "algo": option}
+
+
 def test_compose_defaults_equal_config():
     assert dataclasses.asdict(compose([])) == dataclasses.asdict(Config())
 

@@ -1,5 +1,5 @@
-"""End to end: the three observations on the default world, the causal control, a strong KL
-penalty, determinism, and what lands on disk and in MLflow.
+"""End to end: the three observations on the default world (PPO, and where they apply RLOO, GRPO, DPO and
+best-of-n), the causal control, a strong KL penalty, determinism, and what lands on disk and in MLflow.
 
 The science tests run the default config (about a minute cold on 2 cores, then
 cached SFT). Seed 0 runs in CI; set RLHF_SWEEP_SEEDS=0,1,2 for all three.
@@ -65,6 +65,47 @@ def test_strong_kl_penalty_keeps_the_policy_near_the_reference(default_runs, cac
     # gold stays close to the reference; the default's drift is many times larger
     assert abs(strong["gold/policy"] - strong["gold/ref"]) < 0.15
     assert abs(base["gold/policy"] - base["gold/ref"]) > 2 * abs(strong["gold/policy"] - strong["gold/ref"])
+
+
+@pytest.fixture(scope="module")
+def algo_runs(cache_dir):
+    """Each other algorithm at its defaults on the default world (best-of-n on 64 samples per prompt, to stay cheap)."""
+    extra = {"bon": ["bon.samples_per_prompt=64"]}
+    return {(a, s): run(cache_dir, f"seed={s}", f"algo={a}", *extra.get(a, [])) for a in ("rloo", "grpo", "dpo", "bon") for s in SEEDS}
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("algo", ["rloo", "grpo"])
+def test_rloo_and_grpo_show_all_three_observations(algo_runs, algo, seed):
+    """Critic-free RL against the same RM over-optimizes as PPO does: the RM prefers the policy, gold prefers the
+    reference (longer, more filler), and KL keeps growing although beta > 0."""
+    s = algo_runs[algo, seed]
+    obs, m = s["observations"], s["metrics"]
+    assert obs["rm_prefers_policy"]["value"] and obs["humans_prefer_reference"]["value"] and obs["kl_increasing"]["value"], obs
+    assert m["len/policy"] > m["len/ref"] + 1 and m["filler/policy"] > m["filler/ref"] + 0.5
+    assert obs["kl_increasing"]["beta"] == s["config"][algo]["beta"] > 0
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_dpo_learns_the_labelers_bias_without_querying_an_rm(algo_runs, seed):
+    """DPO never sees the RM, yet the RM trained on the same labels prefers its policy (verdict 1, the separately
+    trained RM's view), its answers grow longer, and KL keeps growing over its steps."""
+    s = algo_runs["dpo", seed]
+    obs, m = s["observations"], s["metrics"]
+    assert obs["rm_prefers_policy"]["value"] and "never queried" in obs["rm_prefers_policy"]["judge"], obs
+    assert obs["kl_increasing"]["value"], obs["kl_increasing"]
+    assert m["len/policy"] > m["len/ref"]
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_best_of_n_sits_at_its_kl_bound_here(algo_runs, seed):
+    """The reference's answers rarely repeat, so best-of-16's exact KL is within a few percent of log n - (n-1)/n;
+    the RM prefers the choice, and no KL trend applies (nothing trains)."""
+    s = algo_runs["bon", seed]
+    obs, m = s["observations"], s["metrics"]
+    assert obs["rm_prefers_policy"]["value"] and obs["kl_increasing"]["applies"] is False
+    assert 0.95 * m["kl/bon_bound"] <= m["kl/exact"] <= m["kl/bon_bound"]
+    assert m["bon/distinct_per_prompt"] > 0.5 * m["bon/samples_per_prompt"]
 
 
 def test_summary_has_the_documented_keys(default_runs):

@@ -7,6 +7,7 @@ tests/test_sweep.py), so their SFT/RM cache is shared within this module and not
 
 from __future__ import annotations
 
+import math
 import re
 import subprocess
 import sys
@@ -53,8 +54,11 @@ def smoke(workdir, tmp_path_factory) -> Path:
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert f"report: {tmp / 'out' / 'report.md'}" in r.stdout, r.stdout[-3000:]
     assert "warning" not in r.stdout
-    # the best-of-n baseline reuses the trials' reference and RM (one-thread workers: their cache keys)
-    assert "report: best-of-n" in r.stdout and "report: SFT reference: trained" not in r.stdout, r.stdout[-3000:]
+    # the sweep runs the best-of-n baseline (algo=bon, one run per seed) on the trials' reference and RM (one-thread
+    # workers: their cache keys), so nothing is trained twice; the report only reads it
+    assert "best-of-n baseline, seed 0" in r.stdout and "best-of-n baseline, seed 1" in r.stdout, r.stdout[-3000:]
+    assert r.stdout.count("SFT reference: trained") == 2 and "report: SFT" not in r.stdout, r.stdout[-3000:]
+    assert (tmp / "out" / "baseline" / "seed-1" / "summary.json").is_file()
     return tmp
 
 
@@ -73,9 +77,11 @@ def check_report_dir(out: Path) -> str:
                     "## 3. Length and filler", "## 4. Hyperparameters", "## Hypervolume after each trial"):
         assert section in md
     check_hypervolume(out, md)
-    # the best-of-n table reaches n = 256 at KL = log 256 - 255/256, and its fit has numbers
-    assert re.search(r"^\| 256 \| 4\.549 \|", md, flags=re.M), md
-    bon_row = next(line for line in md.splitlines() if line.startswith("| best-of-n (n = 1…256)"))
+    # the best-of-n table reaches n = 256, its exact KL at most the bound log 256 - 255/256, and its fit has numbers
+    rows = re.findall(r"^\| (\d+) \| ([0-9.]+) \| ([0-9.]+) \|", md, flags=re.M)
+    assert [int(n) for n, _, _ in rows] == [1, 2, 4, 8, 16, 32, 64, 128, 256], md
+    assert rows[-1][2] == "4.549" and all(float(exact) <= float(bound) + 1e-3 for _, exact, bound in rows)
+    bon_row = next(line for line in md.splitlines() if line.startswith("| best-of-n (n = 1…256, exact KL)"))
     assert "n/a" not in bon_row.split("|")[-5]  # R² of the best-of-n fit
     return md
 
@@ -126,6 +132,58 @@ def test_report_command_rebuilds_it_from_summary_files(smoke, workdir, tmp_path,
               "--tracking-uri", f"sqlite:///{tmp_path / 'other.db'}"])
     md = check_report_dir(out)
     assert "per-iteration histories from | summary.json" in md
+
+
+@pytest.mark.e2e
+def test_an_algorithms_study_draws_one_frontier_per_algorithm(workdir, tmp_path, monkeypatch):
+    """Planned trials across algorithms (smoke-sized): each runs its own algorithm and knob, the report draws
+    algorithms.png and a row per algorithm, and a best-of-n trial agrees with the baseline path at its n."""
+    import json
+
+    import yaml
+
+    monkeypatch.chdir(workdir)  # the module's SFT/RM cache
+    smoke = yaml.safe_load((Path(sweep.__file__).parent.parent / "studies" / "smoke.yaml").read_text())
+    study = {"objectives": {"gold/policy": "maximize", "kl/exact": "minimize"}, "fixed": smoke["fixed"], "seeds": 1,
+             "trials": [{"algo": "ppo", "ppo.beta": [0.03, 0.3]}, {"algo": "rloo", "rloo.beta": 0.05},
+                        {"algo": "dpo", "dpo.beta": 0.1}, {"algo": "bon", "bon.n": [4, 16]}]}
+    path = tmp_path / "algos.yaml"
+    path.write_text(yaml.safe_dump(study, sort_keys=False))
+    out = tmp_path / "out"
+    res = sweep.sweep(str(path), storage=str(tmp_path / "study.journal"), tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+                      out=str(out), progress=False)
+    assert (res.n_complete, res.n_failed) == (6, 0)
+    import optuna
+
+    trials = optuna.load_study(study_name="algos", storage=sweep.open_storage(str(tmp_path / "study.journal"))).trials
+    ran = {(t.params["algo"], t.params.get("ppo.beta", t.params.get("rloo.beta", t.params.get("dpo.beta", t.params.get("bon.n")))))
+           for t in trials}
+    assert ran == {("ppo", 0.03), ("ppo", 0.3), ("rloo", 0.05), ("dpo", 0.1), ("bon", 4), ("bon", 16)}
+    for t in trials:  # each ran the algorithm it was planned with
+        summary = json.loads((Path(t.user_attrs["run_dir"]) / "seed-0" / "summary.json").read_text())
+        assert summary["config"]["algo"] == t.params["algo"]
+    bon16 = next(t for t in trials if t.params.get("bon.n") == 16).user_attrs["metrics"]
+    assert bon16["kl/exact"] <= bon16["kl/bon_bound"] + 1e-9
+    baseline = json.loads((out / "baseline" / "seed-0" / "summary.json").read_text())["history"]
+    at16 = next(h for h in baseline if h["bon/n"] == 16)
+    assert at16["kl/exact"] == pytest.approx(bon16["kl/exact"]) and at16["gold"] == pytest.approx(bon16["gold/policy"])
+
+    check_png(out / "algorithms.png")
+    md = (out / "report.md").read_text()
+    assert "## Algorithms: one frontier each" in md and "](algorithms.png)" in md
+    rows = [line for line in md.splitlines() if re.match(r"^\| (ppo|rloo|dpo|bon) \| \d+ \|", line)]
+    assert sorted(line.split("|")[1].strip() for line in rows) == ["bon", "dpo", "ppo", "rloo"]
+
+
+def test_gold_at_a_budget_interpolates_along_the_frontier():
+    kl, gold = np.array([2.0, 4.0, 8.0, 5.0]), np.array([1.0, 2.0, 1.5, 1.0])
+    # frontier: (0, 0.5) reference, (2, 1), (4, 2); (8, 1.5) and (5, 1) are beaten by (4, 2)
+    fk, fg = report.algo_frontier(kl, gold, 0.5)
+    assert fk.tolist() == [0.0, 2.0, 4.0] and fg.tolist() == [0.5, 1.0, 2.0]
+    assert report.gold_at_budget(kl, gold, 0.5, 1.0) == pytest.approx(0.75)
+    assert report.gold_at_budget(kl, gold, 0.5, 3.0) == pytest.approx(1.5)
+    assert report.gold_at_budget(kl, gold, 0.5, 6.0) == pytest.approx(2.0)  # spend less: the best within the budget
+    assert math.isnan(report.gold_at_budget(kl, gold, 0.5, 10.0))  # no trial reached 10 nats
 
 
 @pytest.mark.e2e

@@ -79,7 +79,11 @@ def test_two_workers_and_another_process_reads_everything_back(workdir, tmp_path
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
     parent = study.user_attrs["mlflow_parent_run_id"]
-    runs = mlflow.search_runs(experiment_names=["rlhf-sweep"], filter_string=f"tags.mlflow.parentRunId = '{parent}'")
+    nested = mlflow.search_runs(experiment_names=["rlhf-sweep"], filter_string=f"tags.mlflow.parentRunId = '{parent}'")
+    runs = nested[nested["tags.rlhf_sweep.role"] == "trial"]
+    # and the best-of-n baseline, one algo=bon run per seed, beside the trials
+    baseline = nested[nested["tags.rlhf_sweep.role"] == "baseline"]
+    assert sorted(baseline["tags.seed"]) == ["0", "1"] and set(baseline["params.algo"]) == {"bon"}
     assert sorted(runs["tags.trial"].astype(int)) == [0, 1, 2, 3]
     assert set(runs["tags.study"]) == {"smoke"}
     assert set(runs["run_id"]) == {t.user_attrs["mlflow_run_id"] for t in trials}
@@ -223,7 +227,7 @@ def test_unknown_study_name_and_shipped_studies_load(capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "no study 'no_such_study'" in err and "smoke" in err
-    for name in ("smoke", "beta_clip_frontier", "length_and_rm_reg", "full"):
+    for name in ("smoke", "beta_clip_frontier", "length_and_rm_reg", "full", "algorithms_frontier"):
         spec = sweep.load_spec(name)  # composes every bound and choice against the config schema
         assert spec.n_trials >= 1 and spec.objectives
 
@@ -272,7 +276,48 @@ def test_an_uncached_artefact_is_trained_once_by_concurrent_workers(tmp_path):
     assert sorted(p.name for p in path.parent.iterdir()) == [".locks", "rm-x.pt"]  # no lock or temp file among the artefacts
 
 
-@pytest.mark.parametrize("name", ["smoke", "beta_clip_frontier", "length_and_rm_reg", "full"])
+def planned_study(tmp_path: Path, trials, **extra) -> Path:
+    spec = {"objectives": {"gold/policy": "maximize"}, "trials": trials, "seeds": 1, **extra}
+    path = tmp_path / "planned.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def test_planned_trials_expand_lists_into_one_trial_per_value(tmp_path):
+    path = planned_study(tmp_path, [{"algo": "rloo", "rloo.beta": [0.01, 0.1], "rloo.num_generations": [2, 4]},
+                                    {"algo": "bon", "bon.n": 4}])
+    spec = sweep.load_spec(str(path))
+    assert spec.n_trials == 5 and spec.space == []
+    assert spec.trials[:2] == [{"algo": "rloo", "rloo.beta": 0.01, "rloo.num_generations": 2},
+                               {"algo": "rloo", "rloo.beta": 0.01, "rloo.num_generations": 4}]
+    assert spec.trials[-1] == {"algo": "bon", "bon.n": 4}
+    assert spec.param_names == ["algo", "rloo.beta", "rloo.num_generations", "bon.n"]
+    assert spec.planned_choices()["algo"] == ["rloo", "bon"]
+    # the sweep queues each planned trial once, and a failed one again
+    study = optuna.create_study(directions=["maximize"])
+    assert sweep.enqueue_planned(study, spec) == [0, 1, 2, 3, 4] and sweep.enqueue_planned(study, spec) == []
+    trial = study.ask()
+    assert trial.user_attrs["planned"] == 0 and spec.suggest(trial) == spec.trials[0]
+    study.tell(trial, state=TrialState.FAIL)
+    assert sweep.enqueue_planned(study, spec) == [0]
+
+
+@pytest.mark.parametrize("trials,extra,needle", [
+    ([{"algo": "rloo", "rloo.betta": 0.1}], {}, "trials[0] {\"algo\": \"rloo\", \"rloo.betta\": 0.1}: unknown config key 'rloo.betta'"),
+    ([{"rloo.beta": 0.1}], {}, "rloo.beta is a knob of algo=rloo"),
+    ([{"algo": "ppo"}, {"algo": ["ppo", "rloo"]}], {}, 'the trial {"algo": "ppo"} is planned twice'),
+    ([{"algo": "ppo"}], {"n_trials": 3}, "n_trials is 3 but 'trials' plans 1"),
+    ([{"seed": 1}], {}, "seed is set by the sweep"),
+    ([{"algo": "ppo"}], {"space": {"ppo.beta": {"low": 0.01, "high": 0.1}}}, "either 'space' (a search) or 'trials'"),
+    ([], {}, "expected a non-empty list"),
+])
+def test_bad_planned_trials_fail_in_one_line(tmp_path, trials, extra, needle):
+    with pytest.raises(sweep.StudyError) as e:
+        sweep.load_spec(str(planned_study(tmp_path, trials, **extra)))
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["smoke", "beta_clip_frontier", "length_and_rm_reg", "full", "algorithms_frontier"])
 def test_a_stored_study_spec_reads_back_equal(name):
     """The report rebuilds the spec from the copy the sweep stored in the study (JSON): nothing may be lost."""
     import json
