@@ -89,7 +89,7 @@ def sweep_one(study_file: str, out: str, workers: str, tracking_uri: str) -> Non
     from rlhf_sweep import sweep
 
     res = sweep.sweep(study_file, workers=int(workers), storage=str(Path(out) / "optuna.journal"), tracking_uri=tracking_uri,
-                      out=out, progress=False)
+                      out=out, progress=False, baseline=False)
     if res.n_complete < res.n_trials:
         sys.exit(f"{study_file}: {res.n_complete} of {res.n_trials} trials complete ({res.n_failed} failed)")
 

@@ -465,7 +465,8 @@ def load_spec(study: str, check_config: bool = True) -> StudySpec:
     seen = [json.dumps([t.params, t.seeds], sort_keys=True, default=str) for t in trials]
     dup = next((i for i, k in enumerate(seen) if k in seen[:i]), None)
     if dup is not None:
-        raise StudyError(f"{entries[dup][1]}: the trial {trials[dup].params} on seeds {trials[dup].seeds} is planned twice")
+        raise StudyError(f"{entries[dup][1]}: the trial {json.dumps(trials[dup].params, default=str)} on seeds {trials[dup].seeds} "
+                         "is planned twice")
 
     n_trials = raw.get("n_trials", len(trials) if trials else None)
     if not isinstance(n_trials, int) or isinstance(n_trials, bool) or n_trials < 1:
@@ -532,12 +533,12 @@ def check_against_config(spec: StudySpec) -> None:
         compose(spec.fixed_overrides())
     except ConfigError as e:
         raise StudyError(f"{where}: fixed: {e}") from None
-    for i, t in enumerate(spec.trials):
+    for i, t in enumerate(spec.trials):  # a planned study composes exactly its trials
         try:
-            compose(spec.trial_overrides(t, spec.seeds[0]))
+            compose(spec.trial_overrides(t.params, t.seeds[0]))
         except ConfigError as e:
-            raise StudyError(f"{where}: trials[{i}] {json.dumps(t)}: {e}") from None
-    if not spec.space:
+            raise StudyError(f"{where}: trials[{i}] {json.dumps(t.params, default=str)}: {e}") from None
+    if not spec.space or spec.trials:
         return
     base = {p.name: p.probe_values()[0] for p in spec.space}
     try:

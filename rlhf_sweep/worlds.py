@@ -2,7 +2,7 @@
 
 This module owns the analyses of three kinds of study, read from the trials' own summary.json
 files (one per trial and seed; a report only reads results, except the per-RM best-of-n curves,
-which come from `report.bon_frontier` as the study report's baseline does):
+which come from `algo=bon` runs per RM that `sweep.run_baseline` makes, as for the study baseline):
 
 - world robustness (the study searches `world.draw`): per observation, the share of drawn worlds
   in which it holds, with exact (Clopper-Pearson) intervals, and which world parameters predict
@@ -470,7 +470,8 @@ def scaling_table(data, runs: pd.DataFrame, say=print) -> tuple[pd.DataFrame, li
     """One row per RM (trial): size, data, accuracy, the RL fit to its PPO run, the best-of-n fit, the gold peaks."""
     from . import gao
     from .config import compose
-    from .report import bon_frontier, rl_fit, trial_threads
+    from .report import bon_baseline, rl_fit, trial_threads
+    from .sweep import run_baseline
 
     spec, df = data.spec, data.trials
     threads = trial_threads(df)
@@ -488,7 +489,9 @@ def scaling_table(data, runs: pd.DataFrame, say=print) -> tuple[pd.DataFrame, li
         rl_gain, rl_kl, rl_in = fit_peak(fit, d_rl)
         emp_gain, emp_kl = empirical_peak(h, float(t["gold_ref"]))
         one = dataclasses.replace(spec, fixed={**spec.fixed, **params})
-        bon, _ = bon_frontier(one, threads, say=say)
+        trial_dir = Path(data.out_dir) / "trials" / f"t{n:04d}"  # its RM's best-of-n runs sit beside its seeds
+        run_baseline(one, data.name, trial_dir, threads, say=say)  # skipped where their summary.json exists
+        bon, _ = bon_baseline(trial_dir, one)
         d_bon = np.sqrt(bon["kl"].to_numpy())
         bon_fit = gao.fit_bon(d_bon, bon["gold"].to_numpy() - bon["gold"].iloc[0])
         bon_gain, bon_kl, bon_in = fit_peak(bon_fit, float(d_bon.max()))

@@ -287,28 +287,30 @@ def test_planned_trials_expand_lists_into_one_trial_per_value(tmp_path):
     path = planned_study(tmp_path, [{"algo": "rloo", "rloo.beta": [0.01, 0.1], "rloo.num_generations": [2, 4]},
                                     {"algo": "bon", "bon.n": 4}])
     spec = sweep.load_spec(str(path))
-    assert spec.n_trials == 5 and spec.space == []
-    assert spec.trials[:2] == [{"algo": "rloo", "rloo.beta": 0.01, "rloo.num_generations": 2},
-                               {"algo": "rloo", "rloo.beta": 0.01, "rloo.num_generations": 4}]
-    assert spec.trials[-1] == {"algo": "bon", "bon.n": 4}
+    assert spec.n_trials == 5 and all(t.seeds == [0] for t in spec.trials)
+    assert [t.params for t in spec.trials[:2]] == [{"algo": "rloo", "rloo.beta": 0.01, "rloo.num_generations": 2},
+                                                   {"algo": "rloo", "rloo.beta": 0.01, "rloo.num_generations": 4}]
+    assert spec.trials[-1].params == {"algo": "bon", "bon.n": 4}
+    # without a space, every key the trials set is searched as a categorical of the values they give it
     assert spec.param_names == ["algo", "rloo.beta", "rloo.num_generations", "bon.n"]
-    assert spec.planned_choices()["algo"] == ["rloo", "bon"]
-    # the sweep queues each planned trial once, and a failed one again
+    assert [p.choices for p in spec.space][:2] == [["rloo", "bon"], [0.01, 0.1]]
+    # the sweep queues each planned trial once (by its plan key), and a failed one again
+    keys = sweep.plan_keys(spec, 1)
     study = optuna.create_study(directions=["maximize"])
-    assert sweep.enqueue_planned(study, spec) == [0, 1, 2, 3, 4] and sweep.enqueue_planned(study, spec) == []
+    assert sweep.enqueue_planned(study, spec, keys) == 5 and sweep.enqueue_planned(study, spec, keys) == 0
     trial = study.ask()
-    assert trial.user_attrs["planned"] == 0 and spec.suggest(trial) == spec.trials[0]
+    assert trial.user_attrs["plan_key"] == keys[0] and spec.suggest(trial) == spec.trials[0].params  # bon.n not sampled
     study.tell(trial, state=TrialState.FAIL)
-    assert sweep.enqueue_planned(study, spec) == [0]
+    assert sweep.enqueue_planned(study, spec, keys) == 1
 
 
 @pytest.mark.parametrize("trials,extra,needle", [
     ([{"algo": "rloo", "rloo.betta": 0.1}], {}, "trials[0] {\"algo\": \"rloo\", \"rloo.betta\": 0.1}: unknown config key 'rloo.betta'"),
     ([{"rloo.beta": 0.1}], {}, "rloo.beta is a knob of algo=rloo"),
-    ([{"algo": "ppo"}, {"algo": ["ppo", "rloo"]}], {}, 'the trial {"algo": "ppo"} is planned twice'),
-    ([{"algo": "ppo"}], {"n_trials": 3}, "n_trials is 3 but 'trials' plans 1"),
+    ([{"algo": "ppo"}, {"algo": ["ppo", "rloo"]}], {}, 'the trial {"algo": "ppo"} on seeds [0] is planned twice'),
+    ([{"algo": "ppo"}], {"n_trials": 3}, "n_trials is 3 but 1 trials are listed"),
     ([{"seed": 1}], {}, "seed is set by the sweep"),
-    ([{"algo": "ppo"}], {"space": {"ppo.beta": {"low": 0.01, "high": 0.1}}}, "either 'space' (a search) or 'trials'"),
+    ([{"algo": "ppo"}], {"space": {"ppo.beta": {"low": 0.01, "high": 0.1}}}, "params must give searched keys (ppo.beta); unknown: algo"),
     ([], {}, "expected a non-empty list"),
 ])
 def test_bad_planned_trials_fail_in_one_line(tmp_path, trials, extra, needle):
