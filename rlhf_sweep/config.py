@@ -429,7 +429,7 @@ def validate_algos(c: Config) -> None:
         _require(a.iterations >= 1, f"{name}.iterations", a.iterations, "an integer >= 1")
         _require(a.num_generations >= 2, f"{name}.num_generations", a.num_generations, "an integer >= 2 (a baseline needs another sample)")
         _require(a.batch_size >= a.num_generations and a.batch_size % a.num_generations == 0, f"{name}.batch_size", a.batch_size,
-                 f"a multiple of {name}.num_generations={a.num_generations}")
+                 f"an integer multiple of {name}.num_generations={a.num_generations}")
         _require(a.beta >= 0, f"{name}.beta", a.beta, "a number >= 0")
         _require(a.epsilon > 0, f"{name}.epsilon", a.epsilon, "a number > 0 (0.2 is usual)")
         _require(a.num_iterations >= 1, f"{name}.num_iterations", a.num_iterations, "an integer >= 1")

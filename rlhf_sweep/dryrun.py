@@ -27,7 +27,7 @@ from .study import StudySpec, override_value
 from .tables import fmt, format_table
 
 # What a trial's PPO and evaluation cost depends on (a run with the same values costs the same per seed)
-RUN_COST_KEYS = ("model", "world.max_new_tokens", "ppo.iterations", "ppo.batch_size", "ppo.epochs", "ppo.minibatches",
+RUN_COST_KEYS = ("algo", "model", "world.max_new_tokens", "ppo.iterations", "ppo.batch_size", "ppo.epochs", "ppo.minibatches",
                  "eval.n_prompts", "rm.ensemble_size", "device")
 # ... and what building the SFT reference and the RM costs
 BUILD_COST_KEYS = (*RUN_COST_KEYS, "sft.n_demos", "sft.epochs", "sft.batch_size", "rm.n_pairs", "rm.n_eval_pairs",

@@ -4,6 +4,7 @@ thread counts, and file locks (a sweep's storage, each cached artefact)."""
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import warnings
 from collections.abc import Iterator
@@ -19,6 +20,9 @@ def quiet_libraries() -> None:
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     # a tracking server's client prints "View run ... at: URL" per run: one line per run is ours to print
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    # a store that fails mid-run: MLflow logs the database's traceback at ERROR before raising; the caller
+    # turns the exception into its one line, so the traceback is noise
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     warnings.filterwarnings("ignore", message=".*attention_mask.*")
     warnings.filterwarnings("ignore", category=FutureWarning)
 

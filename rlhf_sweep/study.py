@@ -328,14 +328,16 @@ def _seeds(raw: Any, where: str) -> list[int]:
     raise StudyError(f"{where}: expected a count >= 1 or a list of seeds >= 0, got {raw!r}")
 
 
-def check_planned(t: PlannedTrial, space: list[Param], where: str) -> None:
-    """A planned trial gives searched keys only, each a value its Param admits (a key it leaves out keeps
-    the study's fixed value or the config's default)."""
+def check_planned(t: PlannedTrial, space: list[Param], where: str, partial: bool = False) -> None:
+    """A planned trial gives every searched key a value its Param admits, and nothing else; with `partial`
+    (a study whose space is the keys its trials set) it may leave keys out, which keep the config's value."""
     names = [p.name for p in space]
     extra = [k for k in t.params if k not in names]
-    if extra or not t.params:
-        raise StudyError(f"{where}: params must give searched keys ({', '.join(names)})"
-                         + (f"; unknown: {', '.join(extra)}" if extra else "; it gives none"))
+    missing = [] if partial else [n for n in names if n not in t.params]
+    if extra or missing or not t.params:
+        raise StudyError(f"{where}: params must give {'searched' if partial else 'exactly the searched'} keys ({', '.join(names)})"
+                         + (f"; unknown: {', '.join(extra)}" if extra else "") + (f"; missing: {', '.join(missing)}" if missing else "")
+                         + ("" if t.params else "; it gives none"))
     for p in space:
         if p.name not in t.params:
             continue
@@ -347,13 +349,13 @@ def check_planned(t: PlannedTrial, space: list[Param], where: str) -> None:
             raise StudyError(f"{where}: {p.name}={v!r} is not a number in [{fmt(p.low)}, {fmt(p.high)}]")
 
 
-def _planned(raw: Any, space: list[Param], seeds: list[int], where: str) -> PlannedTrial:
+def _planned(raw: Any, space: list[Param], seeds: list[int], where: str, partial: bool = False) -> PlannedTrial:
     if not isinstance(raw, dict) or not isinstance(raw.get("params"), dict):
         raise StudyError(f"{where}: expected a mapping {{params: {{key: value, ...}}, seeds: [..], name: ..}}")
     _check_keys(raw, ("params", "seeds", "name"), where)
     t = PlannedTrial(params={k: _scalar(v, where) for k, v in raw["params"].items()},
                      seeds=_seeds(raw["seeds"], f"{where}.seeds") if "seeds" in raw else list(seeds), name=str(raw.get("name", "")))
-    check_planned(t, space, where)
+    check_planned(t, space, where, partial)
     return t
 
 
@@ -461,7 +463,7 @@ def load_spec(study: str, check_config: bool = True) -> StudySpec:
         if k in space_raw:
             raise StudyError(f"{where}: {k} is both " + ("searched (space)" if "space" in raw else "in planned trials") + " and fixed")
 
-    trials = [_planned(t, space, seeds, at) for t, at in entries]
+    trials = [_planned(t, space, seeds, at, partial=not raw.get("space")) for t, at in entries]
     seen = [json.dumps([t.params, t.seeds], sort_keys=True, default=str) for t in trials]
     dup = next((i for i, k in enumerate(seen) if k in seen[:i]), None)
     if dup is not None:

@@ -691,7 +691,7 @@ def _parent_run(client, exp_id: str, study, spec: StudySpec, name: str, uri: str
               "study.constraints": "; ".join(c.text for c in spec.constraints),
               **{f"space.{p.name}": json.dumps({k: v for k, v in dataclasses.asdict(p).items() if v not in (None, [], False) and k != "name"})
                  for p in spec.space},
-              **({"study.trials": json.dumps(spec.trials)} if spec.trials else {}),
+              **({"study.trials": _planned_param(spec)} if spec.trials else {}),
               **{f"fixed.{k}": v for k, v in flatten(spec.fixed).items()}}
     client.log_batch(run_id, params=[MLParam(k, str(v)[:6000]) for k, v in params.items()])
     study.set_user_attr("mlflow_parent_run_id", run_id)
@@ -839,6 +839,12 @@ def sweep(study: str | StudySpec, n_trials: int | None = None, workers: int = 1,
     return finish(spec, name, storage, out_dir, client, parent, uri, interrupted, keys)
 
 
+def _planned_param(spec: StudySpec) -> str:
+    """The planned trials as one MLflow parameter (at most 6000 characters: MLflow's limit)."""
+    text = json.dumps([{"params": t.params, "seeds": t.seeds} for t in spec.trials], default=str)
+    return text if len(text) <= 6000 else f"{len(spec.trials)} planned trials (see the study's trials.csv)"
+
+
 def name_objectives(ostudy, spec: StudySpec) -> None:
     """Optuna's names for the objectives (gold/policy, kl/exact): optuna-dashboard and Optuna's plots label axes with them."""
     import warnings
@@ -875,7 +881,7 @@ def plan_keys(spec: StudySpec, threads: int) -> list[str]:
     from .study import check_planned
 
     for i, t in enumerate(spec.trials):
-        check_planned(t, spec.space, f"study {spec.name}: trials[{i}]")
+        check_planned(t, spec.space, f"study {spec.name}: trials[{i}]", partial=True)
     try:
         return [plan_key(spec, t, threads) for t in spec.trials]
     except ConfigError as e:

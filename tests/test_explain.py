@@ -129,9 +129,11 @@ def _synthetic(slope=0.4, share=1.2, rm_gain=1.8, adv_len=0.3, adv_fill=0.2, pos
         f = i / (n - 1)
         length = len_from + (len_to - len_from) * f
         seq = kl_from + (kl_to - kl_from) * f if i else 0.0
-        hist.append({"iteration": i, "kl/exact": seq, "kl/exact_per_token": seq / (length + 1), "len": length})
+        hist.append({"iteration": i, "kl/exact": seq, "kl/exact_per_token": seq / (length + 1), "len": length,
+                     "kl/penalty": seq, "ppo/beta": 0.03})
     return {
-        "config": {"eval": {"n_prompts": 512}, "ppo": {"iterations": n, "beta": 0.03}, "seed": 0},
+        "config": {"eval": {"n_prompts": 512}, "ppo": {"iterations": n, "beta": 0.03, "kl_estimator": "k1", "kl_in": "reward",
+                                                       "batch_size": 64}, "seed": 0},
         "metrics": {"kl/exact": kl_to},
         "observations": {"kl_increasing": {"value": increasing}},
         "history": hist,

@@ -140,4 +140,5 @@ def test_a_tiny_kl_study_gets_its_report_section(tmp_path_factory):
     assert "- **loss+k3** (biased; minimizes the forward KL(ref || pi) per token" in md
     check_png(tmp / "out" / "kl_placement.png", min_w=1000)
     rows = [ln for ln in md.splitlines() if ln.startswith("| loss+k3 | biased |")]
-    assert len(rows) == 2  # one per beta
+    assert [r.split("|")[3].strip() for r in rows[:2]] == ["0.100", "1.000"]  # the KL table: one row per beta
+    assert len(rows) == 3  # and one in the frontier table

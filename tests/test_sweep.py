@@ -310,7 +310,7 @@ def test_planned_trials_expand_lists_into_one_trial_per_value(tmp_path):
     ([{"algo": "ppo"}, {"algo": ["ppo", "rloo"]}], {}, 'the trial {"algo": "ppo"} on seeds [0] is planned twice'),
     ([{"algo": "ppo"}], {"n_trials": 3}, "n_trials is 3 but 1 trials are listed"),
     ([{"seed": 1}], {}, "seed is set by the sweep"),
-    ([{"algo": "ppo"}], {"space": {"ppo.beta": {"low": 0.01, "high": 0.1}}}, "params must give searched keys (ppo.beta); unknown: algo"),
+    ([{"algo": "ppo"}], {"space": {"ppo.beta": {"low": 0.01, "high": 0.1}}}, "params must give exactly the searched keys (ppo.beta); unknown: algo"),
     ([], {}, "expected a non-empty list"),
 ])
 def test_bad_planned_trials_fail_in_one_line(tmp_path, trials, extra, needle):

@@ -186,7 +186,7 @@ def test_world_phase_and_rm_scaling_reports(tmp_path, monkeypatch):
                           tracking_uri=None)
         assert res.n_complete == 4
         md = Path(report.report(name, storage=str(tmp_path / name / "optuna.journal"), out=str(tmp_path / name), say=lambda *_: None)).read_text()
-        assert heading in md and "## Cache audit" in md and "not computed" not in md, md[-3000:]
+        assert heading in md and "## Cache audit" in md and "## World analyses\n\nnot computed" not in md, md[-3000:]
         for png in pngs:
             assert (tmp_path / name / png).stat().st_size > 10_000 and f"]({png})" in md
         audit = md[md.index("## Cache audit"):].splitlines()
