@@ -470,11 +470,13 @@ def scaling_table(data, runs: pd.DataFrame, say=print) -> tuple[pd.DataFrame, li
     """One row per RM (trial): size, data, accuracy, the RL fit to its PPO run, the best-of-n fit, the gold peaks."""
     from . import gao
     from .config import compose
-    from .report import bon_baseline, rl_fit, trial_threads
+    from .report import bon_baseline, rl_fit
+    from .runtime import cores
     from .sweep import run_baseline
 
     spec, df = data.spec, data.trials
-    threads = trial_threads(df)
+    counts = df["threads"].dropna() if "threads" in df else pd.Series(dtype=float)
+    threads = int(counts.mode().iloc[0]) if len(counts) else cores()  # the trials' own: their cached SFT and RM
     rows, curves = [], []
     for _, t in df.sort_values("number").iterrows():
         n = int(t["number"])

@@ -199,7 +199,7 @@ def test_algo_group_composes_each_algorithm():
 @pytest.mark.parametrize("override,needle", [
     (["rloo.beta=0.1"], "add algo=rloo"),
     (["dpo.beta=0.1"], "algo=dpo and algo=ipo"),
-    (["algo=rloo", "rloo.batch_size=30"], "a multiple of rloo.num_generations=4"),
+    (["algo=rloo", "rloo.batch_size=30"], "an integer multiple of rloo.num_generations=4"),
     (["algo=grpo", "grpo.loss_type=sum"], "grpo | bnpo | dr_grpo | dapo"),
     (["algo=bon", "bon.n=512"], "bon.samples_per_prompt"),
     (["algo=reinforce"], "options: bon, dpo, grpo, ipo, ppo, rloo"),

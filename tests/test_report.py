@@ -169,6 +169,7 @@ def test_an_algorithms_study_draws_one_frontier_per_algorithm(workdir, tmp_path,
     at16 = next(h for h in baseline if h["bon/n"] == 16)
     assert at16["kl/exact"] == pytest.approx(bon16["kl/exact"]) and at16["gold"] == pytest.approx(bon16["gold/policy"])
 
+    report.write_report("algos", str(tmp_path / "study.journal"), f"sqlite:///{tmp_path / 'mlflow.db'}", out)  # as `sweep` does
     check_png(out / "algorithms.png")
     md = (out / "report.md").read_text()
     assert "## Algorithms: one frontier each" in md and "](algorithms.png)" in md

@@ -89,8 +89,8 @@ def test_a_config_dir_adds_an_overlay_and_a_group_option(user, monkeypatch):
     assert cfg.world.n_details == compose([]).world.n_details  # the rest of the shipped default world
     assert compose([]).ppo.beta == 0.03  # the overlay only when asked for
     assert "my_overlay" in fixes.experiments() and "baseline" in fixes.experiments()
-    spec = fixes.load_spec(arms=["baseline", "my_overlay"], seeds=2)  # a compare-fixes arm
-    assert spec.arms == ["baseline", "my_overlay"]
+    spec = fixes.load_spec(arms=["baseline", "my_overlay", "length_penalty"], seeds=2)  # a compare-fixes arm
+    assert spec.arms == ["baseline", "my_overlay", "length_penalty"]
 
     # still unknown: one line naming both directories
     with pytest.raises(ConfigError) as e:
@@ -220,7 +220,7 @@ def test_a_user_study_sweeps_with_two_workers_then_dry_run_and_ui_read_it(user):
                                      headers={"Content-Type": "application/json"})
         runs = json.load(urllib.request.urlopen(req, timeout=30))["runs"]
         roles = sorted(next(t["value"] for t in r["data"]["tags"] if t["key"] == "rlhf_sweep.role") for r in runs)
-        assert roles == ["study", "trial", "trial"], roles
+        assert roles == ["baseline", "study", "trial", "trial"], roles  # the best-of-n baseline runs after the trials
         assert "the study's parent run:" in text
     finally:
         ui.send_signal(signal.SIGTERM)

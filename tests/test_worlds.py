@@ -160,7 +160,7 @@ def tiny_study(path: Path, space: dict, n_trials: int, fixed: dict | None = None
 
     tiny = {k: yaml.safe_load(v) for k, v in (o.split("=") for o in TINY if not o.startswith("progress"))}
     spec = {"description": "tiny", "objectives": {"gold/policy": "maximize", "kl/exact": "minimize"}, "space": space,
-            "fixed": {**tiny, "mlflow.enabled": False, **(fixed or {})}, "seeds": seeds, "n_trials": n_trials, "sampler": "grid"}
+            "fixed": {k: v for k, v in {**tiny, "mlflow.enabled": False, **(fixed or {})}.items() if k not in space}, "seeds": seeds, "n_trials": n_trials, "sampler": "grid"}
     path.write_text(yaml.safe_dump(spec))
     return path
 
