@@ -371,7 +371,7 @@ def phase_section(runs: pd.DataFrame, spec, out_dir: Path, title: str) -> tuple[
           f"`{bias}` in {', '.join(map(fmt, biases))} x `ppo.beta` in {', '.join(map(fmt, betas))}, "
           f"seeds {', '.join(map(str, spec.seeds))} (fixed: {fixed}). Per cell, the share of seeds where each observation "
           f"holds: verbosity drift = policy at least {VERBOSE_TOKENS:g} token longer than the reference; gold collapse = the "
-          "policy's mean gold below the reference's with disjoint 95% intervals; rising KL = the Mann-Kendall verdict; RM "
+          "policy's mean gold below the reference's with disjoint 95% intervals; rising KL = verdict 3 (autocorrelation-robust trend and a rise of eval.trend_min_growth); RM "
           "prefers the policy = its verdict. The boundary at a beta: the bias from which the observation holds on a majority "
           "of seeds at that and every larger bias in the grid.", ""]
     rows = []
