@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -43,6 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tests.conftest import TINY  # noqa: E402  (the tests' tiny config: one definition for both)
+from tests.test_faults import unwritable, writable  # noqa: E402  (and how they lock a file, even to root)
 
 ERROR = "rlhf-sweep: error: "
 LOGS: list[Path] = []  # where each command's full stdout and stderr are kept (set by main)
@@ -130,28 +130,6 @@ def folder(base: Path, name: str) -> Path:
 
 
 # ----- helpers for damaged state ------------------------------------------------------------------
-def unwritable(path: Path) -> bool:
-    """Make a file refuse writes, even to root (chattr +i); False where that is impossible here."""
-    if os.geteuid() == 0:
-        if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode:
-            return False
-    else:
-        path.chmod(0o444)
-    try:
-        open(path, "ab").close()
-    except OSError:
-        return True
-    writable(path)
-    return False
-
-
-def writable(path: Path) -> None:
-    if os.geteuid() == 0:
-        subprocess.run(["chattr", "-i", str(path)], capture_output=True)
-    else:
-        path.chmod(0o644)
-
-
 def new_store(db: Path) -> str:
     """A real, empty MLflow SQLite store at `db` (as `rlhf-sweep` creates one); returns its relative URI."""
     from rlhf_sweep import runtime, tracking
