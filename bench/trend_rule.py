@@ -22,21 +22,11 @@ import warnings
 
 import numpy as np
 
-from rlhf_sweep.evaluate import ar1_trend_test, kl_growth_share, mann_kendall
+from rlhf_sweep.evaluate import ar1_noise, ar1_trend_test, kl_growth_share, mann_kendall
 
 PHIS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 N = 75  # the default run: the last 50% of 150 iterations
 ALPHA = 0.05
-
-
-def ar1(rng: np.random.Generator, phi: float, n: int) -> np.ndarray:
-    """Stationary AR(1) with unit marginal variance."""
-    e = rng.standard_normal(n)
-    x = np.empty(n)
-    x[0] = e[0]
-    for t in range(1, n):
-        x[t] = phi * x[t - 1] + np.sqrt(1 - phi**2) * e[t]
-    return x
 
 
 def verdicts(x: np.ndarray, min_growth: float, resamples: int) -> dict[str, bool]:
@@ -68,7 +58,7 @@ def main() -> None:
     for phi in PHIS:
         hits = np.zeros(len(names))
         for _ in range(a.series):
-            v = verdicts(1.0 + a.noise * ar1(rng, phi, N), a.min_growth, a.resamples)
+            v = verdicts(1.0 + a.noise * ar1_noise(rng, phi, N), a.min_growth, a.resamples)
             hits += [v[n] for n in names]
         fp[phi] = dict(zip(names, (hits / a.series).tolist(), strict=True))
         print(f"{phi:5.2f}" + "".join(f"{fp[phi][n]:12.3f}" for n in names))
@@ -83,7 +73,7 @@ def main() -> None:
         for r in rises:
             k = a.series // 4
             trend = np.linspace(1.0 - r / 2, 1.0 + r / 2, N)  # a rise of r around the level 1
-            power[str(phi)][str(r)] = float(np.mean([verdicts(trend + a.noise * ar1(rng, phi, N), a.min_growth, a.resamples)["rule"]
+            power[str(phi)][str(r)] = float(np.mean([verdicts(trend + a.noise * ar1_noise(rng, phi, N), a.min_growth, a.resamples)["rule"]
                                                      for _ in range(k)]))
         print(f"{phi:5.2f}" + "".join(f"{power[str(phi)][str(r)]:10.3f}" for r in rises))
     print(f"({time.perf_counter() - t0:.0f} s)")

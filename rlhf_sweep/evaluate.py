@@ -70,6 +70,17 @@ def lag1_autocorr(x: np.ndarray) -> float:
     return float((d[1:] * d[:-1]).sum() / den) if den > 0 else 0.0
 
 
+def ar1_noise(rng: np.random.Generator, phi: float, size: int | tuple[int, ...]) -> np.ndarray:
+    """Stationary AR(1) noise with unit marginal variance along the last axis: x_t = phi x_(t-1) + sqrt(1 - phi^2) e_t."""
+    e = rng.standard_normal(size)
+    out = np.empty_like(e)
+    out[..., 0] = e[..., 0]
+    scale = math.sqrt(1 - phi**2)
+    for t in range(1, out.shape[-1]):
+        out[..., t] = phi * out[..., t - 1] + scale * e[..., t]
+    return out
+
+
 AR1_CAP = 0.99  # the null's autocorrelation at most (1 would be a random walk, whose S has no stationary law)
 
 
@@ -91,18 +102,9 @@ def ar1_trend_test(x: np.ndarray, n_resamples: int = 999, seed: int = 0) -> dict
         return {"p": 1.0, "phi": phi, "lag1": r}
 
     rng = np.random.default_rng(seed)
-
-    def ar1(size) -> np.ndarray:  # scipy asks for (resamples, n): the series run along the last axis
-        e = rng.standard_normal(size)
-        out = np.empty(size)
-        out[..., 0] = e[..., 0]
-        scale = math.sqrt(1 - phi**2)
-        for t in range(1, size[-1]):
-            out[..., t] = phi * out[..., t - 1] + scale * e[..., t]
-        return out
-
-    res = stats.monte_carlo_test(x, ar1, lambda y, axis: mk_s(y, axis), vectorized=True, n_resamples=n_resamples,
-                                 alternative="greater")
+    # scipy asks for (resamples, n): the series run along the last axis
+    res = stats.monte_carlo_test(x, lambda size: ar1_noise(rng, phi, size), lambda y, axis: mk_s(y, axis),
+                                 vectorized=True, n_resamples=n_resamples, alternative="greater")
     return {"p": float(res.pvalue), "phi": phi, "lag1": r}
 
 

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from rlhf_sweep.evaluate import (
+    ar1_noise,
     ar1_trend_test,
     kl_growth_share,
     mann_kendall,
@@ -86,13 +87,13 @@ def test_rm_slopes_recover_a_known_linear_reward():
 
 
 # ----- verdict 3 on autocorrelated series -------------------------------------------------------------
-def _ar1(rng, phi, n):
-    e = rng.standard_normal(n)
-    x = np.empty(n)
-    x[0] = e[0]
-    for t in range(1, n):
-        x[t] = phi * x[t - 1] + np.sqrt(1 - phi**2) * e[t]
-    return x
+def test_ar1_noise_follows_its_recursion_and_is_stationary():
+    e = np.random.default_rng(3).standard_normal(3)
+    x = ar1_noise(np.random.default_rng(3), 0.6, 3)
+    assert x.tolist() == pytest.approx([e[0], 0.6 * e[0] + 0.8 * e[1], 0.6 * (0.6 * e[0] + 0.8 * e[1]) + 0.8 * e[2]])
+    many = ar1_noise(np.random.default_rng(4), 0.9, (2000, 200))  # the vectorized shape scipy asks for
+    assert many[:, -1].var() == pytest.approx(1.0, abs=0.1)
+    assert np.corrcoef(many[:, -1], many[:, -2])[0, 1] == pytest.approx(0.9, abs=0.02)
 
 
 def test_mk_s_is_pymannkendalls_s():
@@ -114,7 +115,7 @@ def test_the_trend_rule_holds_its_level_on_autocorrelated_series_without_a_trend
     test_hits, plain_hits, rule_hits, n = 0, 0, 0, 0
     for phi in phis:
         for _ in range(100):
-            x = 10.0 + 0.5 * _ar1(rng, phi, 75)  # noise 5% of the level
+            x = 10.0 + 0.5 * ar1_noise(rng, phi, 75)  # noise 5% of the level
             mk = mann_kendall(x)
             hit = ar1_trend_test(x, 199)["p"] < 0.05 and mk["S"] > 0
             test_hits += hit
