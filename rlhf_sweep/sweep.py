@@ -426,6 +426,26 @@ def run_baseline(spec: StudySpec, name: str, out_dir: Path, threads: int, client
     return paths
 
 
+def varies_rm(spec: StudySpec) -> bool:
+    """A study that searches the RM's own keys (its size or data): each trial then gets its own best-of-n
+    baseline in its directory (TRIAL/baseline/seed-N/), run by the worker right after the trial's seeds."""
+    return any(p.name in RM_KEYS for p in spec.space)
+
+
+RM_KEYS = ("rm.n_layer", "rm.n_embd", "rm.n_pairs")
+
+
+def run_trial_baselines(spec: StudySpec, name: str, storage: str, out_dir: Path, client=None, exp_id: str | None = None,
+                        parent: str | None = None) -> None:
+    """Every complete trial's own best-of-n baseline (varies_rm), where its summary.json is missing."""
+    study = optuna.load_study(study_name=name, storage=open_storage(storage))
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        params = {p.name: t.params[p.name] for p in spec.space if p.name in t.params}
+        one = dataclasses.replace(spec, fixed={**spec.fixed, **params}, seeds=list(t.user_attrs.get("seeds") or spec.seeds))
+        run_baseline(one, name, out_dir / "trials" / f"t{t.number:04d}", int(t.user_attrs.get("threads") or 1), client, exp_id,
+                     parent, say=lambda msg, n=t.number: None if ": cached" in msg else print(f"trial {n}: {msg}", flush=True))
+
+
 def run_trial(job: Job, study, trial, client, say: Callable[[str], None], storage=None) -> dict:
     """Run one asked trial over its seeds (a planned trial's own, else the study's), log it, and tell
     Optuna; returns a short record. storage: the study's, when the caller has it open."""
@@ -461,6 +481,10 @@ def run_trial(job: Job, study, trial, client, say: Callable[[str], None], storag
                                                     "rlhf_sweep.role": "seed"}, parent_run_id=run_id)
                 tracking.log_summary(client, seed_run, summary, cfg.run_dir)
                 client.set_terminated(seed_run, status="FINISHED")
+        if varies_rm(spec):
+            # its RM differs from trial to trial, so best-of-n belongs to the trial, not to the study
+            run_baseline(dataclasses.replace(spec, fixed={**spec.fixed, **params}, seeds=seeds), job.study_name, trial_dir,
+                         job.threads, client, job.experiment_id, run_id, say=say)
         combined = combine_seeds(summaries, seeds)
         metrics = combined["metrics"]
         values = [float(metrics[o.metric]) for o in spec.objectives]
@@ -833,6 +857,8 @@ def sweep(study: str | StudySpec, n_trials: int | None = None, workers: int = 1,
         try:
             run_baseline(spec, name, out_dir, threads, client, exp_id, parent,
                          say=lambda msg: None if ": cached" in msg else print(msg, flush=True))
+            if varies_rm(spec):  # trials stored before a worker ran their best-of-n, or whose best-of-n failed
+                run_trial_baselines(spec, name, storage, out_dir, client, exp_id, parent)
         except Exception as e:  # the trials are stored either way; the next `sweep` retries it
             print(f"warning: the best-of-n baseline failed ({type(e).__name__}: {' '.join(str(e).split())[:300]}); "
                   "the same command runs it again", flush=True)

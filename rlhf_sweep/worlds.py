@@ -54,12 +54,14 @@ SMOOTH = 9  # iterations in the centred moving average that locates a PPO run's 
 # ----- the runs -----------------------------------------------------------------------------------
 def kind(spec) -> str | None:
     """Which analysis a study gets, from what it searches: 'worlds', 'phase', 'rm_scaling' or None."""
+    from .sweep import RM_KEYS
+
     names = {p.name for p in spec.space}
     if "world.draw" in names:
         return "worlds"
     if "ppo.beta" in names and any(n.startswith("world.labeler.") for n in names):
         return "phase"
-    if names & {"rm.n_layer", "rm.n_embd", "rm.n_pairs"}:
+    if names & set(RM_KEYS):
         return "rm_scaling"
     return None
 
@@ -471,12 +473,8 @@ def scaling_table(data, runs: pd.DataFrame, say=print) -> tuple[pd.DataFrame, li
     from . import gao
     from .config import compose
     from .report import bon_baseline, rl_fit
-    from .runtime import cores
-    from .sweep import run_baseline
 
     spec, df = data.spec, data.trials
-    counts = df["threads"].dropna() if "threads" in df else pd.Series(dtype=float)
-    threads = int(counts.mode().iloc[0]) if len(counts) else cores()  # the trials' own: their cached SFT and RM
     rows, curves = [], []
     for _, t in df.sort_values("number").iterrows():
         n = int(t["number"])
@@ -491,9 +489,11 @@ def scaling_table(data, runs: pd.DataFrame, say=print) -> tuple[pd.DataFrame, li
         rl_gain, rl_kl, rl_in = fit_peak(fit, d_rl)
         emp_gain, emp_kl = empirical_peak(h, float(t["gold_ref"]))
         one = dataclasses.replace(spec, fixed={**spec.fixed, **params})
-        trial_dir = Path(data.out_dir) / "trials" / f"t{n:04d}"  # its RM's best-of-n runs sit beside its seeds
-        run_baseline(one, data.name, trial_dir, threads, say=say)  # skipped where their summary.json exists
-        bon, _ = bon_baseline(trial_dir, one)
+        trial_dir = Path(data.out_dir) / "trials" / f"t{n:04d}"  # its RM's best-of-n runs (sweep.run_trial) sit beside its seeds
+        bon, missing = bon_baseline(trial_dir, one)
+        if bon is None:
+            say(f"trial {n}: {missing}")
+            continue
         d_bon = np.sqrt(bon["kl"].to_numpy())
         bon_fit = gao.fit_bon(d_bon, bon["gold"].to_numpy() - bon["gold"].iloc[0])
         bon_gain, bon_kl, bon_in = fit_peak(bon_fit, float(d_bon.max()))

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -202,6 +203,14 @@ def test_world_phase_and_rm_scaling_reports(tmp_path, monkeypatch):
     md = (tmp_path / "rm" / "report.md").read_text()
     row = next(line for line in md.splitlines() if line.startswith("| 1 x 64 | "))
     assert "n/a" not in row.split("|")[13]  # a best-of-n fit per RM (its a)
+    # each RM's best-of-n is the trial's, run by the worker; the report only reads it, and `sweep` again fills a gap
+    bon = sorted((tmp_path / "rm" / "trials").glob("t*/baseline/seed-0/summary.json"))
+    assert len(bon) == 4 and not list((tmp_path / "worlds" / "trials").glob("t*/baseline"))
+    shutil.rmtree(bon[0].parent)
+    report.report("rm", storage=str(tmp_path / "rm" / "optuna.journal"), out=str(tmp_path / "rm"), say=lambda *_: None)
+    assert not bon[0].exists()
+    sweep.sweep(str(studies["rm"][0]), workers=1, name="rm", out=str(tmp_path / "rm"), progress=False, tracking_uri=None)
+    assert bon[0].is_file()
 
 
 def _spec_trials(name: str, root: Path):
