@@ -15,7 +15,7 @@ share of its runs that exploit. Then, on worlds drawn from that fit:
    - tied:  every fix with the mean of the fitted fixes' rates (all help, equally): the same;
    and how many runs it spent against every arm on every seed until the same separation.
 
-Usage: python bench/fixes_racing.py FIXES_JSON [--budget-runs N] [--sims 1000]; prints tables and one JSON line.
+Usage: python bench/fixes_racing.py FIXES_JSON [--budget-runs N] [--max-seeds N] [--sims 1000]; prints tables and one JSON line.
 """
 
 from __future__ import annotations
@@ -85,9 +85,11 @@ def main() -> None:
     ap.add_argument("fixes_json")
     ap.add_argument("--budget-runs", type=int, help="runs the budget affords (default: what the comparison spent, confirmation included)")
     ap.add_argument("--sims", type=int, default=1000)
+    ap.add_argument("--max-seeds", type=int, help="selection seeds per arm at most (default: the study file's); with a matching "
+                    "--budget-runs it asks how many seeds the procedure would need")
     a = ap.parse_args()
     result = json.loads(Path(a.fixes_json).read_text())
-    spec = fixes.load_spec()
+    spec = fixes.load_spec(max_seeds=a.max_seeds)
     arms, base, singles = fit(result)
     budget = a.budget_runs or result["racing"]["runs"] + (result["confirmation"] or {}).get("runs", 0)
     confirm_runs = (1 + 3) * spec.confirm_seeds
