@@ -483,8 +483,12 @@ def run_trial(job: Job, study, trial, client, say: Callable[[str], None], storag
                 client.set_terminated(seed_run, status="FINISHED")
         if varies_rm(spec):
             # its RM differs from trial to trial, so best-of-n belongs to the trial, not to the study
-            run_baseline(dataclasses.replace(spec, fixed={**spec.fixed, **params}, seeds=seeds), job.study_name, trial_dir,
-                         job.threads, client, job.experiment_id, run_id, say=say)
+            try:
+                run_baseline(dataclasses.replace(spec, fixed={**spec.fixed, **params}, seeds=seeds), job.study_name, trial_dir,
+                             job.threads, client, job.experiment_id, run_id, say=say)
+            except Exception as e:  # the trial's own runs stand; the sweep's end (or the next `sweep`) retries it
+                say(f"warning: trial {trial.number}'s best-of-n failed ({type(e).__name__}: {' '.join(str(e).split())[:300]}); "
+                    "the sweep runs it again after the trials")
         combined = combine_seeds(summaries, seeds)
         metrics = combined["metrics"]
         values = [float(metrics[o.metric]) for o in spec.objectives]

@@ -244,3 +244,29 @@ def test_cluster_interval_resamples_worlds():
     assert worlds.cluster_mean_ci([np.array([1.0, 1.0]), np.array([0.0, 0.0])]) == pytest.approx((0.5, 0.0, 1.0))
     share, lo, hi = worlds.cluster_mean_ci([np.ones(2)] * 20)
     assert (share, lo, hi) == pytest.approx((1.0, 0.025 ** (1 / 20), 1.0))
+
+
+@pytest.mark.e2e
+def test_a_failed_trial_best_of_n_keeps_the_trial_and_is_run_again(tmp_path, monkeypatch):
+    """An RM trial's best-of-n that raises in the worker leaves the trial COMPLETE with one warning; the end of the
+    same sweep runs it again."""
+    from rlhf_sweep import sweep
+
+    monkeypatch.chdir(tmp_path)
+    real, calls = sweep.run_baseline, []
+
+    def flaky(spec, *args, **kwargs):
+        calls.append(spec.fixed.get("rm.n_layer"))
+        if len(calls) == 1:
+            raise OSError("disk full")
+        return real(spec, *args, **kwargs)
+
+    monkeypatch.setattr(sweep, "run_baseline", flaky)
+    said = []
+    monkeypatch.setattr("builtins.print", lambda *a, **k: said.append(" ".join(map(str, a))))
+    path = tiny_study(tmp_path / "r.yaml", {"rm.n_layer": {"type": "int", "grid": [1]}}, 1)
+    res = sweep.sweep(str(path), workers=1, name="r", out=str(tmp_path / "r"), progress=False, tracking_uri=None)
+    assert res.n_complete == 1 and res.n_failed == 0
+    assert any("trial 0's best-of-n failed (OSError: disk full)" in line for line in said), said
+    assert (tmp_path / "r" / "trials" / "t0000" / "baseline" / "seed-0" / "summary.json").is_file()
+    assert calls[0] == 1 and calls.count(1) == 2  # the trial's try, then the sweep's end
