@@ -426,13 +426,18 @@ def run_baseline(spec: StudySpec, name: str, out_dir: Path, threads: int, client
     return paths
 
 
+RM_KEYS = ("rm.n_layer", "rm.n_embd", "rm.n_pairs")
+
+
 def varies_rm(spec: StudySpec) -> bool:
     """A study that searches the RM's own keys (its size or data): each trial then gets its own best-of-n
     baseline in its directory (TRIAL/baseline/seed-N/), run by the worker right after the trial's seeds."""
     return any(p.name in RM_KEYS for p in spec.space)
 
 
-RM_KEYS = ("rm.n_layer", "rm.n_embd", "rm.n_pairs")
+def trial_spec(spec: StudySpec, params: dict[str, Any], seeds: list[int] | None = None) -> StudySpec:
+    """The study with one trial's parameters fixed (and its seeds): what that trial's own best-of-n runs on."""
+    return dataclasses.replace(spec, fixed={**spec.fixed, **params}, seeds=list(seeds or spec.seeds))
 
 
 def run_trial_baselines(spec: StudySpec, name: str, storage: str, out_dir: Path, client=None, exp_id: str | None = None,
@@ -441,8 +446,7 @@ def run_trial_baselines(spec: StudySpec, name: str, storage: str, out_dir: Path,
     study = optuna.load_study(study_name=name, storage=open_storage(storage))
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         params = {p.name: t.params[p.name] for p in spec.space if p.name in t.params}
-        one = dataclasses.replace(spec, fixed={**spec.fixed, **params}, seeds=list(t.user_attrs.get("seeds") or spec.seeds))
-        run_baseline(one, name, out_dir / "trials" / f"t{t.number:04d}", int(t.user_attrs.get("threads") or 1), client, exp_id,
+        run_baseline(trial_spec(spec, params, t.user_attrs.get("seeds")), name, out_dir / "trials" / f"t{t.number:04d}", int(t.user_attrs.get("threads") or 1), client, exp_id,
                      parent, say=lambda msg, n=t.number: None if ": cached" in msg else print(f"trial {n}: {msg}", flush=True))
 
 
@@ -484,8 +488,8 @@ def run_trial(job: Job, study, trial, client, say: Callable[[str], None], storag
         if varies_rm(spec):
             # its RM differs from trial to trial, so best-of-n belongs to the trial, not to the study
             try:
-                run_baseline(dataclasses.replace(spec, fixed={**spec.fixed, **params}, seeds=seeds), job.study_name, trial_dir,
-                             job.threads, client, job.experiment_id, run_id, say=say)
+                run_baseline(trial_spec(spec, params, seeds), job.study_name, trial_dir, job.threads, client, job.experiment_id,
+                             run_id, say=say)
             except Exception as e:  # the trial's own runs stand; the sweep's end (or the next `sweep`) retries it
                 say(f"warning: trial {trial.number}'s best-of-n failed ({type(e).__name__}: {' '.join(str(e).split())[:300]}); "
                     "the sweep runs it again after the trials")

@@ -20,7 +20,6 @@ which come from `algo=bon` runs per RM that `sweep.run_baseline` makes, as for t
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from pathlib import Path
@@ -473,6 +472,7 @@ def scaling_table(data, runs: pd.DataFrame, say=print) -> tuple[pd.DataFrame, li
     from . import gao
     from .config import compose
     from .report import bon_baseline, rl_fit
+    from .sweep import trial_spec
 
     spec, df = data.spec, data.trials
     rows, curves = [], []
@@ -488,7 +488,7 @@ def scaling_table(data, runs: pd.DataFrame, say=print) -> tuple[pd.DataFrame, li
         d_rl = float(np.sqrt(np.nanmax(h["kl/exact"].to_numpy(dtype=float))))
         rl_gain, rl_kl, rl_in = fit_peak(fit, d_rl)
         emp_gain, emp_kl = empirical_peak(h, float(t["gold_ref"]))
-        one = dataclasses.replace(spec, fixed={**spec.fixed, **params})
+        one = trial_spec(spec, params)
         trial_dir = Path(data.out_dir) / "trials" / f"t{n:04d}"  # its RM's best-of-n runs (sweep.run_trial) sit beside its seeds
         bon, missing = bon_baseline(trial_dir, one)
         if bon is None:
