@@ -172,6 +172,23 @@ def test_racing_drops_arms_and_stops_when_separated():
     assert sel.stopped == "budget" and sel.runs == 10
 
 
+
+@pytest.mark.parametrize("exploit, truth, at_least", [
+    # a true pair (+0.3 each, the other two no better than the baseline): named
+    ({"base": 0.5, "a": 0.0, "b": 0.0, "c": 0.5, "d": 0.5}, "a+b", 0.88),
+    # every arm equal: "no stable pair"
+    ({"base": 0.4, "a": 0.4, "b": 0.4, "c": 0.4, "d": 0.4}, "none", 0.9),
+    # a clear best, then two tied for second: no pair is best, so none may be named despite the repeated looks
+    ({"base": 0.5, "a": 0.0, "b": 0.25, "c": 0.25, "d": 0.5}, "none", 0.9),
+])
+def test_racing_names_a_true_pair_and_no_pair_where_none_is_best(exploit, truth, at_least):
+    """Must show 6 on bimodal synthetic arms (gold 0.8 padding / 0.2 exploiting, noise 0.2, a shared seed
+    effect): 400 comparisons, up to 40 seeds per arm and 220 runs, the study file's first block and step."""
+    arms = fixes.SyntheticArms(exploit=exploit, high=0.8, low=0.2, noise=0.2, seed_sd=0.07)
+    r = fixes.simulate(arms, "base", ["a", "b", "c", "d"], n_seeds=40, first=6, step=2, alpha=0.05, budget_runs=5 * 40 + 20,
+                       confirm_runs=20, n_sim=400, seed=4)
+    assert r["named"].get(truth, 0) / r["n_sim"] >= at_least, r["named"]
+
 def test_aggregate_hand_values():
     s = torch.tensor([[1.0, 0.0], [2.0, 0.0], [3.0, 3.0]])  # 3 members x 2 responses
     # column 0: mean 2, population std sqrt(2/3); column 1: mean 1, std sqrt((1 + 1 + 4) / 3) = sqrt(2)
