@@ -13,7 +13,13 @@ share of its runs that exploit. Then, on worlds drawn from that fit:
             (a best pair exists): how often it names exactly that pair;
    - equal: every fix with the baseline's exploit rate: how often it says "no stable pair";
    - tied:  every fix with the mean of the fitted fixes' rates (all help, equally): the same;
+   - near tie: the fitted best fix as fitted, the next two at the mean of their rates, the last
+            with the baseline's (no pair is best): how often it names one anyway;
    and how many runs it spent against every arm on every seed until the same separation.
+
+The budget in runs defaults to what the study file's `budget_minutes` affords at the comparison's
+own wall seconds per run (its wall time over the runs it made), so the racing is judged at the
+default budget's number of runs.
 
 Usage: python bench/fixes_racing.py FIXES_JSON [--budget-runs N] [--max-seeds N] [--sims 1000]; prints tables and one JSON line.
 """
@@ -83,7 +89,8 @@ def coverage(arms: fixes.SyntheticArms, base: str, singles: list[str], n: int = 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("fixes_json")
-    ap.add_argument("--budget-runs", type=int, help="runs the budget affords (default: what the comparison spent, confirmation included)")
+    ap.add_argument("--budget-runs", type=int, help="runs the budget affords (default: the study file's budget_minutes at the "
+                    "comparison's wall seconds per run)")
     ap.add_argument("--sims", type=int, default=1000)
     ap.add_argument("--max-seeds", type=int, help="selection seeds per arm at most (default: the study file's); with a matching "
                     "--budget-runs it asks how many seeds the procedure would need")
@@ -91,7 +98,12 @@ def main() -> None:
     result = json.loads(Path(a.fixes_json).read_text())
     spec = fixes.load_spec(max_seeds=a.max_seeds)
     arms, base, singles = fit(result)
-    budget = a.budget_runs or result["racing"]["runs"] + (result["confirmation"] or {}).get("runs", 0)
+    made = result.get("runs_this_invocation") or 0
+    per_run = result["wall_seconds"] / made if made else float("nan")
+    budget = a.budget_runs or (int(spec.budget_minutes * 60 // per_run) if made else None)
+    if not budget:
+        raise SystemExit(f"{a.fixes_json} made no runs of its own (all were reused), so its wall time per run is unknown; "
+                         "give --budget-runs N")
     confirm_runs = (1 + 3) * spec.confirm_seeds
     t0 = time.perf_counter()
     print(f"fit to {a.fixes_json}: gold {arms.high:.3f} (pads) or {arms.low:.3f} (exploits), noise {arms.noise:.3f}, seed effect {arms.seed_sd:.3f}")
@@ -104,13 +116,17 @@ def main() -> None:
         "pair": {**arms.exploit, **{x: arms.exploit[base] for x in ranked[2:]}},
         "equal": {**arms.exploit, **{x: arms.exploit[base] for x in singles}},
         "tied": {**arms.exploit, **{x: float(np.mean([arms.exploit[y] for y in singles])) for x in singles}},
+        "near tie": {**arms.exploit, **{x: float(np.mean([arms.exploit[y] for y in ranked[1:3]])) for x in ranked[1:3]},
+                     ranked[3]: arms.exploit[base]},
         "fitted": dict(arms.exploit),
     }
     out = {"fit": {"high": arms.high, "low": arms.low, "noise": arms.noise, "seed_sd": arms.seed_sd, "exploit": arms.exploit},
            "coverage": cov, "budget_runs": budget, "sims": a.sims, "worlds": {}}
-    print(f"\nracing within {budget} runs ({confirm_runs} held back for the confirmation), first block {spec.seeds}, "
+    how = "--budget-runs" if a.budget_runs else f"{spec.budget_minutes:.0f} min at {per_run:.1f} s of wall time per run"
+    print(f"\nracing within {budget} runs ({how} ; {confirm_runs} held back for the confirmation), first block {spec.seeds}, "
           f"{spec.seeds_per_round} seeds per look, at most {spec.max_seeds} seeds, alpha {spec.alpha}; {a.sims} worlds each")
     print(f"{'world':8s} {'true pair':36s} {'named it':>9s} {'no pair':>8s} {'runs':>6s}  fixed design vs racing, same separation")
+    print("(named it: the true pair, or any pair where none is best)")
     for name, rates in worlds.items():
         w = fixes.SyntheticArms(exploit=rates, high=arms.high, low=arms.low, noise=arms.noise, seed_sd=arms.seed_sd)
         effects = {x: w.effect(x, base) for x in singles}
@@ -118,7 +134,7 @@ def main() -> None:
         separated = len(top) == 2 or effects[top[1]] > effects[top[2]] + 1e-9
         true_pair = "+".join(sorted(top[:2])) if separated and effects[top[1]] > 0 else "none"
         r = fixes.simulate(w, base, singles, spec.max_seeds, spec.seeds, spec.seeds_per_round, spec.alpha, budget, confirm_runs, a.sims)
-        named = r["named"].get(true_pair, 0) / a.sims if true_pair != "none" else float("nan")
+        named = (r["named"].get(true_pair, 0) if true_pair != "none" else a.sims - r["named"].get("none", 0)) / a.sims
         nopair = r["named"].get("none", 0) / a.sims
         both = (f"{r['fixed_runs_when_both_separated']:.0f} vs {r['race_runs_when_both_separated']:.0f} runs ({r['separated_by_both']} worlds)"
                 if r["separated_by_both"] else "neither separated")
