@@ -717,7 +717,7 @@ def _short(v: float) -> str:
 
 def rm_scaling_curves(curves: list[dict], path: str | Path, title: str = "") -> str:
     """Small multiples, one per RM: PPO's per-iteration gold gain against d with the RL fit, and the best-of-n
-    curve with its fit. curves: label, d, gain, fit, bon_d, bon_gain, bon_fit."""
+    curve with its fit. curves: label, d, gain, fit, bon_d, bon_gain, bon_fit (the last three None without a best-of-n)."""
     use_style()
     n = max(1, len(curves))
     cols = min(6, n)
@@ -725,13 +725,14 @@ def rm_scaling_curves(curves: list[dict], path: str | Path, title: str = "") -> 
     fig, axes = plt.subplots(rows, cols, figsize=(3.3 * cols, 2.9 * rows), constrained_layout=True, squeeze=False, sharey=True)
     for ax, c in zip(axes.flat, curves, strict=False):
         ax.scatter(c["d"], c["gain"], s=5, alpha=0.4, color="C0")
-        top = max(float(np.nanmax(c["d"])), float(np.max(c["bon_d"])))
+        top = max(float(np.nanmax(c["d"])), float(np.max(c["bon_d"])) if c["bon_d"] is not None else 0.0)
         g = np.linspace(0, top, 200)
         if c["fit"].ok:
             gr = g[g <= float(np.nanmax(c["d"]))]
             ax.plot(gr, c["fit"].predict(gr), color="C0", lw=1.8, label="PPO, RL fit")
-        ax.plot(c["bon_d"], c["bon_gain"], "o", ms=3, color=BON_COLOR)
-        if c["bon_fit"].ok:
+        if c["bon_d"] is not None:  # None: the RM's best-of-n has not run yet
+            ax.plot(c["bon_d"], c["bon_gain"], "o", ms=3, color=BON_COLOR)
+        if c["bon_fit"] is not None and c["bon_fit"].ok:
             gb = g[g <= float(np.max(c["bon_d"]))]
             ax.plot(gb, c["bon_fit"].predict(gb), "--", color=BON_COLOR, lw=1.5, label="best-of-n, BoN fit")
         ax.axhline(0, color=REF_COLOR, lw=0.8, ls=":")

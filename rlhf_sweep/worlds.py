@@ -491,12 +491,17 @@ def scaling_table(data, runs: pd.DataFrame, say=print) -> tuple[pd.DataFrame, li
         one = trial_spec(spec, params)
         trial_dir = Path(data.out_dir) / "trials" / f"t{n:04d}"  # its RM's best-of-n runs (sweep.run_trial) sit beside its seeds
         bon, missing = bon_baseline(trial_dir, one)
-        if bon is None:
-            say(f"trial {n}: {missing}")
-            continue
-        d_bon = np.sqrt(bon["kl"].to_numpy())
-        bon_fit = gao.fit_bon(d_bon, bon["gold"].to_numpy() - bon["gold"].iloc[0])
-        bon_gain, bon_kl, bon_in = fit_peak(bon_fit, float(d_bon.max()))
+        if bon is None:  # the RM's PPO side still counts; its best-of-n columns stay empty until `sweep` runs it again
+            say(f"trial {n}: {missing}; its best-of-n columns are n/a")
+            d_bon = bon_gains = bon_fit = None
+            bon_gain = bon_kl = bon_a = bon_b = bon_r2 = bon_256 = math.nan
+            bon_in = True
+        else:
+            d_bon = np.sqrt(bon["kl"].to_numpy())
+            bon_gains = bon["gold"].to_numpy() - bon["gold"].iloc[0]
+            bon_fit = gao.fit_bon(d_bon, bon_gains)
+            bon_gain, bon_kl, bon_in = fit_peak(bon_fit, float(d_bon.max()))
+            bon_a, bon_b, bon_r2, bon_256 = bon_fit.a, bon_fit.b, bon_fit.r2, float(bon_gains[-1])
         label = f"{int(mine['rm.n_layer'].iloc[0])} x {int(mine['rm.n_embd'].iloc[0])}"
         rows.append({"trial": n, "size": label, "n_layer": int(mine["rm.n_layer"].iloc[0]), "n_embd": int(mine["rm.n_embd"].iloc[0]),
                      "params": rm_params(cfg), "n_pairs": int(mine["rm.n_pairs"].iloc[0]), "seeds": len(mine),
@@ -504,11 +509,11 @@ def scaling_table(data, runs: pd.DataFrame, say=print) -> tuple[pd.DataFrame, li
                      "rl_a": fit.a, "rl_b": fit.b, "rl_r2": fit.r2, "rl_peak_gain": rl_gain, "rl_peak_kl": rl_kl, "rl_peak_inside": rl_in,
                      "emp_peak_gain": emp_gain, "emp_peak_kl": emp_kl, "kl_final": float(mine["kl/exact"].mean()),
                      "gold_final": float(mine["d_gold"].mean()),
-                     "bon_a": bon_fit.a, "bon_b": bon_fit.b, "bon_r2": bon_fit.r2, "bon_peak_gain": bon_gain, "bon_peak_kl": bon_kl,
-                     "bon_peak_inside": bon_in, "bon_gain_256": float(bon["gold"].iloc[-1] - bon["gold"].iloc[0])})
+                     "bon_a": bon_a, "bon_b": bon_b, "bon_r2": bon_r2, "bon_peak_gain": bon_gain, "bon_peak_kl": bon_kl,
+                     "bon_peak_inside": bon_in, "bon_gain_256": bon_256})
         d = np.sqrt(np.clip(h["kl/exact"].to_numpy(dtype=float), 0, None))
         curves.append({"label": f"{label}, {rows[-1]['n_pairs']} pairs", "d": d, "gain": h["gold"].to_numpy(dtype=float) - float(t["gold_ref"]),
-                       "fit": fit, "bon_d": d_bon, "bon_gain": bon["gold"].to_numpy() - bon["gold"].iloc[0], "bon_fit": bon_fit})
+                       "fit": fit, "bon_d": d_bon, "bon_gain": bon_gains, "bon_fit": bon_fit})
     return pd.DataFrame(rows), curves
 
 
@@ -576,7 +581,7 @@ def scaling_section(data, runs: pd.DataFrame, out_dir: Path, title: str, say=pri
     t = table.sort_values(["params", "n_pairs"])
     md += [md_table(heads, [[*(r[c] for c in cols[:9]), f"{r['rl_peak_kl']:.3g}" + ("" if r["rl_peak_inside"] else " (beyond)"),
                               r["emp_peak_gain"], r["emp_peak_kl"], r["bon_a"], r["bon_b"], r["bon_r2"], r["bon_peak_gain"],
-                              f"{r['bon_peak_kl']:.3g}" + ("" if r["bon_peak_inside"] else " (beyond)")]
+                              (f"{r['bon_peak_kl']:.3g}" + ("" if r["bon_peak_inside"] else " (beyond)")) if math.isfinite(r["bon_peak_kl"]) else "n/a"]
                              for _, r in t.iterrows()]), ""]
     md += [f"Trends over the {len(table)} RMs (the grid is balanced, so each axis is read across the other): Spearman's rho "
            "against log10 of RM parameters and of labeled pairs, the least-squares slope per decade with its 95% interval, "

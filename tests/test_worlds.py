@@ -7,6 +7,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -207,8 +208,13 @@ def test_world_phase_and_rm_scaling_reports(tmp_path, monkeypatch):
     bon = sorted((tmp_path / "rm" / "trials").glob("t*/baseline/seed-0/summary.json"))
     assert len(bon) == 4 and not list((tmp_path / "worlds" / "trials").glob("t*/baseline"))
     shutil.rmtree(bon[0].parent)
+    rm_rows = lambda md: [line for line in md.splitlines() if re.match(r"^\| \d+ x \d+ \| ", line)]  # noqa: E731
+    before = len(rm_rows(md))
     report.report("rm", storage=str(tmp_path / "rm" / "optuna.journal"), out=str(tmp_path / "rm"), say=lambda *_: None)
     assert not bon[0].exists()
+    # that RM keeps its row (its PPO fit) with its best-of-n columns n/a
+    rows = rm_rows((tmp_path / "rm" / "report.md").read_text())
+    assert len(rows) == before and sum(r.split("|")[13].strip() == "n/a" for r in rows) == 1
     sweep.sweep(str(studies["rm"][0]), workers=1, name="rm", out=str(tmp_path / "rm"), progress=False, tracking_uri=None)
     assert bon[0].is_file()
 
