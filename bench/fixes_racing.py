@@ -15,6 +15,9 @@ share of its runs that exploit. Then, on worlds drawn from that fit:
    - tied:  every fix with the mean of the fitted fixes' rates (all help, equally): the same;
    - near tie: the fitted best fix as fitted, the next two at the mean of their rates, the last
             with the baseline's (no pair is best): how often it names one anyway;
+   - fitted: the fitted rates as they are;
+   - half, strong: the fitted top two exploit at half the baseline's rate / never, the other two at
+            the baseline's: how large a pair's gain must be for the budget to find it;
    and how many runs it spent against every arm on every seed until the same separation.
 
 The budget in runs defaults to what the study file's `budget_minutes` affords at the comparison's
@@ -119,11 +122,13 @@ def main() -> None:
         "near tie": {**arms.exploit, **{x: float(np.mean([arms.exploit[y] for y in ranked[1:3]])) for x in ranked[1:3]},
                      ranked[3]: arms.exploit[base]},
         "fitted": dict(arms.exploit),
+        "half": {**arms.exploit, **{x: arms.exploit[base] / 2 for x in ranked[:2]}, **{x: arms.exploit[base] for x in ranked[2:]}},
+        "strong": {**arms.exploit, **{x: 0.0 for x in ranked[:2]}, **{x: arms.exploit[base] for x in ranked[2:]}},
     }
     out = {"fit": {"high": arms.high, "low": arms.low, "noise": arms.noise, "seed_sd": arms.seed_sd, "exploit": arms.exploit},
            "coverage": cov, "budget_runs": budget, "sims": a.sims, "worlds": {}}
     how = "--budget-runs" if a.budget_runs else f"{spec.budget_minutes:.0f} min at {per_run:.1f} s of wall time per run"
-    print(f"\nracing within {budget} runs ({how} ; {confirm_runs} held back for the confirmation), first block {spec.seeds}, "
+    print(f"\nracing within {budget} runs ({how}; {confirm_runs} held back for the confirmation), first block {spec.seeds}, "
           f"{spec.seeds_per_round} seeds per look, at most {spec.max_seeds} seeds, alpha {spec.alpha}; {a.sims} worlds each")
     print(f"{'world':8s} {'true pair':36s} {'named it':>9s} {'no pair':>8s} {'runs':>6s}  fixed design vs racing, same separation")
     print("(named it: the true pair, or any pair where none is best)")
