@@ -29,6 +29,7 @@ test-fast: install
 
 lint: install
 	$(BIN)/ruff check rlhf_sweep tests bench
+	$(BIN)/lint-imports
 
 # PPO vs its compute floor and TRL (the bench extra), sweep workers, cost growth; then the default run's wall time; time per trial per algorithm
 bench: install

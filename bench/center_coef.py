@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rlhf_sweep import pipeline
-from rlhf_sweep.config import compose
-from rlhf_sweep.reward import collect_pairs, score
-from rlhf_sweep.world import World
+from rlhf_sweep.config.compose import compose
+from rlhf_sweep.models.reward import collect_pairs, score
+from rlhf_sweep.run import pipeline
+from rlhf_sweep.simulation.world import World
 
 METRICS = ("rm/policy", "gold/policy", "gold/win_rate", "len/policy", "kl/exact", "rm/acc_labels", "rm/acc_gold")
 

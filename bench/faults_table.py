@@ -101,13 +101,13 @@ class Result:
 
 def cli(args: list[str], cwd: Path, timeout: float = 300) -> Result:
     t0 = time.monotonic()
-    r = subprocess.run([sys.executable, "-m", "rlhf_sweep.cli", *args], cwd=cwd, env=env(), capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "rlhf_sweep", *args], cwd=cwd, env=env(), capture_output=True, text=True,
                        timeout=timeout)
     return Result(args, r.returncode, r.stdout, r.stderr, time.monotonic() - t0)
 
 
 def start(args: list[str], cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "rlhf_sweep.cli", *args], cwd=cwd, env=env(), stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-m", "rlhf_sweep", *args], cwd=cwd, env=env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
 
@@ -132,7 +132,8 @@ def folder(base: Path, name: str) -> Path:
 # ----- helpers for damaged state ------------------------------------------------------------------
 def new_store(db: Path) -> str:
     """A real, empty MLflow SQLite store at `db` (as `rlhf-sweep` creates one); returns its relative URI."""
-    from rlhf_sweep import runtime, tracking
+    from rlhf_sweep.run import tracking
+    from rlhf_sweep.utils import runtime
 
     runtime.quiet_libraries()  # before MLflow is imported: no "Creating initial MLflow database tables..."
     tracking.client_for(f"sqlite:///{db.resolve()}")

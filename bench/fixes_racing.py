@@ -36,10 +36,10 @@ from pathlib import Path
 
 import numpy as np
 
-from rlhf_sweep import fixes
+from rlhf_sweep.fixes import compare, racing
 
 
-def fit(result: dict) -> tuple[fixes.SyntheticArms, str, list[str]]:
+def fit(result: dict) -> tuple[racing.SyntheticArms, str, list[str]]:
     """SyntheticArms from a comparison's per-seed gold (selection arms, on the seeds each ran)."""
     base = result["baseline"]
     arms = result["arms"]
@@ -64,10 +64,10 @@ def fit(result: dict) -> tuple[fixes.SyntheticArms, str, list[str]]:
     seed_var = max(0.0, float(np.mean(covs))) if covs else 0.0
     noise = float(np.sqrt(max(1e-6, all_resid.var() - seed_var)))
     exploit = {a: float(np.mean([v < cut for v in g.values()])) for a, g in gold.items()}
-    return fixes.SyntheticArms(exploit=exploit, high=float(hi), low=float(lo), noise=noise, seed_sd=float(np.sqrt(seed_var))), base, singles
+    return racing.SyntheticArms(exploit=exploit, high=float(hi), low=float(lo), noise=noise, seed_sd=float(np.sqrt(seed_var))), base, singles
 
 
-def coverage(arms: fixes.SyntheticArms, base: str, singles: list[str], n: int = 10, per_arm: int = 600, seed: int = 0) -> dict[str, float]:
+def coverage(arms: racing.SyntheticArms, base: str, singles: list[str], n: int = 10, per_arm: int = 600, seed: int = 0) -> dict[str, float]:
     from scipy import stats
 
     rng = np.random.default_rng(seed)
@@ -80,7 +80,7 @@ def coverage(arms: fixes.SyntheticArms, base: str, singles: list[str], n: int = 
             w = arms.outcome(rng)([(x, s) for x in (base, a) for s in range(n)])
             d[i] = [w[(a, s)] - w[(base, s)] for s in range(n)]
         for row in d:
-            _, lo, hi = fixes.paired_interval(row, np.zeros(n))
+            _, lo, hi = racing.paired_interval(row, np.zeros(n))
             hits["t"] += lo <= truth <= hi
         for method, key in (("BCa", "BCa"), ("percentile", "percentile")):
             ci = stats.bootstrap((d,), np.mean, axis=-1, vectorized=True, n_resamples=1999, method=method, random_state=1).confidence_interval
@@ -99,7 +99,7 @@ def main() -> None:
                     "--budget-runs it asks how many seeds the procedure would need")
     a = ap.parse_args()
     result = json.loads(Path(a.fixes_json).read_text())
-    spec = fixes.load_spec(max_seeds=a.max_seeds)
+    spec = compare.load_spec(max_seeds=a.max_seeds)
     arms, base, singles = fit(result)
     made = result.get("runs_this_invocation") or 0
     per_run = result["wall_seconds"] / made if made else float("nan")
@@ -133,12 +133,12 @@ def main() -> None:
     print(f"{'world':8s} {'true pair':36s} {'named it':>9s} {'no pair':>8s} {'runs':>6s}  fixed design vs racing, same separation")
     print("(named it: the true pair, or any pair where none is best)")
     for name, rates in worlds.items():
-        w = fixes.SyntheticArms(exploit=rates, high=arms.high, low=arms.low, noise=arms.noise, seed_sd=arms.seed_sd)
+        w = racing.SyntheticArms(exploit=rates, high=arms.high, low=arms.low, noise=arms.noise, seed_sd=arms.seed_sd)
         effects = {x: w.effect(x, base) for x in singles}
         top = sorted(singles, key=lambda x: -effects[x])
         separated = len(top) == 2 or effects[top[1]] > effects[top[2]] + 1e-9
         true_pair = "+".join(sorted(top[:2])) if separated and effects[top[1]] > 0 else "none"
-        r = fixes.simulate(w, base, singles, spec.max_seeds, spec.seeds, spec.seeds_per_round, spec.alpha, budget, confirm_runs, a.sims)
+        r = racing.simulate(w, base, singles, spec.max_seeds, spec.seeds, spec.seeds_per_round, spec.alpha, budget, confirm_runs, a.sims)
         named = (r["named"].get(true_pair, 0) if true_pair != "none" else a.sims - r["named"].get("none", 0)) / a.sims
         nopair = r["named"].get("none", 0) / a.sims
         both = (f"{r['fixed_runs_when_both_separated']:.0f} vs {r['race_runs_when_both_separated']:.0f} runs ({r['separated_by_both']} worlds)"

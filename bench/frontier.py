@@ -42,9 +42,9 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from rlhf_sweep import frontier  # noqa: E402
-from rlhf_sweep.study import SAMPLERS, find_study_file, load_spec  # noqa: E402
-from rlhf_sweep.tables import format_table  # noqa: E402
+from rlhf_sweep.maths import hypervolume  # noqa: E402
+from rlhf_sweep.study.spec import SAMPLERS, find_study_file, load_spec  # noqa: E402
+from rlhf_sweep.utils.tables import format_table  # noqa: E402
 
 BENCH_SAMPLERS = ("tpe", "nsga2", "random", "gp")
 
@@ -86,7 +86,7 @@ def run_sweep(study_file: Path, out: Path, workers: int, tracking_uri: str) -> t
 
 
 def sweep_one(study_file: str, out: str, workers: str, tracking_uri: str) -> None:
-    from rlhf_sweep import sweep
+    from rlhf_sweep.study import sweep
 
     res = sweep.sweep(study_file, workers=int(workers), storage=str(Path(out) / "optuna.journal"), tracking_uri=tracking_uri,
                       out=out, progress=False, baseline=False)
@@ -97,8 +97,8 @@ def sweep_one(study_file: str, out: str, workers: str, tracking_uri: str) -> Non
 def warm_cache(spec, workers: int) -> None:
     """The SFT reference and RM the trials will load (their cache keys hold the thread count), built now if cold,
     so that no timed run pays for them."""
-    code = ("import sys; from rlhf_sweep import pipeline; from rlhf_sweep.config import compose; from rlhf_sweep.world import World\n"
-            "from rlhf_sweep.runtime import cores\n"
+    code = ("import sys; from rlhf_sweep.run import pipeline; from rlhf_sweep.config.compose import compose; from rlhf_sweep.simulation.world import World\n"
+            "from rlhf_sweep.utils.runtime import cores\n"
             f"for seed in {spec.seeds!r}:\n"
             f"    cfg = compose({spec.fixed_overrides()!r} + [f'seed={{seed}}', 'progress=false'])\n"
             f"    cfg.threads = max(1, cores() // {workers})\n"
@@ -116,7 +116,7 @@ def completed(journal: Path, name: str, t0: float) -> list[dict]:
     import optuna
     from optuna.trial import TrialState
 
-    from rlhf_sweep.sweep import open_storage
+    from rlhf_sweep.study.storage import open_storage
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.load_study(study_name=name, storage=open_storage(str(journal)))
@@ -231,13 +231,13 @@ def main() -> None:
 
     grid = run_grid(spec, raw, shape, out, a.workers, uri)
     warm_cache(spec, a.workers)
-    reference, sources = frontier.study_reference(spec, [t["metrics"] for t in grid])
+    reference, sources = hypervolume.study_reference(spec, [t["metrics"] for t in grid])
     directions = spec.directions
 
     def points(trials):
         return [t["values"] if t["feasible"] else [math.nan] * len(directions) for t in trials]
 
-    ref_hv = frontier.hypervolume(points(grid), reference, directions)
+    ref_hv = hypervolume.hypervolume(points(grid), reference, directions)
     if not ref_hv > 0:
         sys.exit(f"the grid's front has no hypervolume against the reference point {reference}: nothing to measure shares of")
     print(f"reference point {dict(zip([o.metric for o in spec.objectives], reference, strict=True))} ({'; '.join(sources)}); "
@@ -247,16 +247,16 @@ def main() -> None:
     for seed in range(a.seeds):
         for s in samplers:
             rec = run_sampler(spec, raw, s, seed, a.startup, out, a.workers, uri)
-            share = frontier.hypervolume_history(points(rec["trials"]), reference, directions) / ref_hv
-            k = frontier.trials_to_share(share, 1.0, a.share)
-            k_all = frontier.trials_to_share(share, 1.0, 1.0)
+            share = hypervolume.hypervolume_history(points(rec["trials"]), reference, directions) / ref_hv
+            k = hypervolume.trials_to_share(share, 1.0, a.share)
+            k_all = hypervolume.trials_to_share(share, 1.0, 1.0)
             minutes = [t["minutes"] for t in rec["trials"]]
             runs[s].append({"seed": seed, "share": share.tolist(), "minutes": minutes, "trials_to": k,
                             "minutes_to": minutes[k - 1] if k else None, "trials_to_grid": k_all,
                             "minutes_to_grid": minutes[k_all - 1] if k_all else None, "final_share": float(share[-1]),
                             "wall_minutes": rec["wall_minutes"], "trial_seconds": float(np.mean([t["seconds"] for t in rec["trials"]]))})
 
-    from rlhf_sweep import plots
+    from rlhf_sweep.reporting import plots
 
     fig = plots.frontier_bench({s: [{"share": r["share"], "minutes": r["minutes"]} for r in rs] for s, rs in runs.items()},
                                out / "frontier.png", share=a.share,

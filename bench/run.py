@@ -44,13 +44,13 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from rlhf_sweep import pipeline  # noqa: E402
-from rlhf_sweep.config import compose  # noqa: E402
-from rlhf_sweep.models import PolicyWithValue, build_lm, decoder, draw, lm_logits, response_logits  # noqa: E402
-from rlhf_sweep.ppo import train_ppo  # noqa: E402
-from rlhf_sweep.reward import RewardModel  # noqa: E402
-from rlhf_sweep.tables import format_table  # noqa: E402
-from rlhf_sweep.world import PROMPT_LEN, World  # noqa: E402
+from rlhf_sweep.config.compose import compose  # noqa: E402
+from rlhf_sweep.models.lm import PolicyWithValue, build_lm, decoder, draw, lm_logits, response_logits  # noqa: E402
+from rlhf_sweep.models.reward import RewardModel  # noqa: E402
+from rlhf_sweep.run import pipeline  # noqa: E402
+from rlhf_sweep.simulation.world import PROMPT_LEN, World  # noqa: E402
+from rlhf_sweep.training.ppo import train_ppo  # noqa: E402
+from rlhf_sweep.utils.tables import format_table  # noqa: E402
 
 TARGETS = {"floor_ratio": ("<=", 1.5), "trl_ratio": (">=", 2.0), "workers_speedup": (">=", 1.8),
            "workers_speedup_4": (">=", 3.0), "workers_speedup_8": (">=", 5.0)}
@@ -258,7 +258,7 @@ def bench_sweep(quick: bool, counts: list[int]) -> dict:
     """trials/hour of the same grid for each worker count that this machine's cores allow."""
     import sweep_workers as sw
 
-    from rlhf_sweep.runtime import cores
+    from rlhf_sweep.utils.runtime import cores
 
     n_cores = cores()
     measured = [w for w in counts if w <= n_cores]

@@ -18,7 +18,7 @@ TARGETS = {"cold": 60.0, "cached": 45.0}  # issue 7: the default run in at most 
 
 def one_run(tmp: Path, name: str, extra: list[str]) -> dict:
     run_dir = tmp / name
-    cmd = [sys.executable, "-m", "rlhf_sweep.cli", "run", "progress=false", "mlflow.enabled=false",
+    cmd = [sys.executable, "-m", "rlhf_sweep", "run", "progress=false", "mlflow.enabled=false",
            f"cache_dir={tmp / 'cache'}", f"hydra.run.dir={run_dir}", *extra]
     t = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)

@@ -45,7 +45,7 @@ def write_study(path: Path, trials: int, iterations: int, batch_size: int, devic
 
 def sweep(study: Path, name: str, workers: int, storage: str | None = None, n_trials: int | None = None) -> float:
     out = OUT / name
-    cmd = [sys.executable, "-m", "rlhf_sweep.cli", "sweep", str(study), "--name", name, "--workers", str(workers),
+    cmd = [sys.executable, "-m", "rlhf_sweep", "sweep", str(study), "--name", name, "--workers", str(workers),
            "--out", str(out), "--tracking-uri", f"sqlite:///{OUT / 'mlflow.db'}"]
     if storage:
         cmd += ["--storage", storage]
@@ -68,7 +68,7 @@ def _ask_tell(storage: str, n: int) -> None:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    from rlhf_sweep.sweep import open_storage
+    from rlhf_sweep.study.storage import open_storage
 
     study = optuna.load_study(study_name="micro", storage=open_storage(storage))
     for _ in range(n):
@@ -82,7 +82,7 @@ def micro(storage: str, procs: int = 2, n: int = 100) -> float:
     """2 processes x n ask/tell (one user attr each) on `storage`; returns seconds."""
     import optuna
 
-    from rlhf_sweep.sweep import open_storage
+    from rlhf_sweep.study.storage import open_storage
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     optuna.create_study(study_name="micro", storage=open_storage(storage))

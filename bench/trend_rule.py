@@ -22,7 +22,8 @@ import warnings
 
 import numpy as np
 
-from rlhf_sweep.evaluate import ar1_noise, ar1_trend_test, kl_growth_share, mann_kendall
+from rlhf_sweep.evaluation.verdicts import kl_growth_share
+from rlhf_sweep.maths.stats import ar1_noise, ar1_trend_test, mann_kendall
 
 PHIS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 N = 75  # the default run: the last 50% of 150 iterations

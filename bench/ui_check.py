@@ -43,7 +43,7 @@ class CheckFailed(RuntimeError):
 
 
 def cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "rlhf_sweep.cli", *args]
+    return [sys.executable, "-m", "rlhf_sweep", *args]
 
 
 def api(url: str, body: dict | None = None) -> dict:

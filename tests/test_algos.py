@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from rlhf_sweep import bon, dpo, gao, grpo, rloo
-from rlhf_sweep import kl as klmod
-from rlhf_sweep.config import ConfigError, compose
+from rlhf_sweep.config.compose import compose
+from rlhf_sweep.config.schema import ConfigError
+from rlhf_sweep.maths import gao
+from rlhf_sweep.maths import kl as klmod
+from rlhf_sweep.training import bon, dpo, grpo, rloo
 
 
 # ----- RLOO ----------------------------------------------------------------------------------------
@@ -216,7 +218,7 @@ def test_best_of_n_runs_share_their_cached_samples(tmp_path):
     samples per prompt) and give what an uncached run gives; the exact KL stays under the bound."""
     import math
 
-    from rlhf_sweep import pipeline
+    from rlhf_sweep.run import pipeline
 
     from .conftest import TINY
 

@@ -28,6 +28,9 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from rlhf_sweep.study.spec import METRIC_KEYS, load_spec
+from rlhf_sweep.study.storage import fail_stale_trials, heartbeats, open_storage, trial_id
+
 ROOT = Path(__file__).resolve().parent.parent
 PG_SCRIPT = ROOT / "deploy" / "pg-throwaway.sh"
 N_TRIALS = 4
@@ -121,7 +124,7 @@ def mlflow_server(databases, tmp_path_factory):
 
 
 def worker_cmd(storage: str, uri: str, out: Path) -> list[str]:
-    return [sys.executable, "-m", "rlhf_sweep.cli", "sweep", "smoke", "--n-trials", str(N_TRIALS), "--storage", storage,
+    return [sys.executable, "-m", "rlhf_sweep", "sweep", "smoke", "--n-trials", str(N_TRIALS), "--storage", storage,
             "--tracking-uri", uri, "--out", str(out), "--heartbeat", str(HEARTBEAT)]
 
 
@@ -226,7 +229,6 @@ def test_workers_starting_together_on_an_empty_database(pg_server):
 
     import psycopg
 
-    from rlhf_sweep import sweep
 
     db = f"rlhf_sweep_test_empty_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(pg_server, autocommit=True, connect_timeout=10) as conn:
@@ -235,7 +237,7 @@ def test_workers_starting_together_on_an_empty_database(pg_server):
 
     def open_it() -> None:
         try:
-            sweep.open_storage(with_db(pg_server, db)).engine.dispose()
+            open_storage(with_db(pg_server, db)).engine.dispose()
         except Exception as e:
             errors.append(repr(e))
 
@@ -254,40 +256,41 @@ def test_workers_starting_together_on_an_empty_database(pg_server):
 # ----- the heartbeat path without a server: SQLite is an RDB storage with heartbeats too ----------
 @pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
 def test_a_silent_trial_is_failed_and_retried_with_its_parameters(tmp_path):
-    from rlhf_sweep import sweep
+    from rlhf_sweep.study import sweep
 
-    storage = sweep.open_storage(f"sqlite:///{tmp_path / 's.db'}", heartbeat=1)
+    storage = open_storage(f"sqlite:///{tmp_path / 's.db'}", heartbeat=1)
     study = optuna.create_study(study_name="s", storage=storage)
-    assert sweep.heartbeats(storage)
+    assert heartbeats(storage)
     t = sweep._ask(study)
     x = t.suggest_float("x", 0.0, 1.0)
     t.set_user_attr("worker", "another-host:123:456")
-    storage.record_heartbeat(sweep.trial_id(storage, "s", t.number))  # then its worker dies
-    assert sweep.fail_stale_trials(study, storage) == []  # within the grace period (2 s)
+    storage.record_heartbeat(trial_id(storage, "s", t.number))  # then its worker dies
+    assert fail_stale_trials(study, storage) == []  # within the grace period (2 s)
     time.sleep(3.5)  # SQLite's clock has whole seconds
-    assert sweep.fail_stale_trials(study, storage) == [0]
+    assert fail_stale_trials(study, storage) == [0]
     dead, retry = study.trials
     assert dead.state == TrialState.FAIL and dead.user_attrs["error"].startswith("stale: no heartbeat for 2 s from its worker (another-host")
     assert retry.state == TrialState.WAITING and optuna.storages.RetryFailedTrialCallback.retried_trial_number(retry) == 0
     assert retry.params == {"x": x} and retry.user_attrs == {}  # the dead attempt's bookkeeping stays with it
     again = sweep._ask(study)  # the next ask, on any machine, takes the retry
     assert again.number == 1 and again.suggest_float("x", 0.0, 1.0) == x
-    assert sweep.fail_stale_trials(study, storage) == []  # the retry has no heartbeat yet: not stale
+    assert fail_stale_trials(study, storage) == []  # the retry has no heartbeat yet: not stale
 
 
 def test_a_trial_failed_by_another_worker_while_it_ran_is_void(tmp_path, monkeypatch):
-    from rlhf_sweep import pipeline, sweep
+    from rlhf_sweep.run import pipeline
+    from rlhf_sweep.study import sweep
 
     storage = f"sqlite:///{tmp_path / 's.db'}"
-    spec = sweep.load_spec("smoke", check_config=False)
-    store = sweep.open_storage(storage, heartbeat=1)
+    spec = load_spec("smoke", check_config=False)
+    store = open_storage(storage, heartbeat=1)
     study = optuna.create_study(study_name="s", storage=store, directions=spec.directions)
     trial = sweep._ask(study)
 
     def run_while_declared_dead(cfg, say=print):
         # meanwhile another machine saw no heartbeat and failed the trial
-        store.set_trial_state_values(sweep.trial_id(store, "s", trial.number), TrialState.FAIL)
-        return {"config": {"seed": cfg.seed, "run_dir": cfg.run_dir}, "metrics": dict.fromkeys(sweep.METRIC_KEYS, 0.5),
+        store.set_trial_state_values(trial_id(store, "s", trial.number), TrialState.FAIL)
+        return {"config": {"seed": cfg.seed, "run_dir": cfg.run_dir}, "metrics": dict.fromkeys(METRIC_KEYS, 0.5),
                 "history": [{"iteration": 0, "kl/exact": 0.1}], "observations": {}, "timing": {"ppo": 1.0}}
 
     monkeypatch.setattr(pipeline, "run", run_while_declared_dead)
@@ -299,9 +302,9 @@ def test_a_trial_failed_by_another_worker_while_it_ran_is_void(tmp_path, monkeyp
 
 
 def test_the_later_of_two_asks_for_the_last_slot_is_over_budget(tmp_path):
-    from rlhf_sweep import sweep
+    from rlhf_sweep.study import sweep
 
-    study = optuna.create_study(study_name="s", storage=sweep.open_storage(f"sqlite:///{tmp_path / 's.db'}"))
+    study = optuna.create_study(study_name="s", storage=open_storage(f"sqlite:///{tmp_path / 's.db'}"))
     a, b, c = (sweep._ask(study) for _ in range(3))  # n_trials = 2; three machines saw room at once
     assert not sweep._over_budget(study, a, 2) and not sweep._over_budget(study, b, 2) and sweep._over_budget(study, c, 2)
     study.tell(a, state=TrialState.FAIL)  # a failed trial frees its slot
@@ -310,7 +313,7 @@ def test_the_later_of_two_asks_for_the_last_slot_is_over_budget(tmp_path):
 
 def run_cli(*args: str, cwd: Path) -> tuple[subprocess.CompletedProcess, float]:
     t0 = time.monotonic()
-    r = subprocess.run([sys.executable, "-m", "rlhf_sweep.cli", "sweep", "smoke", *args], cwd=cwd, env=env(),
+    r = subprocess.run([sys.executable, "-m", "rlhf_sweep", "sweep", "smoke", *args], cwd=cwd, env=env(),
                        capture_output=True, text=True, timeout=60)
     return r, time.monotonic() - t0
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rlhf_sweep.config import CONF_DIR, Config, ConfigError, compose, config_hash, flatten
+from rlhf_sweep.config.compose import CONF_DIR, compose
+from rlhf_sweep.config.schema import Config, ConfigError, config_hash, flatten
 
 GROUPS = {"world": "default", "model": "gpt2", "sft": "default", "rm": "default", "ppo": "default", "eval": "default", "mlflow": "default"}
 
@@ -75,7 +76,7 @@ def test_bad_overrides_raise_one_line(override, needle):
 @pytest.mark.parametrize("override,needle", [("ppo.foo=1", "ppo.foo"), ("ppo.beta=-1", "ppo.beta"), ("ppo.clip_eps=0", "ppo.clip_eps"),
                                              ("model.arch=bert", "model.arch"), ("ppo.kl_estimator=k9", "ppo.kl_estimator")])
 def test_cli_exits_nonzero_with_one_line(override, needle, tmp_path):
-    r = subprocess.run([sys.executable, "-m", "rlhf_sweep.cli", "run", override], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    r = subprocess.run([sys.executable, "-m", "rlhf_sweep", "run", override], capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert r.returncode != 0
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and needle in lines[0], r.stderr
@@ -96,7 +97,7 @@ def test_cache_keys_hold_the_thread_count():
 
     import torch
 
-    from rlhf_sweep import pipeline
+    from rlhf_sweep.run import pipeline
 
     cpu = torch.device("cpu")
     one, two, every = (compose([f"threads={t}"]) for t in (1, 2, 0))

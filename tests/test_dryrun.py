@@ -7,9 +7,10 @@ import json
 
 import pytest
 
-from rlhf_sweep import dryrun
-from rlhf_sweep.config import compose, to_dict
-from rlhf_sweep.study import load_spec
+from rlhf_sweep.config.compose import compose
+from rlhf_sweep.config.schema import to_dict
+from rlhf_sweep.study import dryrun
+from rlhf_sweep.study.spec import load_spec
 
 
 def write_summary(path, cfg, total, sft=0.5, rm=0.5, built=False):

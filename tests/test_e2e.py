@@ -12,8 +12,8 @@ import sys
 
 import pytest
 
-from rlhf_sweep import pipeline
-from rlhf_sweep.config import compose
+from rlhf_sweep.config.compose import compose
+from rlhf_sweep.run import pipeline
 
 from .conftest import TINY
 
@@ -152,7 +152,7 @@ def test_options_run(tmp_path, extra):
 def test_cli_run_writes_summary_and_logs_to_mlflow(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     r = subprocess.run(
-        [sys.executable, "-m", "rlhf_sweep.cli", "run", *TINY, f"cache_dir={tmp_path}/cache", f"mlflow.tracking_uri={uri}",
+        [sys.executable, "-m", "rlhf_sweep", "run", *TINY, f"cache_dir={tmp_path}/cache", f"mlflow.tracking_uri={uri}",
          f"hydra.run.dir={tmp_path}/run"],
         capture_output=True, text=True, timeout=600,
     )

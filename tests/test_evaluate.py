@@ -3,19 +3,14 @@
 import numpy as np
 import pytest
 
-from rlhf_sweep.evaluate import (
-    ar1_noise,
-    ar1_trend_test,
+from rlhf_sweep.evaluation.metrics import rm_slopes
+from rlhf_sweep.evaluation.verdicts import (
     kl_growth_share,
-    mann_kendall,
-    mean_ci,
-    mk_s,
-    rm_slopes,
     verdict_humans_prefer_reference,
     verdict_kl_increasing,
     verdict_rm_prefers_policy,
-    win_rate,
 )
+from rlhf_sweep.maths.stats import ar1_noise, ar1_trend_test, mann_kendall, mean_ci, mk_s, win_rate
 
 
 def test_mann_kendall_hand_value():

@@ -10,11 +10,13 @@ import pytest
 import torch
 from torch import nn
 
-from rlhf_sweep import explain, pipeline
-from rlhf_sweep.config import WorldConfig, compose
-from rlhf_sweep.evaluate import rm_filler_curve
-from rlhf_sweep.models import response_mask
-from rlhf_sweep.world import EOS, PAD, World
+from rlhf_sweep.config.compose import compose
+from rlhf_sweep.config.schema import WorldConfig
+from rlhf_sweep.evaluation.metrics import rm_filler_curve
+from rlhf_sweep.models.lm import response_mask
+from rlhf_sweep.reporting import explain
+from rlhf_sweep.run import pipeline
+from rlhf_sweep.simulation.world import EOS, PAD, World
 
 from .conftest import TINY
 
@@ -115,7 +117,7 @@ def test_explain_writes_the_three_parts(small_run):
 
 
 def test_cli_explain_missing_run_is_one_line(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "rlhf_sweep.cli", "explain", str(tmp_path / "nope")], capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-m", "rlhf_sweep", "explain", str(tmp_path / "nope")], capture_output=True, text=True, timeout=120)
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert r.returncode == 2 and len(lines) == 1 and "summary.json" in lines[0]
 

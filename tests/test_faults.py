@@ -25,9 +25,12 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
-from rlhf_sweep import journal, pipeline, tracking
-from rlhf_sweep.config import Config, ConfigError, compose
-from rlhf_sweep.study import load_spec
+from rlhf_sweep.config.compose import compose
+from rlhf_sweep.config.schema import Config, ConfigError
+from rlhf_sweep.run import pipeline, tracking
+from rlhf_sweep.study import journal
+from rlhf_sweep.study.spec import load_spec
+from rlhf_sweep.study.storage import load_study, open_storage
 
 from .conftest import TINY
 from .test_cluster import free_port
@@ -41,7 +44,7 @@ def env() -> dict[str, str]:
 
 
 def cli(*args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "rlhf_sweep.cli", *args], cwd=cwd, env=env(), capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "rlhf_sweep", *args], cwd=cwd, env=env(), capture_output=True, text=True,
                           timeout=timeout)
 
 
@@ -310,8 +313,9 @@ def test_unwritable_store_fails_every_command_before_work(cases, tmp_path, locke
         assert not (d / what).exists(), name
     assert not (cases["sweep_readonly_store"][1] / "s.journal").exists()  # nor a study
     # report and compare-fixes: the same check, raised as the errors their commands print as one line
-    from rlhf_sweep import fixes, report
-    from rlhf_sweep.study import StudyError
+    from rlhf_sweep.fixes import compare
+    from rlhf_sweep.reporting import report
+    from rlhf_sweep.study.spec import StudyError
 
     uri = make_store(tmp_path / "mlflow.db")
     assert unwritable(tmp_path / "mlflow.db")
@@ -319,8 +323,8 @@ def test_unwritable_store_fails_every_command_before_work(cases, tmp_path, locke
     make_journal(tmp_path / "study.journal")
     with pytest.raises(StudyError, match=r"^cannot write to the MLflow store --tracking-uri sqlite:///"):
         report.report("smoke", storage=str(tmp_path / "study.journal"), tracking_uri=uri, out=str(tmp_path / "report"))
-    with pytest.raises(fixes.FixesError, match=r"^cannot write to the MLflow store --tracking-uri sqlite:///"):
-        fixes.compare_fixes(tracking_uri=uri, out=str(tmp_path / "fixes"))
+    with pytest.raises(compare.FixesError, match=r"^cannot write to the MLflow store --tracking-uri sqlite:///"):
+        compare.compare_fixes(tracking_uri=uri, out=str(tmp_path / "fixes"))
     assert not (tmp_path / "report").exists() and not (tmp_path / "fixes").exists()
 
 
@@ -337,11 +341,10 @@ def test_storage_folder_is_one_line_and_creates_nothing(cases, tmp_path):
     line, d, _, _ = result(cases, "storage_folder")
     assert line.startswith(f"--storage {d / 'some' / 'dir'}/ is a folder; give a journal file path")
     assert not (d / "some").exists() and not (d / "out").exists()
-    from rlhf_sweep import report
 
     (tmp_path / "adir").mkdir()
     with pytest.raises(journal.JournalError, match=r"^--storage .*/adir is a folder; give a journal file path"):
-        report.load_study("smoke", storage=str(tmp_path / "adir"))
+        load_study("smoke", storage=str(tmp_path / "adir"))
     assert not any((tmp_path / "adir").iterdir())
 
 
@@ -383,10 +386,9 @@ def test_repair_drops_only_the_torn_tail(tmp_path):
 
 def test_an_append_onto_a_torn_end_is_refused(tmp_path):
     """A process that died mid-append while others run: their next record is not glued onto its cut one."""
-    from rlhf_sweep import sweep
 
     j = tmp_path / "study.journal"
-    study = optuna.create_study(study_name="s", storage=sweep.open_storage(str(j)), directions=["maximize"])
+    study = optuna.create_study(study_name="s", storage=open_storage(str(j)), directions=["maximize"])
     t = study.ask()
     study.tell(t, [1.0])
     with open(j, "ab") as f:  # what the dead process left: a record without its end
@@ -497,7 +499,7 @@ WORKER = """
 import sys, time
 from pathlib import Path
 uri, ready, n = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
-from rlhf_sweep import tracking
+from rlhf_sweep.run import tracking
 import mlflow.tracking  # imports first: the race is in opening a new store
 (ready / sys.argv[4]).touch()
 while len(list(ready.iterdir())) < n:
@@ -527,7 +529,7 @@ def test_a_new_store_is_created_once_by_concurrent_processes(tmp_path):
 
 def test_log_refuses_a_run_directory_without_a_readable_summary(cases):
     line, d, _, _ = result(cases, "log_garbage_summary")
-    assert line.startswith(f"{d / 'run' / 'summary.json'} is not a readable run summary (")
+    assert line.startswith(f"{d / 'run' / 'summary.json'} is not readable JSON (")
     assert not (d / "mlflow.db").exists()  # checked before the store was touched
     line, d, _, _ = result(cases, "log_missing_run")
     assert line.startswith(f"{d / 'norun' / 'summary.json'} not found")
@@ -537,7 +539,7 @@ def test_log_refuses_a_run_directory_without_a_readable_summary(cases):
 
 # ----- with a finished run (e2e) -------------------------------------------------------------------
 def run_cmd(tmp: Path, run_dir: str, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "rlhf_sweep.cli", "run", *TINY, f"cache_dir={tmp / 'cache'}", f"hydra.run.dir={tmp / run_dir}", *extra]
+    return [sys.executable, "-m", "rlhf_sweep", "run", *TINY, f"cache_dir={tmp / 'cache'}", f"hydra.run.dir={tmp / run_dir}", *extra]
 
 
 @pytest.mark.e2e

@@ -11,8 +11,9 @@ import pytest
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
-from rlhf_sweep import frontier, sweep
-from rlhf_sweep.study import Constraint, Objective, Param, StudySpec
+from rlhf_sweep.maths import hypervolume
+from rlhf_sweep.study import sweep
+from rlhf_sweep.study.spec import Constraint, Objective, Param, StudySpec
 
 GOLD_KL = ["maximize", "minimize"]  # (gold/policy up, kl/exact down)
 
@@ -36,9 +37,9 @@ def test_hand_computed_areas_with_dominated_duplicate_and_outside_points():
     ref = [0.5, 10.0]  # gold at least 0.5, KL at most 10
     # (gold, KL): a at KL 1 with gold 0.7, b at KL 4 with gold 0.9
     a, b = [0.7, 1.0], [0.9, 4.0]
-    assert frontier.hypervolume([a], ref, GOLD_KL) == pytest.approx((10 - 1) * (0.7 - 0.5))  # 1.8
+    assert hypervolume.hypervolume([a], ref, GOLD_KL) == pytest.approx((10 - 1) * (0.7 - 0.5))  # 1.8
     # a alone covers KL 1..10 x gold 0.5..0.7; b adds KL 4..10 x gold 0.7..0.9
-    assert frontier.hypervolume([a, b], ref, GOLD_KL) == pytest.approx(1.8 + 6 * 0.2)  # 3.0
+    assert hypervolume.hypervolume([a, b], ref, GOLD_KL) == pytest.approx(1.8 + 6 * 0.2)  # 3.0
     dominated = [0.6, 2.0]  # lower gold at a higher KL than a
     duplicate = list(a)
     below_reference_gold = [0.4, 0.5]  # KL better than all, gold worse than the reference's
@@ -46,18 +47,18 @@ def test_hand_computed_areas_with_dominated_duplicate_and_outside_points():
     on_the_corner = [0.5, 10.0]
     nan = [math.nan, 1.0]
     points = [b, dominated, a, duplicate, below_reference_gold, beyond_kl_cap, on_the_corner, nan]
-    assert frontier.hypervolume(points, ref, GOLD_KL) == pytest.approx(3.0)
-    assert frontier.hypervolume([below_reference_gold, beyond_kl_cap], ref, GOLD_KL) == 0.0
-    assert frontier.hypervolume([], ref, GOLD_KL) == 0.0
+    assert hypervolume.hypervolume(points, ref, GOLD_KL) == pytest.approx(3.0)
+    assert hypervolume.hypervolume([below_reference_gold, beyond_kl_cap], ref, GOLD_KL) == 0.0
+    assert hypervolume.hypervolume([], ref, GOLD_KL) == 0.0
     # a tie in KL with more gold replaces the lower point; a tie in gold at lower KL replaces the other
-    assert frontier.hypervolume([[0.7, 1.0], [0.8, 1.0]], ref, GOLD_KL) == pytest.approx(9 * 0.3)
-    assert frontier.hypervolume([[0.7, 3.0], [0.7, 1.0]], ref, GOLD_KL) == pytest.approx(9 * 0.2)
+    assert hypervolume.hypervolume([[0.7, 1.0], [0.8, 1.0]], ref, GOLD_KL) == pytest.approx(9 * 0.3)
+    assert hypervolume.hypervolume([[0.7, 3.0], [0.7, 1.0]], ref, GOLD_KL) == pytest.approx(9 * 0.2)
     # both maximized, both minimized, one objective
-    assert frontier.hypervolume([[2.0, 3.0], [3.0, 1.0]], [0.0, 0.0], ["maximize", "maximize"]) == pytest.approx(2 * 3 + 1 * 1)
-    assert frontier.hypervolume([[1.0, 2.0], [2.0, 1.0]], [3.0, 3.0], ["minimize", "minimize"]) == pytest.approx(3.0)
-    assert frontier.hypervolume([[0.9], [0.7], [0.3]], [0.5], ["maximize"]) == pytest.approx(0.4)
+    assert hypervolume.hypervolume([[2.0, 3.0], [3.0, 1.0]], [0.0, 0.0], ["maximize", "maximize"]) == pytest.approx(2 * 3 + 1 * 1)
+    assert hypervolume.hypervolume([[1.0, 2.0], [2.0, 1.0]], [3.0, 3.0], ["minimize", "minimize"]) == pytest.approx(3.0)
+    assert hypervolume.hypervolume([[0.9], [0.7], [0.3]], [0.5], ["maximize"]) == pytest.approx(0.4)
     with pytest.raises(ValueError, match="one or two objectives"):
-        frontier.hypervolume([[1, 2, 3]], [0, 0, 0], ["minimize"] * 3)
+        hypervolume.hypervolume([[1, 2, 3]], [0, 0, 0], ["minimize"] * 3)
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -69,7 +70,7 @@ def test_agrees_with_a_brute_force_count(seed):
     pts = np.column_stack([gold, kl])
     pts = np.vstack([pts, pts[:3]])
     ref = [0.6, 10.0]
-    exact = frontier.hypervolume(pts, ref, GOLD_KL)
+    exact = hypervolume.hypervolume(pts, ref, GOLD_KL)
     assert exact > 0
     assert exact == pytest.approx(brute_force(pts, ref, GOLD_KL, step=0.002), rel=0.01, abs=0.01)
 
@@ -77,25 +78,25 @@ def test_agrees_with_a_brute_force_count(seed):
 def test_history_and_the_trials_to_a_share():
     ref = [0.5, 10.0]
     pts = [[0.4, 1.0], [0.7, 1.0], [0.6, 2.0], [0.9, 4.0], [0.7, 1.0]]
-    hist = frontier.hypervolume_history(pts, ref, GOLD_KL)
+    hist = hypervolume.hypervolume_history(pts, ref, GOLD_KL)
     assert hist == pytest.approx([0.0, 1.8, 1.8, 3.0, 3.0])
     assert all(np.diff(hist) >= 0)
-    assert frontier.trials_to_share(hist, 3.0, 0.5) == 2  # 1.8 >= 1.5
-    assert frontier.trials_to_share(hist, 3.0, 0.9) == 4
-    assert frontier.trials_to_share(hist, 4.0, 0.9) is None
-    assert frontier.trials_to_share(hist, 0.0) is None
+    assert hypervolume.trials_to_share(hist, 3.0, 0.5) == 2  # 1.8 >= 1.5
+    assert hypervolume.trials_to_share(hist, 3.0, 0.9) == 4
+    assert hypervolume.trials_to_share(hist, 4.0, 0.9) is None
+    assert hypervolume.trials_to_share(hist, 0.0) is None
 
 
 def test_default_reference_point():
     metrics = [{"gold/policy": 0.9, "gold/ref": 0.76, "kl/exact": 1.0, "len/policy": 5.0, "len/ref": 4.0},
                {"gold/policy": 0.3, "gold/ref": 0.80, "kl/exact": 14.0, "len/policy": 7.0, "len/ref": 4.2}]
-    ref, why = frontier.default_reference([("gold/policy", "maximize"), ("kl/exact", "minimize")], metrics)
-    assert ref == pytest.approx([0.78, frontier.DEFAULT_KL_CAP]) and "gold/ref" in why[0] and "cap" in why[1]
-    ref, why = frontier.default_reference([("gold/policy", "maximize"), ("kl/exact", "minimize")], metrics, kl_caps=[20.0, 12.0])
+    ref, why = hypervolume.default_reference([("gold/policy", "maximize"), ("kl/exact", "minimize")], metrics)
+    assert ref == pytest.approx([0.78, hypervolume.DEFAULT_KL_CAP]) and "gold/ref" in why[0] and "cap" in why[1]
+    ref, why = hypervolume.default_reference([("gold/policy", "maximize"), ("kl/exact", "minimize")], metrics, kl_caps=[20.0, 12.0])
     assert ref[1] == 12.0 and "constraint" in why[1]
-    ref, _ = frontier.default_reference([("gold/policy", "maximize"), ("len/policy", "minimize")], metrics)
+    ref, _ = hypervolume.default_reference([("gold/policy", "maximize"), ("len/policy", "minimize")], metrics)
     assert ref == pytest.approx([0.78, 4.1])
-    ref, why = frontier.default_reference([("rm/acc_gold", "maximize")], [{"rm/acc_gold": 0.6}, {"rm/acc_gold": 0.7}])
+    ref, why = hypervolume.default_reference([("rm/acc_gold", "maximize")], [{"rm/acc_gold": 0.6}, {"rm/acc_gold": 0.7}])
     assert ref == [0.6] and "worst" in why[0]
 
 
@@ -131,14 +132,14 @@ def test_trials_csv_hypervolume_column_follows_completion_order():
     _, front = sweep.trial_rows(spec, trials[:1], [*trials, failed])
     assert front[0][col] == pytest.approx(3.0)
     # no reference point in the file: the reference model's gold (0.5 here) and the KL constraint's bound
-    hv = frontier.study_hypervolume(spec_for(constraints=[Constraint("kl/exact", "<=", 20.0)]), trials)
+    hv = hypervolume.study_hypervolume(spec_for(constraints=[Constraint("kl/exact", "<=", 20.0)]), trials)
     assert hv.reference == [0.5, 20.0] and hv.final == pytest.approx(19 * 0.2 + 16 * 0.2)
 
 
 def test_study_file_reference_point_is_checked(tmp_path):
     import yaml
 
-    from rlhf_sweep.study import StudyError, load_spec
+    from rlhf_sweep.study.spec import StudyError, load_spec
 
     from .test_sweep import SMOKE
 
@@ -157,7 +158,7 @@ def test_study_file_reference_point_is_checked(tmp_path):
 def test_gp_sampler_handles_two_objectives_constraints_and_its_options():
     """sampler: gp builds Optuna's GPSampler with the study's options, and it proposes from its model
     (not at random) after the start-up trials on a two-objective study with a constraint."""
-    from rlhf_sweep.study import make_sampler
+    from rlhf_sweep.study.spec import make_sampler
 
     spec = spec_for()
     spec.sampler, spec.sampler_options = "gp", {"n_startup_trials": 4, "warn_independent_sampling": False}

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from rlhf_sweep import gao
+from rlhf_sweep.maths import gao
 
 
 def test_bon_kl_hand_values():

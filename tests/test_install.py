@@ -71,7 +71,7 @@ def installed(tmp_path_factory) -> dict[str, Path]:
 
 def test_the_wheel_carries_configs_and_studies(installed):
     py = installed["venv"] / "bin" / "python"
-    code = ("import rlhf_sweep, json; from rlhf_sweep import paths; "
+    code = ("import rlhf_sweep, json; from rlhf_sweep.config import paths; "
             "print(json.dumps([rlhf_sweep.__file__, str(paths.shipped_conf_dir()), str(paths.shipped_studies_dir())]))")
     r = subprocess.run([str(py), "-c", code], cwd=installed["work"], capture_output=True, text=True, env=_clean_env(), timeout=120)
     assert r.returncode == 0, r.stderr

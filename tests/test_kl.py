@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from rlhf_sweep import kl
+from rlhf_sweep.maths import kl
 
 
 def test_exact_matches_torch_distributions():

@@ -27,8 +27,10 @@ import pytest
 import torch
 import yaml
 
-from rlhf_sweep import kl, ppo
-from rlhf_sweep.config import CONF_DIR, PPOConfig
+from rlhf_sweep.config.compose import CONF_DIR
+from rlhf_sweep.config.schema import PPOConfig
+from rlhf_sweep.maths import kl
+from rlhf_sweep.training import ppo
 
 V, L = 3, 3
 BETA = 0.1  # everything in float64: the tolerance is 1e-6 on gradients of size ~0.1
@@ -171,7 +173,8 @@ def test_the_kl_penalty_config_group_is_the_table():
 
 
 def test_config_errors_list_the_values_and_mark_the_unbiased_pairs():
-    from rlhf_sweep.config import ConfigError, compose
+    from rlhf_sweep.config.compose import compose
+    from rlhf_sweep.config.schema import ConfigError
 
     for override, key in (("ppo.kl_estimator=k9", "ppo.kl_estimator"), ("ppo.kl_in=everywhere", "ppo.kl_in")):
         with pytest.raises(ConfigError) as e:

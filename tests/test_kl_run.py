@@ -10,11 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from rlhf_sweep import explain, pipeline, ppo
-from rlhf_sweep.config import ModelConfig, PPOConfig, WorldConfig, compose
-from rlhf_sweep.models import PolicyWithValue, build_lm, lm_logits, response_logits, sample
-from rlhf_sweep.reward import RewardModel
-from rlhf_sweep.world import PROMPT_LEN, World
+from rlhf_sweep.config.compose import compose
+from rlhf_sweep.config.schema import ModelConfig, PPOConfig, WorldConfig
+from rlhf_sweep.models.lm import PolicyWithValue, build_lm, lm_logits, response_logits, sample
+from rlhf_sweep.models.reward import RewardModel
+from rlhf_sweep.reporting import explain
+from rlhf_sweep.run import pipeline
+from rlhf_sweep.simulation.world import PROMPT_LEN, World
+from rlhf_sweep.training import ppo
 
 from .conftest import TINY
 
@@ -106,7 +109,7 @@ def test_a_biased_penalty_warns_once_and_is_tagged(biased_run, tmp_path):
     assert on_disk["config"]["kl/gradient"] == "biased" and on_disk["tags"] == {"kl/gradient": "biased"}
     # what the penalty charged is its own estimator's sequence sum: k3 here
     assert [h["kl/penalty"] for h in on_disk["history"]] == [h["kl/k3"] for h in on_disk["history"]]
-    from rlhf_sweep import tracking
+    from rlhf_sweep.run import tracking
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     run_id = tracking.log_run(uri, "kl-tags", on_disk, None, name="biased")

@@ -14,8 +14,9 @@ import pytest
 import yaml
 from scipy import stats
 
-from rlhf_sweep import gao, kl, kl_study, plots
-from rlhf_sweep.study import load_spec
+from rlhf_sweep.maths import gao, kl
+from rlhf_sweep.reporting import kl_penalties, plots
+from rlhf_sweep.study.spec import load_spec
 
 from .test_report import check_png
 from .test_sweep import env, sweep_cmd
@@ -48,7 +49,7 @@ def synthetic(rng: np.random.Generator) -> pd.DataFrame:
 
 def test_ratios_and_frontier_offsets_match_direct_computations():
     pts = synthetic(np.random.default_rng(0))
-    a = kl_study.analyse(pts, GOLD_REF)
+    a = kl_penalties.analyse(pts, GOLD_REF)
     assert a.reference == "reward_k1"
     ref = pts[pts.penalty == "reward_k1"].set_index(["beta", "seed"])["kl"]
     own = pts[pts.penalty == "loss_k3"].set_index(["beta", "seed"])["kl"]
@@ -73,25 +74,25 @@ def test_ratios_and_frontier_offsets_match_direct_computations():
 
 
 def test_sentences_follow_the_numbers():
-    a = kl_study.analyse(synthetic(np.random.default_rng(1)), GOLD_REF)
-    lines = "\n".join(kl_study.section(a, "kl_placement.png", 5, 6))
-    line = {n: next(x for x in lines.splitlines() if x.startswith(f"- **{kl_study.label(n)}**")) for n in ("loss_k3", "loss_k1", "both_exact")}
+    a = kl_penalties.analyse(synthetic(np.random.default_rng(1)), GOLD_REF)
+    lines = "\n".join(kl_penalties.section(a, "kl_placement.png", 5, 6))
+    line = {n: next(x for x in lines.splitlines() if x.startswith(f"- **{kl_penalties.label(n)}**")) for n in ("loss_k3", "loss_k1", "both_exact")}
     assert "lets through more KL" in line["loss_k3"] and "same frontier" in line["loss_k3"]
     assert "frontier lies below" in line["loss_k1"] and "lets through more KL" in line["loss_k1"]
     assert "as much KL as these seeds can tell" in line["both_exact"]
     assert "1 lie off its frontier: loss+k1 (below)" in lines
     assert "- **reward+k1**" not in lines  # the reference is not compared with itself
     # the flipped case: less KL and a frontier above
-    c = kl_study.Comparison("loss_k2", "partial", "x", gao.GaoFit("rl", 1, 1, 1, 3), kl_ratio=0.5, kl_ratio_ci=(0.4, 0.6),
+    c = kl_penalties.Comparison("loss_k2", "partial", "x", gao.GaoFit("rl", 1, 1, 1, 3), kl_ratio=0.5, kl_ratio_ci=(0.4, 0.6),
                             n_pairs=9, gold_offset=0.1, gold_offset_ci=(0.05, 0.15), n_inside=9)
-    assert kl_study.kl_sentence(c, "reward_k1").startswith("lets through less KL: 0.50x")
-    assert kl_study.frontier_sentence(c, "reward_k1").startswith("its frontier lies above: mean gold +0.100")
+    assert kl_penalties.kl_sentence(c, "reward_k1").startswith("lets through less KL: 0.50x")
+    assert kl_penalties.frontier_sentence(c, "reward_k1").startswith("its frontier lies above: mean gold +0.100")
 
 
 def test_figure_is_drawn(tmp_path):
-    a = kl_study.analyse(synthetic(np.random.default_rng(2)), GOLD_REF)
+    a = kl_penalties.analyse(synthetic(np.random.default_rng(2)), GOLD_REF)
     path = plots.kl_placement(a.table, a.points, {n: c.fit for n, c in a.comparisons.items()},
-                              {n: kl_study.label(n) for n in a.comparisons}, GOLD_REF, tmp_path / "kl.png", title="t")
+                              {n: kl_penalties.label(n) for n in a.comparisons}, GOLD_REF, tmp_path / "kl.png", title="t")
     check_png(Path(path), min_w=1000)
 
 
@@ -104,7 +105,7 @@ def test_points_read_each_trials_penalty_beta_and_seeds():
         params={"kl_penalty": "loss_k3", "ppo.beta": 0.1}, distributions=dists, values=[0.5, 3.0],
         user_attrs={"per_seed": {"0": {"gold/policy": 0.4, "kl/exact": 2.0}, "1": {"gold/policy": 0.6, "kl/exact": 4.0},
                                  "2": {"gold/policy": None, "kl/exact": 5.0}}}))
-    pts = kl_study.points(spec, study)
+    pts = kl_penalties.points(spec, study)
     assert pts[["penalty", "gradient", "beta"]].drop_duplicates().values.tolist() == [["loss_k3", "biased", 0.1]]
     assert pts["seed"].tolist() == [0, 1] and pts["kl"].tolist() == [2.0, 4.0]  # a seed without gold is left out
 
@@ -116,7 +117,7 @@ def test_the_study_file_is_the_whole_table_on_a_full_grid():
     betas = next(p for p in spec.space if p.name == "ppo.beta").grid
     assert min(betas) <= 0.01 and max(betas) >= 1.0 and len(betas) >= 4 and len(spec.seeds) >= 3
     assert spec.sampler == "grid" and spec.n_trials == len(choices) * len(betas)
-    assert kl_study.searched(spec)
+    assert kl_penalties.searched(spec)
 
 
 @pytest.mark.e2e

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from rlhf_sweep.config import ModelConfig, WorldConfig
-from rlhf_sweep.models import (
+from rlhf_sweep.config.schema import ModelConfig, WorldConfig
+from rlhf_sweep.models.lm import (
     PolicyWithValue,
     build_lm,
     draw,
@@ -17,7 +17,7 @@ from rlhf_sweep.models import (
     sample,
     token_logprobs,
 )
-from rlhf_sweep.world import EOS, PAD, PROMPT_LEN, World
+from rlhf_sweep.simulation.world import EOS, PAD, PROMPT_LEN, World
 
 W = World(WorldConfig())
 

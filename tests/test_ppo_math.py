@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from rlhf_sweep.ppo import RunningMoments, clipped_surrogate, clipped_value_loss, gae, masked_mean, whiten
+from rlhf_sweep.training.core import masked_mean
+from rlhf_sweep.training.ppo import RunningMoments, clipped_surrogate, clipped_value_loss, gae, whiten
 
 
 def test_gae_hand_computed():

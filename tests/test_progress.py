@@ -8,7 +8,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from rlhf_sweep.progress import StudyProgress, time_left
+from rlhf_sweep.study.progress import StudyProgress, time_left
 
 
 def test_time_left_from_this_invocations_pace_else_earlier_trials():

@@ -16,7 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rlhf_sweep import cli, plots, report, sweep
+from rlhf_sweep.app import cli
+from rlhf_sweep.reporting import plots, report
+from rlhf_sweep.study import sweep
+from rlhf_sweep.study.storage import open_storage
 
 from .conftest import TINY
 from .test_sweep import env, sweep_cmd
@@ -93,14 +96,14 @@ def check_hypervolume(out: Path, md: str) -> None:
     import optuna
     import pandas as pd
 
-    from rlhf_sweep import frontier
+    from rlhf_sweep.maths import hypervolume
 
-    study = optuna.load_study(study_name="smoke", storage=sweep.open_storage(str(out.parent / "study.journal")))
+    study = optuna.load_study(study_name="smoke", storage=open_storage(str(out.parent / "study.journal")))
     gold_ref = float(np.mean([t.user_attrs["metrics"]["gold/ref"] for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))]))
     assert f"Reference point: gold/policy ≥ {gold_ref:.3f}, kl/exact ≤ 20.000 (gold/policy: the reference model's gold/ref" in md, md
     trials = pd.read_csv(out / "trials.csv")
     done = trials[trials["state"] == "COMPLETE"].sort_values(["datetime_complete", "number"])
-    expected = frontier.hypervolume_history(done[["gold/policy", "kl/exact"]].to_numpy(), [gold_ref, 20.0], ["maximize", "minimize"])
+    expected = hypervolume.hypervolume_history(done[["gold/policy", "kl/exact"]].to_numpy(), [gold_ref, 20.0], ["maximize", "minimize"])
     assert done["hypervolume"].to_numpy() == pytest.approx(expected)
     assert ("Final hypervolume" in md) == (expected[-1] > 0)
     assert ("No complete trial beat the reference point" in md) == (expected[-1] == 0)
@@ -116,7 +119,7 @@ def test_smoke_report_written_by_the_sweep(smoke):
     import optuna
     from mlflow.tracking import MlflowClient
 
-    study = optuna.load_study(study_name="smoke", storage=sweep.open_storage(str(smoke / "study.journal")))
+    study = optuna.load_study(study_name="smoke", storage=open_storage(str(smoke / "study.journal")))
     client = MlflowClient(f"sqlite:///{smoke / 'mlflow.db'}")
     logged = {Path(f.path).name for f in client.list_artifacts(study.user_attrs["mlflow_parent_run_id"], "report")}
     assert logged == {"report.md", "pareto.png", "overoptimization.png", "length_filler.png", "slices.png", "hypervolume.png"}
@@ -156,7 +159,7 @@ def test_an_algorithms_study_draws_one_frontier_per_algorithm(workdir, tmp_path,
     assert (res.n_complete, res.n_failed) == (6, 0)
     import optuna
 
-    trials = optuna.load_study(study_name="algos", storage=sweep.open_storage(str(tmp_path / "study.journal"))).trials
+    trials = optuna.load_study(study_name="algos", storage=open_storage(str(tmp_path / "study.journal"))).trials
     ran = {(t.params["algo"], t.params.get("ppo.beta", t.params.get("rloo.beta", t.params.get("dpo.beta", t.params.get("bon.n")))))
            for t in trials}
     assert ran == {("ppo", 0.03), ("ppo", 0.3), ("rloo", 0.05), ("dpo", 0.1), ("bon", 4), ("bon", 16)}
@@ -191,7 +194,7 @@ def test_gold_at_a_budget_interpolates_along_the_frontier():
 @pytest.mark.e2e
 def test_run_writes_its_trajectory_figure(workdir, tmp_path):
     run_dir = tmp_path / "run"
-    r = subprocess.run([sys.executable, "-m", "rlhf_sweep.cli", "run", *TINY, "mlflow.enabled=false", f"hydra.run.dir={run_dir}"],
+    r = subprocess.run([sys.executable, "-m", "rlhf_sweep", "run", *TINY, "mlflow.enabled=false", f"hydra.run.dir={run_dir}"],
                        cwd=workdir, env=env(), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert (run_dir / "summary.json").is_file()

@@ -22,7 +22,11 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
-from rlhf_sweep import cli, sweep
+from rlhf_sweep.app import cli
+from rlhf_sweep.run import layout
+from rlhf_sweep.study import sweep
+from rlhf_sweep.study.spec import METRIC_KEYS, StudyError, load_spec, override_value
+from rlhf_sweep.study.storage import open_storage, stale_trial_ids, trial_id
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "studies" / "smoke.yaml"
@@ -34,7 +38,7 @@ def workdir(tmp_path_factory) -> Path:
 
 
 def sweep_cmd(study: str, tmp: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "rlhf_sweep.cli", "sweep", study, "--out", str(tmp / "out"), "--storage", str(tmp / "study.journal"),
+    return [sys.executable, "-m", "rlhf_sweep", "sweep", study, "--out", str(tmp / "out"), "--storage", str(tmp / "study.journal"),
             "--tracking-uri", f"sqlite:///{tmp / 'mlflow.db'}", *extra]
 
 
@@ -70,7 +74,7 @@ def test_two_workers_and_another_process_reads_everything_back(workdir, tmp_path
     import json
 
     summary = json.loads((tmp_path / "out" / "trials" / "t0000" / "seed-0" / "summary.json").read_text())
-    assert set(sweep.METRIC_KEYS) == set(summary["metrics"])
+    assert set(METRIC_KEYS) == set(summary["metrics"])
 
     # MLflow: one nested run per trial under the study's parent, one per seed under each trial
     import mlflow
@@ -163,7 +167,7 @@ def test_sigkill_mid_trial_then_resume(workdir, tmp_path):
 
 
 def test_a_failing_trial_is_recorded_and_the_study_goes_on(workdir, tmp_path, monkeypatch):
-    from rlhf_sweep import pipeline
+    from rlhf_sweep.run import pipeline
 
     monkeypatch.chdir(workdir)  # the module's SFT/RM cache
     real, calls = pipeline.run, []
@@ -228,18 +232,18 @@ def test_unknown_study_name_and_shipped_studies_load(capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "no study 'no_such_study'" in err and "smoke" in err
     for name in ("smoke", "beta_clip_frontier", "length_and_rm_reg", "full", "algorithms_frontier"):
-        spec = sweep.load_spec(name)  # composes every bound and choice against the config schema
+        spec = load_spec(name)  # composes every bound and choice against the config schema
         assert spec.n_trials >= 1 and spec.objectives
 
 
 def test_override_values_and_seed_combination():
-    assert sweep.override_value(True) == "true" and sweep.override_value(None) == "null"
-    assert sweep.override_value(1e-5) == "1e-05" and sweep.override_value("length_matched") == "length_matched"
+    assert override_value(True) == "true" and override_value(None) == "null"
+    assert override_value(1e-5) == "1e-05" and override_value("length_matched") == "length_matched"
     s = [{"metrics": {"m": 1.0, "n": float("nan")}, "history": [{"iteration": 0, "kl": 1.0}], "observations": {"o": {"value": True}},
           "timing": {"ppo": 1.0}, "config": {"seed": 0}},
          {"metrics": {"m": 3.0, "n": 2.0}, "history": [{"iteration": 0, "kl": 3.0}], "observations": {"o": {"value": False}},
           "timing": {"ppo": 2.0}, "config": {"seed": 1}}]
-    c = sweep.combine_seeds(s, [0, 1])
+    c = layout.combine_seeds(s, [0, 1])
     assert c["metrics"] == {"m": 2.0, "n": 2.0} and c["history"] == [{"iteration": 0, "kl": 2.0}]
     assert c["observations"]["o"]["value"] == 0.5 and c["timing"]["ppo"] == 3.0 and c["config"]["seed"] == "0,1"
 
@@ -251,7 +255,7 @@ def test_an_uncached_artefact_is_trained_once_by_concurrent_workers(tmp_path):
 
     import torch
 
-    from rlhf_sweep import pipeline
+    from rlhf_sweep.run import pipeline
 
     path, trained, results = tmp_path / "cache" / "rm-x.pt", [], []
 
@@ -286,7 +290,7 @@ def planned_study(tmp_path: Path, trials, **extra) -> Path:
 def test_planned_trials_expand_lists_into_one_trial_per_value(tmp_path):
     path = planned_study(tmp_path, [{"algo": "rloo", "rloo.beta": [0.01, 0.1], "rloo.num_generations": [2, 4]},
                                     {"algo": "bon", "bon.n": 4}])
-    spec = sweep.load_spec(str(path))
+    spec = load_spec(str(path))
     assert spec.n_trials == 5 and all(t.seeds == [0] for t in spec.trials)
     assert [t.params for t in spec.trials[:2]] == [{"algo": "rloo", "rloo.beta": 0.01, "rloo.num_generations": 2},
                                                    {"algo": "rloo", "rloo.beta": 0.01, "rloo.num_generations": 4}]
@@ -314,8 +318,8 @@ def test_planned_trials_expand_lists_into_one_trial_per_value(tmp_path):
     ([], {}, "expected a non-empty list"),
 ])
 def test_bad_planned_trials_fail_in_one_line(tmp_path, trials, extra, needle):
-    with pytest.raises(sweep.StudyError) as e:
-        sweep.load_spec(str(planned_study(tmp_path, trials, **extra)))
+    with pytest.raises(StudyError) as e:
+        load_spec(str(planned_study(tmp_path, trials, **extra)))
     assert needle in str(e.value) and "\n" not in str(e.value)
 
 
@@ -324,9 +328,9 @@ def test_a_stored_study_spec_reads_back_equal(name):
     """The report rebuilds the spec from the copy the sweep stored in the study (JSON): nothing may be lost."""
     import json
 
-    from rlhf_sweep.study import StudySpec
+    from rlhf_sweep.study.spec import StudySpec
 
-    spec = sweep.load_spec(name, check_config=False)
+    spec = load_spec(name, check_config=False)
     assert StudySpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
 
 
@@ -334,9 +338,9 @@ def test_a_stored_study_spec_reads_back_equal(name):
 def _planned_spec(*trials, **fixed):
     import dataclasses
 
-    from rlhf_sweep.study import PlannedTrial
+    from rlhf_sweep.study.spec import PlannedTrial
 
-    spec = sweep.load_spec("smoke", check_config=False)
+    spec = load_spec("smoke", check_config=False)
     return dataclasses.replace(spec, sampler="random", sampler_options={}, fixed={**spec.fixed, "mlflow.enabled": False, **fixed},
                                trials=[PlannedTrial({"ppo.beta": b, "ppo.clip_eps": 0.2}, seeds, name=f"b{b}") for b, seeds in trials])
 
@@ -371,7 +375,7 @@ def test_planned_trials_run_once_and_an_edited_config_runs_again(workdir, tmp_pa
 
 
 def test_a_planned_study_file_is_checked_in_one_line(tmp_path):
-    from rlhf_sweep.study import StudyError, load_spec, param_override
+    from rlhf_sweep.study.spec import StudyError, load_spec, param_override
 
     raw = yaml.safe_load(SMOKE.read_text())
     raw.pop("n_trials")
@@ -396,11 +400,11 @@ def test_a_planned_study_file_is_checked_in_one_line(tmp_path):
 def test_the_one_private_optuna_name_still_finds_stale_trials(tmp_path):
     """sweep.stale_trial_ids wraps RDBStorage._get_stale_trial_ids, the package's only private Optuna name:
     if Optuna renames it or changes what it returns, this fails here instead of workers never failing dead trials."""
-    storage = sweep.open_storage(f"sqlite:///{tmp_path / 's.db'}", heartbeat=1)
+    storage = open_storage(f"sqlite:///{tmp_path / 's.db'}", heartbeat=1)
     study = optuna.create_study(study_name="s", storage=storage)
     dead, alive = sweep._ask(study), sweep._ask(study)
-    storage.record_heartbeat(sweep.trial_id(storage, "s", dead.number))
-    assert sweep.stale_trial_ids(storage, "s") == []
+    storage.record_heartbeat(trial_id(storage, "s", dead.number))
+    assert stale_trial_ids(storage, "s") == []
     time.sleep(3.5)  # twice the heartbeat and SQLite's whole seconds
-    storage.record_heartbeat(sweep.trial_id(storage, "s", alive.number))
-    assert sweep.stale_trial_ids(storage, "s") == [sweep.trial_id(storage, "s", dead.number)]
+    storage.record_heartbeat(trial_id(storage, "s", alive.number))
+    assert stale_trial_ids(storage, "s") == [trial_id(storage, "s", dead.number)]

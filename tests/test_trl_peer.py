@@ -22,11 +22,11 @@ import torch
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 
-from rlhf_sweep import dpo, grpo, rloo  # noqa: E402
-from rlhf_sweep import kl as klmod  # noqa: E402
-from rlhf_sweep.config import compose  # noqa: E402
-from rlhf_sweep.models import build_lm  # noqa: E402
-from rlhf_sweep.world import World  # noqa: E402
+from rlhf_sweep.config.compose import compose  # noqa: E402
+from rlhf_sweep.maths import kl as klmod  # noqa: E402
+from rlhf_sweep.models.lm import build_lm  # noqa: E402
+from rlhf_sweep.simulation.world import World  # noqa: E402
+from rlhf_sweep.training import dpo, grpo, rloo  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 B, P, T = 4, 5, 6  # completions, prompt tokens, completion tokens

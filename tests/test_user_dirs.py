@@ -15,9 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_sweep import cli, fixes, paths, study
-from rlhf_sweep.config import ConfigError, compose
-from rlhf_sweep.dryrun import duration_text
+from rlhf_sweep.app import cli
+from rlhf_sweep.config import paths
+from rlhf_sweep.config.compose import compose
+from rlhf_sweep.config.schema import ConfigError
+from rlhf_sweep.fixes import compare
+from rlhf_sweep.study import spec
+from rlhf_sweep.study.dryrun import duration_text
 
 from .conftest import TINY
 
@@ -88,8 +92,8 @@ def test_a_config_dir_adds_an_overlay_and_a_group_option(user, monkeypatch):
     assert cfg.ppo.beta == 0.123 and cfg.world.n_intents == 4
     assert cfg.world.n_details == compose([]).world.n_details  # the rest of the shipped default world
     assert compose([]).ppo.beta == 0.03  # the overlay only when asked for
-    assert "my_overlay" in fixes.experiments() and "baseline" in fixes.experiments()
-    spec = fixes.load_spec(arms=["baseline", "my_overlay", "length_penalty"], seeds=2)  # a compare-fixes arm
+    assert "my_overlay" in compare.experiments() and "baseline" in compare.experiments()
+    spec = compare.load_spec(arms=["baseline", "my_overlay", "length_penalty"], seeds=2)  # a compare-fixes arm
     assert spec.arms == ["baseline", "my_overlay", "length_penalty"]
 
     # still unknown: one line naming both directories
@@ -97,8 +101,8 @@ def test_a_config_dir_adds_an_overlay_and_a_group_option(user, monkeypatch):
         compose(["experiment=nope"])
     msg = str(e.value)
     assert "\n" not in msg and str(user["conf"]) in msg and str(paths.shipped_conf_dir()) in msg and "my_overlay" in msg
-    with pytest.raises(fixes.FixesError, match=str(user["conf"] / "experiment")):
-        fixes.arm_parts("nope")
+    with pytest.raises(compare.FixesError, match=str(user["conf"] / "experiment")):
+        compare.arm_parts("nope")
 
 
 def test_studies_by_name_from_user_dirs_and_unknown_ones(user, capsys, monkeypatch):
@@ -126,7 +130,7 @@ def test_studies_by_name_from_user_dirs_and_unknown_ones(user, capsys, monkeypat
     # ./studies of the working directory, and the unknown name's one line names every place it looked
     (user["cwd"] / "studies").mkdir()
     (user["cwd"] / "studies" / "local.yaml").write_text((user["studies"] / "my_study.yaml").read_text())
-    assert study.find_study_file("local") == user["cwd"] / "studies" / "local.yaml"
+    assert spec.find_study_file("local") == user["cwd"] / "studies" / "local.yaml"
     err = cli_err(["sweep", "nope", "--dry-run", "--studies-dir", str(user["studies"])], capsys)
     for d in (user["studies"], user["cwd"] / "studies", paths.shipped_studies_dir()):
         assert str(d.resolve()) in err
@@ -138,7 +142,7 @@ def test_studies_by_name_from_user_dirs_and_unknown_ones(user, capsys, monkeypat
 
 def run_cli(*argv: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "rlhf_sweep.cli", *argv], cwd=cwd, env=env, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "rlhf_sweep", *argv], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=300)
 
 
@@ -199,7 +203,7 @@ def test_a_user_study_sweeps_with_two_workers_then_dry_run_and_ui_read_it(user):
     import signal
     import urllib.request
 
-    ui = subprocess.Popen([sys.executable, "-m", "rlhf_sweep.cli", "ui", "--optuna-port", "0", "--mlflow-port", "0"],
+    ui = subprocess.Popen([sys.executable, "-m", "rlhf_sweep", "ui", "--optuna-port", "0", "--mlflow-port", "0"],
                           cwd=user["cwd"], env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"},
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

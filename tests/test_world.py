@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from rlhf_sweep.config import GoldConfig, LabelerConfig, WorldConfig
-from rlhf_sweep.world import BOS, EOS, PAD, PROMPT_LEN, SEP, World, label_pairs, labeler_logit
+from rlhf_sweep.config import schema
+from rlhf_sweep.config.schema import GoldConfig, LabelerConfig, WorldConfig
+from rlhf_sweep.simulation.world import BOS, EOS, PAD, PROMPT_LEN, SEP, World, label_pairs, labeler_logit
 
 W = World(WorldConfig())
 V = W.vocab
@@ -102,13 +103,13 @@ def test_labelers_follow_their_probability_and_flip_rate():
 
 # ----- random worlds (world.draw) -------------------------------------------------------------
 def test_draw_is_reproducible_and_draws_differ():
-    from rlhf_sweep.world import draw_world
+    from rlhf_sweep.config.draws import draw_world
 
     assert draw_world(3) == draw_world(3)
     worlds = [draw_world(n) for n in range(40)]
     assert len({repr(w) for w in worlds}) == 40
     # every range is used: no knob stays at one value across 40 draws
-    from rlhf_sweep.world import DRAW_RANGES, _flat_world
+    from rlhf_sweep.config.draws import DRAW_RANGES, _flat_world
 
     flat = [_flat_world(w) for w in worlds]
     for key in DRAW_RANGES:
@@ -119,7 +120,7 @@ def test_draw_is_reproducible_and_draws_differ():
 
 
 def test_draw_does_not_depend_on_the_seed_or_the_global_random_state():
-    from rlhf_sweep.config import compose
+    from rlhf_sweep.config.compose import compose
 
     a = compose(["world.draw=5", "seed=0"]).world
     np.random.seed(123)
@@ -129,7 +130,8 @@ def test_draw_does_not_depend_on_the_seed_or_the_global_random_state():
 
 
 def test_every_drawn_world_passes_the_world_checks():
-    from rlhf_sweep.world import check_world, draw_world
+    from rlhf_sweep.config.draws import draw_world
+    from rlhf_sweep.simulation.world import check_world
 
     for n in range(60):
         w = draw_world(n)
@@ -139,8 +141,7 @@ def test_every_drawn_world_passes_the_world_checks():
 
 def test_world_checks_catch_broken_worlds(monkeypatch):
     """The checks can fail: each kind of broken world is caught."""
-    from rlhf_sweep import world as world_mod
-    from rlhf_sweep.world import check_world
+    from rlhf_sweep.simulation.world import check_world
 
     assert check_world(WorldConfig()) == []
     bad_gold = WorldConfig(gold=GoldConfig(wrong_action=0.5))
@@ -149,7 +150,7 @@ def test_world_checks_catch_broken_worlds(monkeypatch):
     assert any("0 or 1" in p for p in check_world(saturated))
     contrary = WorldConfig(labeler=LabelerConfig(tau=100.0, length_bias=-2.0, filler_bias=0.0))
     assert any("agree with gold" in p for p in check_world(contrary))
-    off_mix = WorldConfig(demo=world_mod.DemoConfig(complete=0.75, partial=0.15, wrong=0.10))
+    off_mix = WorldConfig(demo=schema.DemoConfig(complete=0.75, partial=0.15, wrong=0.10))
     real = World.demonstrations
 
     def no_eos(self, prompts, rng):  # a template writer that forgets EOS and repeats the action
@@ -163,8 +164,9 @@ def test_world_checks_catch_broken_worlds(monkeypatch):
 
 
 def test_default_world_is_untouched_without_a_draw():
-    from rlhf_sweep import pipeline
-    from rlhf_sweep.config import Config, compose
+    from rlhf_sweep.config.compose import compose
+    from rlhf_sweep.config.schema import Config
+    from rlhf_sweep.run import pipeline
 
     c = compose([])
     assert c.world == WorldConfig() and c.world.draw is None
@@ -173,7 +175,7 @@ def test_default_world_is_untouched_without_a_draw():
     # the cache keys of the default world are those it had before draws existed (the world without 'draw')
     import dataclasses
 
-    from rlhf_sweep.config import config_hash
+    from rlhf_sweep.config.schema import config_hash
 
     w = dataclasses.asdict(Config().world)
     w.pop("draw")
@@ -185,8 +187,9 @@ def test_default_world_is_untouched_without_a_draw():
 
 
 def test_draw_keeps_fields_set_by_hand():
-    from rlhf_sweep.config import ConfigError, compose
-    from rlhf_sweep.world import draw_world
+    from rlhf_sweep.config.compose import compose
+    from rlhf_sweep.config.draws import draw_world
+    from rlhf_sweep.config.schema import ConfigError
 
     c = compose(["world.draw=2", "experiment=unbiased_labelers"])
     d = draw_world(2)

@@ -1,0 +1,1 @@
+"""The command line (`rlhf-sweep`) and the dashboards."""

@@ -1,0 +1,1 @@
+"""The simulated world: vocabulary, prompts, demonstrations, the gold score and the biased labelers."""

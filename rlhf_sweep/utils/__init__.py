@@ -1,0 +1,1 @@
+"""Plumbing every layer shares: terminal and markdown tables, process set-up (threads, quiet libraries, file locks)."""
