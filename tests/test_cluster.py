@@ -256,12 +256,12 @@ def test_workers_starting_together_on_an_empty_database(pg_server):
 # ----- the heartbeat path without a server: SQLite is an RDB storage with heartbeats too ----------
 @pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
 def test_a_silent_trial_is_failed_and_retried_with_its_parameters(tmp_path):
-    from rlhf_sweep.study import sweep
+    from rlhf_sweep.study import workers
 
     storage = open_storage(f"sqlite:///{tmp_path / 's.db'}", heartbeat=1)
     study = optuna.create_study(study_name="s", storage=storage)
     assert heartbeats(storage)
-    t = sweep._ask(study)
+    t = workers._ask(study)
     x = t.suggest_float("x", 0.0, 1.0)
     t.set_user_attr("worker", "another-host:123:456")
     storage.record_heartbeat(trial_id(storage, "s", t.number))  # then its worker dies
@@ -272,20 +272,20 @@ def test_a_silent_trial_is_failed_and_retried_with_its_parameters(tmp_path):
     assert dead.state == TrialState.FAIL and dead.user_attrs["error"].startswith("stale: no heartbeat for 2 s from its worker (another-host")
     assert retry.state == TrialState.WAITING and optuna.storages.RetryFailedTrialCallback.retried_trial_number(retry) == 0
     assert retry.params == {"x": x} and retry.user_attrs == {}  # the dead attempt's bookkeeping stays with it
-    again = sweep._ask(study)  # the next ask, on any machine, takes the retry
+    again = workers._ask(study)  # the next ask, on any machine, takes the retry
     assert again.number == 1 and again.suggest_float("x", 0.0, 1.0) == x
     assert fail_stale_trials(study, storage) == []  # the retry has no heartbeat yet: not stale
 
 
 def test_a_trial_failed_by_another_worker_while_it_ran_is_void(tmp_path, monkeypatch):
     from rlhf_sweep.run import pipeline
-    from rlhf_sweep.study import sweep
+    from rlhf_sweep.study import workers
 
     storage = f"sqlite:///{tmp_path / 's.db'}"
     spec = load_spec("smoke", check_config=False)
     store = open_storage(storage, heartbeat=1)
     study = optuna.create_study(study_name="s", storage=store, directions=spec.directions)
-    trial = sweep._ask(study)
+    trial = workers._ask(study)
 
     def run_while_declared_dead(cfg, say=print):
         # meanwhile another machine saw no heartbeat and failed the trial
@@ -294,21 +294,21 @@ def test_a_trial_failed_by_another_worker_while_it_ran_is_void(tmp_path, monkeyp
                 "history": [{"iteration": 0, "kl/exact": 0.1}], "observations": {}, "timing": {"ppo": 1.0}}
 
     monkeypatch.setattr(pipeline, "run", run_while_declared_dead)
-    job = sweep.Job(spec=spec, study_name="s", storage=storage, out_dir=str(tmp_path / "out"), n_trials=2, threads=1,
-                    tracking_uri=None, experiment_id=None, parent_run_id=None)
-    rec = sweep.run_trial(job, study, trial, None, print, store)
+    job = workers.Job(spec=spec, study_name="s", storage=storage, out_dir=str(tmp_path / "out"), n_trials=2, threads=1,
+                      tracking_uri=None, experiment_id=None, parent_run_id=None)
+    rec = workers.run_trial(job, study, trial, None, print, store)
     assert rec["state"] == "FAIL" and rec["error"].startswith("failed by another worker: no heartbeat")
     assert study.trials[0].state == TrialState.FAIL and study.trials[0].values is None
 
 
 def test_the_later_of_two_asks_for_the_last_slot_is_over_budget(tmp_path):
-    from rlhf_sweep.study import sweep
+    from rlhf_sweep.study import workers
 
     study = optuna.create_study(study_name="s", storage=open_storage(f"sqlite:///{tmp_path / 's.db'}"))
-    a, b, c = (sweep._ask(study) for _ in range(3))  # n_trials = 2; three machines saw room at once
-    assert not sweep._over_budget(study, a, 2) and not sweep._over_budget(study, b, 2) and sweep._over_budget(study, c, 2)
+    a, b, c = (workers._ask(study) for _ in range(3))  # n_trials = 2; three machines saw room at once
+    assert not workers._over_budget(study, a, 2) and not workers._over_budget(study, b, 2) and workers._over_budget(study, c, 2)
     study.tell(a, state=TrialState.FAIL)  # a failed trial frees its slot
-    assert not sweep._over_budget(study, c, 2)
+    assert not workers._over_budget(study, c, 2)
 
 
 def run_cli(*args: str, cwd: Path) -> tuple[subprocess.CompletedProcess, float]:

@@ -23,9 +23,10 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
 from rlhf_sweep.app import cli
+from rlhf_sweep.config.compose import compose
 from rlhf_sweep.run import layout
-from rlhf_sweep.study import sweep
-from rlhf_sweep.study.spec import METRIC_KEYS, StudyError, load_spec, override_value
+from rlhf_sweep.study import baselines, planning, sweep, workers
+from rlhf_sweep.study.spec import METRIC_KEYS, StudyError, config_override, load_spec, override_value
 from rlhf_sweep.study.storage import open_storage, stale_trial_ids, trial_id
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -299,13 +300,13 @@ def test_planned_trials_expand_lists_into_one_trial_per_value(tmp_path):
     assert spec.param_names == ["algo", "rloo.beta", "rloo.num_generations", "bon.n"]
     assert [p.choices for p in spec.space][:2] == [["rloo", "bon"], [0.01, 0.1]]
     # the sweep queues each planned trial once (by its plan key), and a failed one again
-    keys = sweep.plan_keys(spec, 1)
+    keys = planning.plan_keys(spec, 1)
     study = optuna.create_study(directions=["maximize"])
-    assert sweep.enqueue_planned(study, spec, keys) == 5 and sweep.enqueue_planned(study, spec, keys) == 0
+    assert planning.enqueue_planned(study, spec, keys) == 5 and planning.enqueue_planned(study, spec, keys) == 0
     trial = study.ask()
     assert trial.user_attrs["plan_key"] == keys[0] and spec.suggest(trial) == spec.trials[0].params  # bon.n not sampled
     study.tell(trial, state=TrialState.FAIL)
-    assert sweep.enqueue_planned(study, spec, keys) == 1
+    assert planning.enqueue_planned(study, spec, keys) == 1
 
 
 @pytest.mark.parametrize("trials,extra,needle", [
@@ -368,15 +369,13 @@ def test_planned_trials_run_once_and_an_edited_config_runs_again(workdir, tmp_pa
     res3 = sweep.sweep(_planned_spec((0.1, [0]), **{"ppo.iterations": 2}), **kw)
     assert res3.planned[0]["number"] not in {r["number"] for r in res2.planned}
     same = _planned_spec((0.1, [0]))
-    assert sweep.plan_key(same, same.trials[0], 1) == sweep.plan_key(_planned_spec((0.1, [0]), cache_dir="elsewhere"), same.trials[0], 1)
-    assert sweep.plan_key(same, same.trials[0], 1) != sweep.plan_key(same, same.trials[0], 2)  # threads: another float order
+    assert planning.plan_key(same, same.trials[0], 1) == planning.plan_key(_planned_spec((0.1, [0]), cache_dir="elsewhere"), same.trials[0], 1)
+    assert planning.plan_key(same, same.trials[0], 1) != planning.plan_key(same, same.trials[0], 2)  # threads: another float order
     csv_header = (tmp_path / "out" / "trials.csv").read_text().splitlines()[0]
     assert ",seeds,plan," in csv_header
 
 
 def test_a_planned_study_file_is_checked_in_one_line(tmp_path):
-    from rlhf_sweep.study.spec import StudyError, load_spec, param_override
-
     raw = yaml.safe_load(SMOKE.read_text())
     raw.pop("n_trials")
     raw["trials"] = [{"params": {"ppo.beta": 0.1, "ppo.clip_eps": 0.2}, "seeds": [3, 4]}, {"params": {"ppo.beta": 0.2, "ppo.clip_eps": 0.3}}]
@@ -392,17 +391,33 @@ def test_a_planned_study_file_is_checked_in_one_line(tmp_path):
             load_spec(str(path))
         assert message in str(e.value) and "trials[0]" in str(e.value) and "\n" not in str(e.value)
     # a categorical over a config group: a+b composes both options, as experiment=[a,b] does
-    assert param_override("experiment", "rm_ensemble+kl_control") == "experiment=[rm_ensemble,kl_control]"
-    assert param_override("ppo.kl_estimator", "a+b") == "ppo.kl_estimator=a+b" and param_override("experiment", "baseline") == "experiment=baseline"
+    assert config_override("experiment", "rm_ensemble+kl_control") == "experiment=[rm_ensemble,kl_control]"
+    assert config_override("ppo.kl_estimator", "a+b") == "ppo.kl_estimator=a+b" and config_override("experiment", "baseline") == "experiment=baseline"
+
+
+def test_a_fixed_pair_of_overlays_is_the_same_override_in_trials_and_the_baseline(tmp_path):
+    """`fixed: {experiment: a+b}` composes both overlays in every trial and in the study's best-of-n baseline alike."""
+    raw = yaml.safe_load(SMOKE.read_text())
+    raw["fixed"]["experiment"] = "length_penalty+kl_control"
+    path = tmp_path / "fixed_pair.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    spec = load_spec(str(path))
+    trial, baseline = spec.trial_overrides({"ppo.beta": 0.1, "ppo.clip_eps": 0.2}, 0), baselines.baseline_overrides(spec, 0)
+    assert [o for o in trial if o.startswith("experiment=")] == ["experiment=[length_penalty,kl_control]"]
+    assert [o for o in baseline if o.startswith("experiment=")] == ["experiment=[length_penalty,kl_control]"]
+    for overrides, algo in ((trial, "ppo"), (baseline, "bon")):
+        cfg = compose(overrides)
+        # length_penalty's length bonus and kl_control's adaptive KL target (conf/experiment/), on the study's fixed sizes
+        assert (cfg.algo, cfg.ppo.length_bonus, cfg.ppo.adaptive_kl, cfg.ppo.target_kl, cfg.rm.n_pairs) == (algo, -0.2, True, 6.0, 256)
 
 
 @pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
 def test_the_one_private_optuna_name_still_finds_stale_trials(tmp_path):
-    """sweep.stale_trial_ids wraps RDBStorage._get_stale_trial_ids, the package's only private Optuna name:
+    """storage.stale_trial_ids wraps RDBStorage._get_stale_trial_ids, the package's only private Optuna name:
     if Optuna renames it or changes what it returns, this fails here instead of workers never failing dead trials."""
     storage = open_storage(f"sqlite:///{tmp_path / 's.db'}", heartbeat=1)
     study = optuna.create_study(study_name="s", storage=storage)
-    dead, alive = sweep._ask(study), sweep._ask(study)
+    dead, alive = workers._ask(study), workers._ask(study)
     storage.record_heartbeat(trial_id(storage, "s", dead.number))
     assert stale_trial_ids(storage, "s") == []
     time.sleep(3.5)  # twice the heartbeat and SQLite's whole seconds

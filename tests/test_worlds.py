@@ -260,10 +260,10 @@ def test_cluster_interval_resamples_worlds():
 def test_a_failed_trial_best_of_n_keeps_the_trial_and_is_run_again(tmp_path, monkeypatch):
     """An RM trial's best-of-n that raises in the worker leaves the trial COMPLETE with one warning; the end of the
     same sweep runs it again."""
-    from rlhf_sweep.study import sweep
+    from rlhf_sweep.study import baselines, sweep
 
     monkeypatch.chdir(tmp_path)
-    real, calls = sweep.run_baseline, []
+    real, calls = baselines.run_baseline, []
 
     def flaky(spec, *args, **kwargs):
         calls.append(spec.fixed.get("rm.n_layer"))
@@ -271,7 +271,7 @@ def test_a_failed_trial_best_of_n_keeps_the_trial_and_is_run_again(tmp_path, mon
             raise OSError("disk full")
         return real(spec, *args, **kwargs)
 
-    monkeypatch.setattr(sweep, "run_baseline", flaky)
+    monkeypatch.setattr(baselines, "run_baseline", flaky)
     said = []
     monkeypatch.setattr("builtins.print", lambda *a, **k: said.append(" ".join(map(str, a))))
     path = tiny_study(tmp_path / "r.yaml", {"rm.n_layer": {"type": "int", "grid": [1]}}, 1)

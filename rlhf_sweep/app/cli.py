@@ -351,7 +351,7 @@ def cmd_report(argv: list[str]) -> None:
 
 def cmd_studies(argv: list[str]) -> None:
     """`rlhf-sweep studies`: the study files a name finds, with their one-line descriptions (study.list_studies)."""
-    from rlhf_sweep.study.spec import StudyError, list_studies
+    from rlhf_sweep.study.catalog import list_studies
 
     if argv:
         fail(f"rlhf-sweep studies takes no arguments (got {' '.join(argv)}); add directories with --studies-dir DIR")

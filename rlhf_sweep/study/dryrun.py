@@ -14,6 +14,7 @@ Nothing is run, created or written; with nothing measured, the estimate says so.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import statistics
@@ -21,10 +22,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import optuna
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import TrialState
+
 from rlhf_sweep.config.compose import compose
 from rlhf_sweep.config.schema import Config, flatten, to_dict
-from rlhf_sweep.run import layout
+from rlhf_sweep.run import layout, pipeline
 from rlhf_sweep.study.spec import StudySpec, override_value
+from rlhf_sweep.study.sweep import effective_spec
 from rlhf_sweep.utils.runtime import cores
 from rlhf_sweep.utils.tables import fmt, format_table
 
@@ -68,15 +75,10 @@ def _median(xs: list[float]) -> float:
 
 def _stored_trials(storage: str, name: str) -> tuple[list[Any], str | None]:
     """The study's trials if its storage exists (read only: a missing journal is not created)."""
-    import optuna
-
     try:
         if "://" in storage:
             store = optuna.storages.RDBStorage(storage, skip_table_creation=True, skip_compatibility_check=True)
         elif Path(storage).is_file():
-            from optuna.storages import JournalStorage
-            from optuna.storages.journal import JournalFileBackend
-
             store = JournalStorage(JournalFileBackend(storage))
         else:
             return [], None
@@ -104,10 +106,6 @@ def _summaries(root: Path) -> list[dict]:
 
 def _cached(cfg: Config, seeds: list[int], threads: int) -> bool:
     """Whether the SFT reference and RM of every seed are in the cache at this thread count."""
-    import dataclasses
-
-    from rlhf_sweep.run import pipeline
-
     device = pipeline.pick_device(cfg.device)
     for seed in seeds:
         c = dataclasses.replace(cfg, seed=seed, threads=threads)
@@ -120,8 +118,6 @@ def _cached(cfg: Config, seeds: list[int], threads: int) -> bool:
 def estimate(spec: StudySpec, base: Config, trials: list[Any], remaining: int, workers: int, threads: int,
              outputs: Path = Path("outputs")) -> Estimate:
     """Wall seconds for `remaining` trials with `workers` workers, from measurements on this machine."""
-    from optuna.trial import TrialState
-
     if remaining <= 0:
         return Estimate(0.0, "nothing left to run")
     per_worker = math.ceil(remaining / workers)
@@ -186,8 +182,6 @@ def estimate(spec: StudySpec, base: Config, trials: list[Any], remaining: int, w
 def plan(study: str, n_trials: int | None = None, workers: int = 1, storage: str | None = None, name: str | None = None,
          out: str | None = None) -> Plan:
     """Everything `sweep` would do with these arguments, checked as it checks them (StudyError on a bad input)."""
-    from rlhf_sweep.study.sweep import effective_spec
-
     spec, note = effective_spec(study, n_trials, workers)
     notes = [note] if note else []
     name = name or spec.name
@@ -196,8 +190,6 @@ def plan(study: str, n_trials: int | None = None, workers: int = 1, storage: str
     trials, why = _stored_trials(storage, name)
     if why:
         notes.append(why)
-    from optuna.trial import TrialState
-
     complete = sum(t.state == TrialState.COMPLETE for t in trials)
     remaining = max(0, spec.n_trials - complete)
     workers = max(1, min(workers, remaining or 1))

@@ -19,6 +19,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
+
 from rlhf_sweep.run import layout
 from rlhf_sweep.study.spec import StudyError
 
@@ -52,8 +54,6 @@ def is_journal(storage: str) -> bool:
 def locked(path: Path):
     """Optuna's own journal lock (the one appenders take), so a record being appended right now is
     not mistaken for a torn one. A folder that refuses the lock's link is read without it."""
-    from optuna.storages.journal import JournalFileSymlinkLock
-
     lock = JournalFileSymlinkLock(str(path))
     try:
         lock.acquire()
@@ -82,8 +82,6 @@ def ends_torn(path: str | Path) -> bool:
 def backend(storage: str):
     """Optuna's journal file backend, with a lock that refuses an append onto a torn last line: a worker
     that died mid-append in a running sweep would otherwise have the next record glued onto its cut one."""
-    from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
-
     class TailCheckedLock(JournalFileSymlinkLock):
         def acquire(self) -> bool:
             got = super().acquire()

@@ -82,7 +82,7 @@ class StudyProgress:
             except Exception:  # a storage hiccup costs one refresh, never the sweep
                 pass
 
-    # what sweep.work calls on the bar
+    # what a worker (study.workers.work) calls on the bar
     def write(self, msg: str) -> None:
         self.bar.write(msg)
 

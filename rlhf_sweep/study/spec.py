@@ -1,15 +1,16 @@
-"""The study file: `studies/NAME.yaml` -> a checked `StudySpec`.
+"""The study file: `studies/NAME.yaml` -> a checked `StudySpec`, and the one builder of Hydra overrides.
 
 A study names its objectives (metric keys and directions), a search space over config keys
 (float and int, optionally log-scaled or on a grid, and categorical), fixed overrides, seeds
 per trial, the number of trials, the sampler and optional constraints (`kl/exact <= 20`).
 Instead of sampling, a study can list its trials (`trials:`, `PlannedTrial`); the sweep then runs
-exactly those (see sweep.py). An entry is `{params: {key: value}, seeds: [..], name: ..}`, or a
+exactly those (study.planning). An entry is `{params: {key: value}, seeds: [..], name: ..}`, or a
 plain mapping of config keys to values where a list value expands into one trial per value
 (`{algo: rloo, rloo.beta: [0.01, 0.1]}` plans two). Without a `space`, every key the trials set
 is searched as a categorical of the values they give it.
-A categorical value `a+b` of a config group (`experiment: [baseline, rm_ensemble+kl_control]`)
-composes both options, as `experiment=[a,b]` does on the command line.
+A value `a+b` of a config group (`experiment: [baseline, rm_ensemble+kl_control]`, fixed or
+searched) composes both options, as `experiment=[a,b]` does on the command line: `config_override`
+writes every override of a trial, a best-of-n baseline and a compare-fixes arm.
 Every problem is found here, before any trial runs, and reported as one line that names it.
 """
 
@@ -25,12 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import optuna
 import yaml
 
 from rlhf_sweep.config.compose import compose
 from rlhf_sweep.config.paths import PathsError, config_dirs, shipped_studies_dir, study_dirs
 from rlhf_sweep.config.schema import ConfigError
+from rlhf_sweep.study.samplers import make_sampler
 from rlhf_sweep.utils.tables import fmt
 
 STUDIES_DIR = shipped_studies_dir()
@@ -38,7 +39,7 @@ SAMPLERS = ("tpe", "nsga2", "random", "grid", "gp")
 DIRECTIONS = {"maximize": "maximize", "max": "maximize", "minimize": "minimize", "min": "minimize"}
 PARAM_TYPES = ("float", "int", "categorical")
 
-# The keys of summary["metrics"] (evaluate.evaluate plus what pipeline.run adds);
+# The keys of summary["metrics"] (evaluation.metrics plus what run.pipeline adds);
 # tests/test_sweep.py checks this list against a real trial so that it cannot drift.
 METRIC_KEYS: tuple[str, ...] = (
     *(f"{k}/{s}" for k in ("rm", "gold") for s in (
@@ -152,7 +153,7 @@ class StudySpec:
     sampler_options: extra keyword arguments of the Optuna sampler (e.g. n_startup_trials, population_size).
     constraints: `metric <= bound` / `metric >= bound`; infeasible trials stay off the Pareto front.
     reference_point: the hypervolume's reference point, {metric: value} for every objective (one or
-        two); empty: the default rule of frontier.py (the reference model's values and a KL cap).
+        two); empty: the default rule of maths.hypervolume (the reference model's values and a KL cap).
     trials: planned trials; when given, the sweep runs exactly these (n_trials = len(trials)) and samples none.
     """
 
@@ -186,11 +187,16 @@ class StudySpec:
         keys = trial.user_attrs.get("plan_params")
         return {p.name: p.suggest(trial) for p in self.space if keys is None or p.name in keys}
 
+    @property
+    def tracked_metrics(self) -> list[str]:
+        """The metrics a trial records per seed: the objectives, then the constraints' other metrics."""
+        return list(dict.fromkeys([o.metric for o in self.objectives] + [c.metric for c in self.constraints]))
+
     def fixed_overrides(self) -> list[str]:
-        return [param_override(k, v) for k, v in self.fixed.items()]
+        return [config_override(k, v) for k, v in self.fixed.items()]
 
     def trial_overrides(self, params: dict[str, Any], seed: int) -> list[str]:
-        return [*self.fixed_overrides(), *(param_override(k, v) for k, v in params.items()), f"seed={seed}"]
+        return [*self.fixed_overrides(), *(config_override(k, v) for k, v in params.items()), config_override("seed", seed)]
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -220,15 +226,17 @@ def trial_spec(spec: StudySpec, params: dict[str, Any], seeds: list[int] | None 
 GROUP_LIST_RE = re.compile(r"^[A-Za-z_][\w-]*(\+[A-Za-z_][\w-]*)+$")
 
 
-def param_override(key: str, v: Any) -> str:
-    """`key=value` for Hydra; `group=a+b` of a config group (a folder of conf/) becomes `group=[a,b]`."""
+def config_override(key: str, v: Any) -> str:
+    """The Hydra override `key=value` that sets config key `key` to `v`: the one builder of every override a
+    trial, a best-of-n baseline and a compare-fixes arm compose. A value `a+b` of a config group (a folder of
+    conf/, e.g. `experiment`) composes both options, `group=[a,b]`, as on the command line."""
     if isinstance(v, str) and "." not in key and GROUP_LIST_RE.match(v) and any((d / key).is_dir() for d in config_dirs()):
         return f"{key}=[{','.join(v.split('+'))}]"
     return f"{key}={override_value(v)}"
 
 
 def override_value(v: Any) -> str:
-    """A Python value as the right-hand side of a Hydra override."""
+    """A Python value as the right-hand side of a Hydra override (how `config_override` and the dry run write it)."""
     if isinstance(v, bool):
         return "true" if v else "false"
     if v is None:
@@ -568,70 +576,3 @@ def check_against_config(spec: StudySpec) -> None:
                 compose(spec.trial_overrides({**base, p.name: v}, spec.seeds[0]))
             except ConfigError as e:
                 raise StudyError(f"{where}: space: {p.name}={override_value(v)}: {e}") from None
-
-
-def make_sampler(spec: StudySpec, seed: int):
-    if spec.trials:  # every trial is planned and enqueued: Optuna hands back their values, nothing is sampled
-        return optuna.samplers.RandomSampler(seed=seed)
-    opts = dict(spec.sampler_options)
-    if spec.sampler == "tpe":
-        # constant_liar: a running trial counts as a bad result, so parallel workers spread out
-        return optuna.samplers.TPESampler(seed=seed, **{"constant_liar": True, **opts})
-    if spec.sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed, **opts)
-    if spec.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=seed, **opts)
-    if spec.sampler == "gp":
-        # log EHVI for several objectives; it reads constraints from trial.set_constraint, and
-        # other workers' running trials enter its acquisition as pending points
-        return optuna.samplers.GPSampler(seed=seed, **opts)
-    # grid ids index a grid shuffled by the seed: every worker must use the same seed
-    return _GridSampler({p.name: p.grid_values() for p in spec.space}, seed=spec.sampler_seed, **opts)
-
-
-class _GridSampler(optuna.samplers.GridSampler):
-    """GridSampler without its after_trial `study.stop()`, which is only legal inside
-    `study.optimize`; the sweep stops by counting trials instead."""
-
-    def after_trial(self, study, trial, state, values) -> None:
-        return None
-
-
-def one_line(text: str, width: int = 100) -> str:
-    """The first sentence of a description, on one line, at most `width` characters."""
-    text = " ".join(str(text or "").split())
-    m = re.match(r"(.+?[.!?])(\s|$)", text)
-    first = m.group(1) if m else text
-    return first if len(first) <= width else first[: width - 1].rstrip() + "…"
-
-
-def list_studies() -> list[dict[str, Any]]:
-    """Every study file a name can reach (paths.study_dirs, first match first), with its one-line description.
-
-    Each row: name, kind (study | compare-fixes), trials, source ('shipped' or the user's directory),
-    description; a name that a directory earlier in the order already holds is left out (it cannot be
-    reached by name), and a file that does not read says so in its description.
-    """
-    try:
-        dirs = study_dirs()
-    except PathsError as e:
-        raise StudyError(str(e)) from None
-    shipped, rows, seen = shipped_studies_dir(), [], set()
-    for d in dirs:
-        source = "shipped" if d.samefile(shipped) else str(d)
-        for f in sorted([*d.glob("*.yaml"), *d.glob("*.yml")]):
-            if f.stem in seen:
-                continue
-            seen.add(f.stem)
-            try:
-                raw = yaml.safe_load(f.read_text())
-            except (OSError, yaml.YAMLError) as e:
-                rows.append({"name": f.stem, "kind": "?", "trials": "", "source": source,
-                             "description": one_line(f"(does not read: {type(e).__name__})")})
-                continue
-            raw = raw if isinstance(raw, dict) else {}
-            fixes = "arms" in raw
-            rows.append({"name": f.stem, "kind": "compare-fixes" if fixes else "study",
-                         "trials": "" if fixes else raw.get("n_trials", ""), "source": source,
-                         "description": one_line(raw.get("description", ""))})
-    return rows

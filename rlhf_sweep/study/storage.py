@@ -1,25 +1,29 @@
 """A study's Optuna storage: opening a journal file or an RDB URL (checked, with a short connect timeout),
-the lock that keeps one sweep per journal, trial ownership by pid, heartbeats, and failing the trials of a
-worker that died (with their MLflow runs ended). Passwords never reach a printed line (`hide_password`).
+the lock that keeps one sweep per journal, trial ownership by pid, heartbeats, failing the trials of a
+worker that died (with their MLflow runs ended), and opening a stored study by name (`load_study`).
+Passwords never reach a printed line (`hide_password`).
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import os
 import re
 import socket
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.storages import JournalStorage
 from optuna.trial import TrialState
 
-from rlhf_sweep.run import layout
+from rlhf_sweep.run import layout, tracking
 from rlhf_sweep.study import journal
 from rlhf_sweep.study.spec import StudyError
 from rlhf_sweep.utils.runtime import quiet_libraries
@@ -50,10 +54,6 @@ def open_storage(storage: str, heartbeat: int = HEARTBEAT_S):
     host (appends under a file lock; bench/sweep_workers.py measures it against SQLite).
     An RDB storage gets heartbeats every `heartbeat` seconds (see `fail_stale_trials`).
     """
-    import warnings
-
-    from optuna.storages import JournalStorage
-
     try:
         if "://" in storage:
             engine: dict[str, Any] = {}
@@ -120,7 +120,8 @@ def storage_error(storage: str, e: BaseException) -> str:
     return f"storage {storage!r}: {type(e).__name__}: {text[:300]}"
 
 
-def _lock_path(storage: str, out_dir: Path) -> Path:
+def sweep_lock_path(storage: str, out_dir: Path) -> Path:
+    """The file lock that lets one process at a time ask for trials (beside a journal, else in the output directory)."""
     return Path(storage + ".sweep-lock") if "://" not in storage else out_dir / ".sweep-lock"
 
 
@@ -236,7 +237,7 @@ def fail_stale_trials(study, storage, client=None) -> list[int]:
             retry = storage.get_heartbeat_stale_trial_callback()
             if retry is not None:
                 retry(study, copy.deepcopy(storage.get_trial(tid)))
-            _fail_mlflow_run(client, t.user_attrs.get("mlflow_run_id"), "no heartbeat: worker died")
+            fail_mlflow_run(client, t.user_attrs.get("mlflow_run_id"), "no heartbeat: worker died")
             failed.append(t.number)
         return failed
     failed = []
@@ -255,18 +256,28 @@ def fail_stale_trials(study, storage, client=None) -> list[int]:
         tid = trial_id(storage, study.study_name, t.number)
         storage.set_trial_user_attr(tid, "error", f"stale: {why}; marked failed on restart")
         storage.set_trial_state_values(tid, TrialState.FAIL)
-        _fail_mlflow_run(client, t.user_attrs.get("mlflow_run_id"), "worker died")
+        fail_mlflow_run(client, t.user_attrs.get("mlflow_run_id"), "worker died")
         failed.append(t.number)
     return failed
 
 
-def _fail_mlflow_run(client, run_id: str | None, why: str) -> None:
+def fail_mlflow_run(client, run_id: str | None, why: str, status: str = "FAILED") -> None:
+    """End a trial's MLflow run that did not finish (FAILED, or KILLED on Ctrl-C) with the reason as its `error` tag."""
     if client is not None and run_id:
         try:
             client.set_tag(run_id, "error", why)
-            client.set_terminated(run_id, status="FAILED")
+            tracking.finish_run(client, run_id, status=status)
         except Exception:  # a run in another tracking store; the Optuna record is what counts
             pass
+
+
+def json_safe(v: Any) -> Any:
+    """A value as every storage holds it (JSON): NaN and infinities become null, in nested dicts too."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: json_safe(x) for k, x in v.items()}
+    return v
 
 
 # ----- a stored study ------------------------------------------------------------------------------
