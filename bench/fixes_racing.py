@@ -36,7 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
-from rlhf_sweep.fixes import compare, racing
+from rlhf_sweep.fixes import racing
+from rlhf_sweep.fixes.spec import load_spec
 
 
 def fit(result: dict) -> tuple[racing.SyntheticArms, str, list[str]]:
@@ -99,7 +100,7 @@ def main() -> None:
                     "--budget-runs it asks how many seeds the procedure would need")
     a = ap.parse_args()
     result = json.loads(Path(a.fixes_json).read_text())
-    spec = compare.load_spec(max_seeds=a.max_seeds)
+    spec = load_spec(max_seeds=a.max_seeds)
     arms, base, singles = fit(result)
     made = result.get("runs_this_invocation") or 0
     per_run = result["wall_seconds"] / made if made else float("nan")

@@ -2,13 +2,16 @@
 ensemble_size=1 is the single RM, and the whole comparison end to end on tiny arms."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from rlhf_sweep.config.compose import compose
-from rlhf_sweep.fixes import compare, racing
+from rlhf_sweep.fixes import compare, output, racing
+from rlhf_sweep.fixes import spec as fixes_spec
+from rlhf_sweep.fixes.runner import Runner, confirm, trials_before
 from rlhf_sweep.models.reward import aggregate, score
 from rlhf_sweep.run import pipeline
 from rlhf_sweep.simulation.world import World
@@ -86,20 +89,20 @@ def test_holm_iqm_and_probability_of_improvement_by_hand():
 
 
 def test_unknown_arm_is_one_line():
-    with pytest.raises(compare.FixesError) as e:
-        compare.arm_overrides("rm_ensmble")
+    with pytest.raises(fixes_spec.FixesError) as e:
+        fixes_spec.arm_overrides("rm_ensmble")
     assert "rm_ensmble" in str(e.value) and "rm_ensemble" in str(e.value) and "\n" not in str(e.value)
 
 
 def test_arms_compose_as_hydra_list_and_the_study_file_loads():
-    assert compare.arm_overrides("rm_ensemble+kl_control") == ["experiment=[rm_ensemble,kl_control]"]
-    c = compose(compare.arm_overrides("rm_ensemble+length_penalty"))
+    assert fixes_spec.arm_overrides("rm_ensemble+kl_control") == ["experiment=[rm_ensemble,kl_control]"]
+    c = compose(fixes_spec.arm_overrides("rm_ensemble+length_penalty"))
     assert c.rm.ensemble_size > 1 and c.ppo.length_bonus < 0
-    spec = compare.load_spec()
+    spec = fixes_spec.load_spec()
     assert spec.arms[0] == "baseline" and spec.singles == ["rm_length_debias", "rm_ensemble", "kl_control", "length_penalty"]
     assert spec.selection_seeds == list(range(spec.max_seeds)) and spec.held_out_seeds[0] == spec.max_seeds  # disjoint
     assert "rm_ensemble+length_penalty" in spec.choices and spec.combo("length_penalty", "rm_ensemble") == "rm_ensemble+length_penalty"
-    moved = compare.load_spec(first_seed=100)
+    moved = fixes_spec.load_spec(first_seed=100)
     assert moved.selection_seeds[0] == 100 and not set(moved.selection_seeds + moved.held_out_seeds) & set(spec.selection_seeds + spec.held_out_seeds)
     for arm in spec.singles:
         assert compose([f"experiment={arm}"]) != compose([])
@@ -110,8 +113,8 @@ def test_arms_compose_as_hydra_list_and_the_study_file_loads():
     ({"first_seed": -1}, "--first-seed=-1 is invalid"), ({"arms": ["baseline", "kl_control"]}, "at least two single fixes"),
 ])
 def test_bad_compare_fixes_values_are_one_line(flags, message):
-    with pytest.raises(compare.FixesError) as e:
-        compare.load_spec(**flags)
+    with pytest.raises(fixes_spec.FixesError) as e:
+        fixes_spec.load_spec(**flags)
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
@@ -263,19 +266,19 @@ def test_compare_fixes_end_to_end(tmp_path):
     md = (out / "fixes.md").read_text()
     study = optuna.load_study(study_name="compare_fixes", storage=open_storage(str(out / "optuna.journal")))
     trials = {(t.params["experiment"], t.user_attrs["seeds"][0]): t for t in study.get_trials() if t.state.name == "COMPLETE"}
-    summaries = {(a, s): json.loads((compare.Path(t.user_attrs["run_dir"]) / f"seed-{s}" / "summary.json").read_text()) for (a, s), t in trials.items()}
+    summaries = {(a, s): json.loads((Path(t.user_attrs["run_dir"]) / f"seed-{s}" / "summary.json").read_text()) for (a, s), t in trials.items()}
     seeds = saved["arms"]["baseline"]["seeds"]
     assert seeds[:2] == [0, 1] and set(seeds) <= {0, 1, 2} and saved["held_out_seeds"] == [3, 4]
     assert saved["racing"]["runs"] == len(trials) == res.result["runs_this_invocation"]
     arm = "length_penalty"
     assert summaries[(arm, 0)]["config"]["ppo"]["length_bonus"] < 0 and summaries[("kl_control", 0)]["config"]["ppo"]["adaptive_kl"]
-    for key, _label, _sign in compare.METRICS:
+    for key, _label, _sign in fixes_spec.METRICS:
         diffs = [summaries[(arm, s)]["metrics"][key] - summaries[("baseline", s)]["metrics"][key] for s in seeds]
         d = saved["arms"][arm]["diff"][key]
         m, lo, hi = racing.paired_interval(np.array(diffs), np.zeros(len(diffs)))
         assert (d["mean"], d["lo"], d["hi"]) == pytest.approx((m, lo, hi))
         assert d["iqm"] == pytest.approx(racing.iqm(diffs)) and d["p_improve"] == pytest.approx(np.mean(np.array(diffs) > 0) + 0.5 * np.mean(np.array(diffs) == 0))
-        assert compare.ci_text(d) in md and compare.ci_text(d) in res.table
+        assert output.ci_text(d) in md and output.ci_text(d) in res.table
     assert saved["verdict"] in res.table and saved["verdict"] in md and racing.INTERVAL in md
     # MLflow: the study's parent run carries the comparison; one nested run per arm x seed
     from mlflow.tracking import MlflowClient
@@ -294,11 +297,11 @@ def test_compare_fixes_end_to_end(tmp_path):
     changed = compare.compare_fixes(**{**kw, "extra": (*extra, "mlflow.enabled=false", "ppo.iterations=2"), "max_seeds": 2})
     assert changed.result["runs_this_invocation"] == 6
     # the confirmation stage, for a pair given here: the pair, its combination and the baseline on the held-out seeds
-    spec = compare.load_spec(arms=arms, seeds=2, max_seeds=3, confirm_seeds=2)
-    runner = compare.Runner(spec, out, (*extra, "mlflow.enabled=false"), None, False, compare._n_trials(out))
+    spec = fixes_spec.load_spec(arms=arms, seeds=2, max_seeds=3, confirm_seeds=2)
+    runner = Runner(spec, out, (*extra, "mlflow.enabled=false"), None, False, trials_before(out))
     sel = racing.select(runner, "baseline", spec.singles, spec.selection_seeds, 2, 1)  # replays the first comparison from the study
     assert runner.ran_now == 0 and sel.decision.verdict == saved["verdict"]
-    confirmed = compare.confirm(runner, spec, ("length_penalty", "kl_control"))
+    confirmed = confirm(runner, spec, ("length_penalty", "kl_control"))
     assert confirmed == ["length_penalty", "kl_control", "kl_control+length_penalty"] and runner.ran_now == 8
     combo = runner.summaries["kl_control+length_penalty"][3]["config"]["ppo"]
     assert combo["adaptive_kl"] and combo["length_bonus"] < 0
@@ -308,4 +311,4 @@ def test_compare_fixes_end_to_end(tmp_path):
     d = [runner.summaries["kl_control+length_penalty"][s]["metrics"]["gold/policy"] - runner.summaries["baseline"][s]["metrics"]["gold/policy"]
          for s in (3, 4)]
     assert held["mean"] == pytest.approx(np.mean(d)) and held["n"] == 2
-    assert "confirmation on held-out seeds 3-4" in compare.terminal_table(spec, result)
+    assert "confirmation on held-out seeds 3-4" in output.terminal_table(spec, result)

@@ -20,6 +20,7 @@ from rlhf_sweep.config import paths
 from rlhf_sweep.config.compose import compose
 from rlhf_sweep.config.schema import ConfigError
 from rlhf_sweep.fixes import compare
+from rlhf_sweep.fixes import spec as fixes_spec
 from rlhf_sweep.study import spec
 from rlhf_sweep.study.dryrun import duration_text
 
@@ -92,7 +93,7 @@ def test_a_config_dir_adds_an_overlay_and_a_group_option(user, monkeypatch):
     assert cfg.ppo.beta == 0.123 and cfg.world.n_intents == 4
     assert cfg.world.n_details == compose([]).world.n_details  # the rest of the shipped default world
     assert compose([]).ppo.beta == 0.03  # the overlay only when asked for
-    assert "my_overlay" in compare.experiments() and "baseline" in compare.experiments()
+    assert "my_overlay" in fixes_spec.experiments() and "baseline" in fixes_spec.experiments()
     spec = compare.load_spec(arms=["baseline", "my_overlay", "length_penalty"], seeds=2)  # a compare-fixes arm
     assert spec.arms == ["baseline", "my_overlay", "length_penalty"]
 
@@ -102,7 +103,7 @@ def test_a_config_dir_adds_an_overlay_and_a_group_option(user, monkeypatch):
     msg = str(e.value)
     assert "\n" not in msg and str(user["conf"]) in msg and str(paths.shipped_conf_dir()) in msg and "my_overlay" in msg
     with pytest.raises(compare.FixesError, match=str(user["conf"] / "experiment")):
-        compare.arm_parts("nope")
+        fixes_spec.arm_parts("nope")
 
 
 def test_studies_by_name_from_user_dirs_and_unknown_ones(user, capsys, monkeypatch):

@@ -36,7 +36,11 @@ def paired_interval(arm, base, confidence: float = 0.95) -> tuple[float, float, 
 
 
 def paired_p(d) -> float:
-    """Two-sided p-value of a paired t-test that the mean difference is 0 (1 with < 2 seeds)."""
+    """Two-sided p-value of a paired t-test that the mean difference is 0 (1 with < 2 seeds).
+
+    The tail area comes from scipy.special.stdtr: scipy.stats.ttest_1samp gives the same numbers
+    (tests/test_fixes.py holds them to it) far more slowly, and the racing simulation makes hundreds
+    of thousands of calls."""
     from scipy.special import stdtr
 
     d = np.asarray(d, dtype=float)
@@ -51,7 +55,7 @@ def paired_p(d) -> float:
 def holm(pvalues: list[float]) -> list[float]:
     """Holm's step-down adjusted p-values, in the order given: the i-th smallest times (m - i), kept
     non-decreasing, at most 1. (statsmodels' multipletests gives the same numbers, as a test checks, but
-    runs gc.collect() on every call: 0.3 s in a process holding torch.)"""
+    runs gc.collect() on every call, which is slow in a process holding torch.)"""
     p = np.asarray(pvalues, dtype=float)
     if not len(p):
         return []
