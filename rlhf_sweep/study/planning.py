@@ -10,9 +10,9 @@ nothing, a plan that adds trials runs only the new ones, and a trial whose confi
 edited overlay in conf/) runs again. Workers only take queued trials (study.workers); one whose key
 is not in the current plan (left WAITING by an interrupted earlier call) is pruned unrun. The
 threads of a planned sweep are cores // workers as asked (not reduced when few trials remain), so
-the keys stay the same between calls. `planned_results` maps each planned trial, in order, to its
-complete trial (run_dir, seconds), or None when it failed: compare-fixes runs its arm x seed
-racing through this; any study can:
+the keys stay the same between calls. `planned_results` (a sweep's `SweepResult.planned`) maps each
+planned trial, in order, to its complete trial (run_dir, seconds), or None when it failed.
+compare-fixes runs its arm x seed racing through this; any study can:
 
     spec = dataclasses.replace(load_spec("beta_clip_frontier"),
                                trials=[PlannedTrial({"ppo.beta": b, "ppo.clip_eps": 0.2}, seeds=[0, 1]) for b in (0.01, 0.1)])

@@ -239,7 +239,7 @@ def sweep(study: str | StudySpec, n_trials: int | None = None, workers: int = 1,
     if baseline and not interrupted:
         try:
             baselines.run_baseline(spec, name, out_dir, threads, client, exp_id, parent,
-                         say=lambda msg: None if ": cached" in msg else print(msg, flush=True))
+                                   say=lambda msg: None if ": cached" in msg else print(msg, flush=True))
             if varies_rm(spec):  # trials stored before a worker ran their best-of-n, or whose best-of-n failed
                 baselines.run_trial_baselines(spec, name, storage, out_dir, client, exp_id, parent)
         except Exception as e:  # the trials are stored either way; the next `sweep` retries it
@@ -339,6 +339,7 @@ def pareto_table(spec: StudySpec, best, n_complete: int) -> str:
 
 def finish(spec: StudySpec, name: str, storage: str, out_dir: Path, client, parent: str | None, uri: str | None,
            interrupted: bool, keys: list[str] | None = None) -> SweepResult:
+    """The end of a sweep: trials.csv, pareto.csv, the Pareto table, the parent run's counts and CSVs and its status."""
     study = optuna.load_study(study_name=name, storage=open_storage(storage))
     trials = study.get_trials(deepcopy=False)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
