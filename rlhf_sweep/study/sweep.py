@@ -60,6 +60,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
+from rlhf_sweep.config.algorithms import algo_sections
 from rlhf_sweep.config.compose import compose
 from rlhf_sweep.config.schema import ConfigError, config_hash, to_dict
 from rlhf_sweep.run import layout, pipeline, preflight
@@ -142,9 +143,7 @@ BASELINE_N = 256  # its history walks best-of-n' for n' = 1, 2, 4, ..., 256
 def baseline_overrides(spec: StudySpec, seed: int) -> list[str]:
     """`algo=bon` on the study's fixed config: the same world, reference, RM and held-out evaluation as its
     trials (a fixed `algo` and that algorithm's own knobs are left out: best-of-n trains nothing)."""
-    from rlhf_sweep.config.schema import ALGO_SECTIONS
-
-    keep = {k: v for k, v in spec.fixed.items() if k != "algo" and k.split(".")[0] not in ALGO_SECTIONS}
+    keep = {k: v for k, v in spec.fixed.items() if k != "algo" and k.split(".")[0] not in algo_sections()}
     return [*(f"{k}={override_value(v)}" for k, v in keep.items()), "algo=bon", f"bon.n={BASELINE_N}",
             f"bon.samples_per_prompt={BASELINE_N}", f"seed={seed}"]
 
