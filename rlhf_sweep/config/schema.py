@@ -175,8 +175,10 @@ Config = dataclasses.make_dataclass(
 
 
 @functools.cache
-def _with_section(section: str, knobs: type) -> type:
-    return dataclasses.make_dataclass(f"Config_{section}", _sections({section: knobs}), bases=(Config,), namespace={"__module__": __name__})
+def _with_sections(named: tuple[tuple[str, type], ...]) -> type:
+    """Config with users' knobs sections after the shipped ones."""
+    return dataclasses.make_dataclass("Config_" + "_".join(n for n, _ in named), _sections(dict(named)), bases=(Config,),
+                                      namespace={"__module__": __name__})
 
 
 def schema_for(algo: str | None, module: str | None) -> type:
@@ -189,7 +191,7 @@ def schema_for(algo: str | None, module: str | None) -> type:
         return Config
     taken = {f.name: f.default_factory for f in dataclasses.fields(Config)}
     if card.section not in taken:
-        return _with_section(card.section, card.knobs)
+        return _with_sections(((card.section, card.knobs),))
     if taken[card.section] is not card.knobs:
         raise ConfigError(f"algo={card.name}: its knobs section '{card.section}' is already a section of the config; "
                           f"give {module}'s ALGORITHM a section of its own")
@@ -203,7 +205,11 @@ def known_keys(node: Any) -> str:
 
 
 def node_at(path: str) -> Any:
+    """The default value at a dotted key of the config (a registered user algorithm's section included), or None."""
     node: Any = Config()
+    extra = {k: v for k, v in algorithms.sections().items() if not hasattr(node, k)}
+    if extra:
+        node = _with_sections(tuple(extra.items()))()
     for part in [p for p in path.split(".") if p]:
         if not dataclasses.is_dataclass(node) or not hasattr(node, part):
             return None
@@ -286,7 +292,7 @@ def to_dict(obj: Any) -> dict:
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    """{'ppo': {'beta': 0.1}} -> {'ppo.beta': 0.1}: the MLflow params and CSV columns."""
+    """{'rm': {'lr': 0.1}} -> {'rm.lr': 0.1}: the MLflow params and CSV columns."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
