@@ -22,11 +22,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+from rlhf_sweep.config import algorithms  # noqa: E402
 from rlhf_sweep.config.compose import compose  # noqa: E402
 from rlhf_sweep.run import pipeline  # noqa: E402
 from rlhf_sweep.utils.tables import format_table  # noqa: E402
 
-ALGOS = ("ppo", "rloo", "grpo", "dpo", "ipo", "bon")
+ALGOS = tuple(a.name for a in algorithms.SHIPPED)
 
 
 def one(algo: str, seed: int, threads: int, extra: list[str]) -> dict:

@@ -85,7 +85,7 @@ def random_models(cfg, world: World, device: torch.device, seed: int = 0):
 def time_ppo(cfg, world: World, ref, rm, device: torch.device, iterations: int, warmup: int = 2) -> dict:
     """Wall time of `iterations` framework PPO iterations after a warm-up; records each batch for the floor."""
     policy = policy_from(ref, cfg, world, device)
-    rng, gen = pipeline.streams(cfg.seed, "ppo", device)
+    rng, gen = pipeline.streams(cfg.seed, "policy", device)
     train_ppo(policy, ref, rm, world, dataclasses.replace(cfg.ppo, iterations=warmup), rng, gen, device, progress=False)
     batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 

@@ -36,6 +36,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from rlhf_sweep.config import algorithms
 from rlhf_sweep.config.compose import CONF_DIR, compose, load_config
 from rlhf_sweep.config.paths import CONFIG_DIR_ENV, STUDIES_DIR_ENV, PathsError, add_user_dir, with_user_config_dirs
 from rlhf_sweep.config.schema import ConfigError
@@ -129,14 +130,7 @@ def _trajectory_figure(summary: dict, cfg) -> str | None:
     try:
         from rlhf_sweep.reporting import plots
 
-        c = cfg.ppo
-        title = {"ppo": f"rlhf-sweep run, seed {cfg.seed}: β={c.beta:g}, clip ε={c.clip_eps:g}, KL penalty {c.kl_in}+{c.kl_estimator}",
-                 "rloo": f"rlhf-sweep run algo=rloo, seed {cfg.seed}: β={cfg.rloo.beta:g}, k={cfg.rloo.num_generations}",
-                 "grpo": f"rlhf-sweep run algo=grpo, seed {cfg.seed}: β={cfg.grpo.beta:g}, G={cfg.grpo.num_generations}, "
-                         f"KL {cfg.grpo.kl_estimator} in the {cfg.grpo.kl_in}",
-                 "dpo": f"rlhf-sweep run algo=dpo, seed {cfg.seed}: β={cfg.dpo.beta:g}",
-                 "ipo": f"rlhf-sweep run algo=ipo, seed {cfg.seed}: β (τ)={cfg.dpo.beta:g}",
-                 "bon": f"rlhf-sweep run algo=bon, seed {cfg.seed}: best-of-n' for n' up to {cfg.bon.n}"}[cfg.algo]
+        title = algorithms.get(cfg.algo).title(cfg)
         return plots.trajectory(summary["history"], layout.trajectory_path(cfg.run_dir), title=title)
     except Exception as e:
         print(f"warning: no trajectory figure ({type(e).__name__}: {e})", file=sys.stderr)

@@ -1,1 +1,1 @@
-"""Configuration: the typed dataclasses that `conf/` mirrors, the one Hydra entry point, world draws, config and study folders."""
+"""Configuration: the typed dataclasses that `conf/` mirrors, the algorithm registry, the one Hydra entry point, world draws, config and study folders."""

@@ -9,9 +9,10 @@ from __future__ import annotations
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from rlhf_sweep.config.algorithms import MODULE_KEY, algo_sections
 from rlhf_sweep.config.draws import apply_draw
 from rlhf_sweep.config.paths import PathsError, config_dirs, shipped_conf_dir, with_user_config_dirs
-from rlhf_sweep.config.schema import ALGO_SECTIONS, Config, ConfigError, known_keys, node_at, validate
+from rlhf_sweep.config.schema import Config, ConfigError, known_keys, node_at, schema_for, validate
 
 CONF_DIR = str(shipped_conf_dir())
 
@@ -24,8 +25,9 @@ def _one_line(exc: Exception) -> str:
 def load_config(cfg: DictConfig | dict) -> Config:
     """Merge a composed config onto the schema and validate it; raise ConfigError."""
     raw = OmegaConf.create(cfg) if isinstance(cfg, dict) else cfg
-    raw = OmegaConf.masked_copy(raw, [k for k in raw.keys() if k != "hydra"]) if "hydra" in raw else raw
-    schema = OmegaConf.structured(Config)
+    module = raw.get(MODULE_KEY)  # a user's algorithm: its conf file names the module that defines it
+    raw = OmegaConf.masked_copy(raw, [k for k in raw.keys() if k not in ("hydra", MODULE_KEY)]) if "hydra" in raw or module else raw
+    schema = OmegaConf.structured(schema_for(raw.get("algo"), module))
     try:
         merged = OmegaConf.merge(schema, raw)
         conf: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
@@ -67,8 +69,8 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> Config:
             parent = key.rsplit(".", 1)[0] if "." in key else ""
             known = known_keys(node_at(parent))
             raise ConfigError(f"unknown config key '{key}'; known keys under {parent or 'the top level'}: {known}") from None
-        if m and m.group(1).split(".")[0] in ALGO_SECTIONS:
-            key, algos = m.group(1), ALGO_SECTIONS[m.group(1).split(".")[0]]
+        if m and m.group(1).split(".")[0] in algo_sections():
+            key, algos = m.group(1), algo_sections()[m.group(1).split(".")[0]]
             raise ConfigError(f"{key} is a knob of {' and '.join(f'algo={a}' for a in algos)}, not of the algorithm this "
                               f"config runs; add algo={algos[0]} (conf/algo/{algos[0]}.yaml)") from None
         m = re.search(r"Could not find '([^/']+)/([^']+)'", text)

@@ -1,24 +1,25 @@
-"""Typed configuration: one dataclass per `conf/` group, with documented defaults.
+"""Typed configuration: one dataclass per `conf/` group, with documented defaults, and `Config`, the whole.
 
-Hydra composes YAML from `conf/`; `load_config` merges the result onto these
-dataclasses, so a misspelt key or a value of the wrong type fails at once, and
-`validate` checks ranges and choices. `ConfigError` carries a one-line message
-that names the key and what it accepts.
+Hydra composes YAML from `conf/`; `load_config` (compose.py) merges the result onto `Config` (or onto
+`schema_for`'s class, which adds a user algorithm's knobs section), so a misspelt key or a value of the
+wrong type fails at once, and `validate` checks ranges and choices. Each algorithm's knobs section and
+its checks come from the algorithm registry (algorithms.py). `ConfigError` (errors.py) carries a
+one-line message that names the key and what it accepts.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from rlhf_sweep.maths import kl
-
-
-class ConfigError(ValueError):
-    """A bad configuration value; the message is one line naming the key and the fix."""
+from rlhf_sweep.config import algorithms
+from rlhf_sweep.config.algorithms import PPOConfig as PPOConfig  # the default algorithm's knobs, which readers import from here
+from rlhf_sweep.config.errors import ConfigError as ConfigError  # raised by every check here; importers take it from the schema
+from rlhf_sweep.config.errors import require
 
 
 @dataclass
@@ -130,130 +131,6 @@ class RMConfig:
     n_embd: int | None = None
 
 
-KL_ESTIMATORS = kl.ESTIMATORS
-KL_IN = kl.PLACEMENTS
-
-
-@dataclass
-class PPOConfig:
-    """PPO with a clipped surrogate and a KL penalty to the frozen reference."""
-
-    iterations: int = 150
-    batch_size: int = 64  # prompts (one completion each) per iteration
-    epochs: int = 4
-    minibatches: int = 2
-    lr: float = 1e-4
-    max_grad_norm: float = 1.0
-    # KL coefficient (initial value when adaptive_kl), in RM-score units per nat of sequence KL in every
-    # placement: the loss placement's token mean is the PPO loss's own token mean, and it is scaled by
-    # the factor that whitening applied to the advantages, so the same beta charges the same KL
-    beta: float = 0.03
-    # The penalty: what it uses per token (k1 | k2 | k3 | exact: the full-vocabulary KL) and where it goes
-    # (reward: per token inside the return, InstructGPT | loss: a term of the PPO loss, GRPO-style | both:
-    # exact only, the per-position gradient in the loss plus the later positions' KL in the return).
-    # kl.PENALTIES declares each pair's gradient. Unbiased (the gradient of the sequence KL): reward+k1,
-    # both+exact. Partial (per token, blind to a token's effect on later states): loss+k2, loss+exact.
-    # Biased: reward+k3, reward+exact, loss+k1 (zero in expectation), loss+k3 (forward KL per token).
-    # A run with a non-unbiased pair prints one warning line and tags its summary kl/gradient.
-    kl_estimator: str = "k1"
-    kl_in: str = "reward"
-    adaptive_kl: bool = False  # Ziegler et al. 2019 proportional controller
-    target_kl: float = 6.0  # sequence nats, for adaptive_kl
-    horizon: int = 10000  # episodes, for adaptive_kl
-    clip_eps: float = 0.2
-    vf_clip: float = 0.2  # value clipping range; 0 turns it off
-    vf_coef: float = 0.5
-    ent_coef: float = 0.0
-    gamma: float = 1.0
-    lam: float = 0.95
-    whiten_advantages: bool = True
-    length_bonus: float = 0.0  # signed reward per content token; 0 = nothing rewards length
-    reward_norm: bool = False  # running mean/std normalisation of RM scores
-    reward_clip: float = 0.0  # clip normalised scores to [-c, c]; 0 turns it off
-    early_stop_kl: float = 0.0  # stop an iteration's epochs once approx_kl exceeds it; 0 = off
-    # sampling temperature of the rollouts; log-probs, KL, the PPO ratio and the held-out evaluation use the
-    # distribution sampled from (policy and reference logits / temperature, so the policy starts at KL 0)
-    temperature: float = 1.0
-
-
-ALGOS = ("ppo", "rloo", "grpo", "dpo", "ipo", "bon")
-GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
-SCALE_REWARDS = ("group", "batch", "none")
-# the config sections that only an `algo=` option composes (conf/algo/), and the algorithms that read each
-ALGO_SECTIONS = {"rloo": ("rloo",), "grpo": ("grpo",), "dpo": ("dpo", "ipo"), "bon": ("bon",)}
-
-
-@dataclass
-class RLOOConfig:
-    """RLOO (Ahmadian et al. 2024) as TRL 1.16's RLOOTrainer runs it: num_generations samples per prompt,
-    each one's baseline the mean reward of the others, the sequence's summed k1 KL in its reward, and a
-    clipped sequence-level ratio. Knob names are TRL's; the sample and update budget is PPO's default."""
-
-    iterations: int = 150  # generation batches, as ppo.iterations
-    batch_size: int = 64  # completions per iteration (TRL's generation batch), a multiple of num_generations
-    num_generations: int = 4  # k samples per prompt (TRL's default is 2; Ahmadian et al. report k = 2 and 4)
-    beta: float = 0.05  # KL coefficient: reward - beta * sum_t (log pi - log ref) (TRL's default)
-    epsilon: float = 0.2  # clip range of the sequence-level ratio (TRL's default)
-    num_iterations: int = 4  # mu, passes over each generation batch (TRL's default 1; PPO's epochs here)
-    steps_per_generation: int = 2  # optimizer steps per pass (TRL's default 1; PPO's minibatches here)
-    normalize_advantages: bool = False  # scale advantages to unit std over the batch (TRL's default: off)
-    lr: float = 1e-4  # as ppo.lr (TRL's 1e-6 is for billion-parameter models)
-    max_grad_norm: float = 1.0
-    temperature: float = 1.0
-
-
-@dataclass
-class GRPOConfig:
-    """GRPO (Shao et al. 2024) as TRL 1.16's GRPOTrainer runs it: num_generations samples per prompt,
-    advantages = reward minus the group mean, divided by the group's std (scale_rewards), a per-token
-    clipped ratio, and the KL term of the KL-penalty machinery (kl.py): the published k3 in the loss,
-    or another estimator and placement. The sample and update budget is PPO's default."""
-
-    iterations: int = 150
-    batch_size: int = 64  # completions per iteration, a multiple of num_generations
-    num_generations: int = 8  # samples per prompt, the group (TRL's default)
-    beta: float = 0.04  # KL coefficient (Shao et al.'s value; TRL's default 0.0 drops the KL term)
-    kl_estimator: str = "k3"  # what the KL term uses per token (k3: Shao et al. and TRL)
-    kl_in: str = "loss"  # loss (per-token term added to the loss, as published) | reward (summed into the sequence reward)
-    # in the loss, a sampled estimator times the ratio pi / pi_old (with its gradient), which makes the term's
-    # expected gradient that of KL(pi || ref) (DeepSeek-V3.2; TRL's default); false = Shao et al.'s published k3 term
-    use_bias_correction_kl: bool = True
-    epsilon: float = 0.2  # lower clip of the per-token ratio
-    epsilon_high: float | None = None  # upper clip; null = epsilon (DAPO recommends 0.28)
-    loss_type: str = "dapo"  # grpo (per-sequence token mean, Shao et al.) | bnpo | dr_grpo | dapo (TRL's default)
-    scale_rewards: str = "group"  # group (divide by the group's std) | batch | none (Dr. GRPO)
-    num_iterations: int = 4  # mu (TRL's default 1)
-    steps_per_generation: int = 2  # (TRL's default 1)
-    lr: float = 1e-4
-    max_grad_norm: float = 1.0
-    temperature: float = 1.0
-
-
-@dataclass
-class DPOConfig:
-    """DPO (Rafailov et al. 2023) and IPO (Azar et al. 2023; `algo=ipo`, TRL's loss_type="ipo") offline
-    on the labeled pairs the RM is trained on, with the SFT reference as the reference model."""
-
-    beta: float = 0.1  # KL coefficient of the implicit reward; IPO's tau (TRL's default for both)
-    iterations: int = 150  # history entries (policy samples after each)
-    steps_per_iteration: int = 3  # optimizer steps per entry: 450 steps of 64 pairs, about TRL's 3 epochs over 10000 pairs
-    batch_size: int = 64  # pairs per step
-    lr: float = 1e-4  # as ppo.lr (TRL's 1e-6 is for billion-parameter models)
-    max_grad_norm: float = 1.0
-    monitor_size: int = 64  # policy samples per iteration behind the history (rm, gold, length, KL)
-    temperature: float = 1.0  # of those samples
-
-
-@dataclass
-class BoNConfig:
-    """Best-of-n: the RM picks the best of n reference samples; nothing is trained."""
-
-    n: int = 16  # candidates per prompt
-    # reference samples per held-out prompt behind the empirical distribution that the exact KL and the
-    # best-of-n expectations are computed on (>= n; Beirami et al.'s formula for discrete distributions)
-    samples_per_prompt: int = 256
-
-
 @dataclass
 class EvalConfig:
     n_prompts: int = 512
@@ -271,9 +148,11 @@ class MLflowConfig:
 
 
 @dataclass
-class Config:
+class RunSettings:
+    """What every run sets, whichever algorithm it runs: the head of `Config`."""
+
     seed: int = 0
-    algo: str = "ppo"  # ppo | rloo | grpo | dpo | ipo | bon: what optimizes against the RM (conf/algo/)
+    algo: str = algorithms.DEFAULT  # what optimizes against the RM: a registered algorithm (config/algorithms.py, conf/algo/)
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # torch threads; 0 = all cores
     cache_dir: str = "outputs/cache"
@@ -283,13 +162,40 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     rm: RMConfig = field(default_factory=RMConfig)
-    ppo: PPOConfig = field(default_factory=PPOConfig)
-    rloo: RLOOConfig = field(default_factory=RLOOConfig)
-    grpo: GRPOConfig = field(default_factory=GRPOConfig)
-    dpo: DPOConfig = field(default_factory=DPOConfig)
-    bon: BoNConfig = field(default_factory=BoNConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    mlflow: MLflowConfig = field(default_factory=MLflowConfig)
+
+
+def _sections(named: dict[str, type]) -> list[tuple[str, type, Any]]:
+    return [(name, cls, field(default_factory=cls)) for name, cls in named.items()]
+
+
+# The whole config: RunSettings, each shipped algorithm's knobs section in the registry's order, eval, mlflow.
+Config = dataclasses.make_dataclass(
+    "Config", _sections({**algorithms.sections(algorithms.SHIPPED), "eval": EvalConfig, "mlflow": MLflowConfig}),
+    bases=(RunSettings,), namespace={"__module__": __name__, "__doc__": "The whole config: what every run sets, and every algorithm's knobs."})
+
+
+@functools.cache
+def _with_sections(named: tuple[tuple[str, type], ...]) -> type:
+    """Config with users' knobs sections after the shipped ones."""
+    return dataclasses.make_dataclass("Config_" + "_".join(n for n, _ in named), _sections(dict(named)), bases=(Config,),
+                                      namespace={"__module__": __name__})
+
+
+def schema_for(algo: str | None, module: str | None) -> type:
+    """The dataclass a composed config merges onto: `Config`, or, for a user's algorithm (`module`: the
+    `_algorithm_` its conf file names), `Config` plus that algorithm's knobs section, after registering it."""
+    if module is None:
+        return Config
+    card = algorithms.load(module, str(algo))
+    if card.section is None or card.knobs is None:
+        return Config
+    taken = {f.name: f.default_factory for f in dataclasses.fields(Config)}
+    if card.section not in taken:
+        return _with_sections(((card.section, card.knobs),))
+    if taken[card.section] is not card.knobs:
+        raise ConfigError(f"algo={card.name}: its knobs section '{card.section}' is already a section of the config; "
+                          f"give {module}'s ALGORITHM a section of its own")
+    return Config
 
 
 def known_keys(node: Any) -> str:
@@ -299,7 +205,11 @@ def known_keys(node: Any) -> str:
 
 
 def node_at(path: str) -> Any:
+    """The default value at a dotted key of the config (a registered user algorithm's section included), or None."""
     node: Any = Config()
+    extra = {k: v for k, v in algorithms.sections().items() if not hasattr(node, k)}
+    if extra:
+        node = _with_sections(tuple(extra.items()))()
     for part in [p for p in path.split(".") if p]:
         if not dataclasses.is_dataclass(node) or not hasattr(node, part):
             return None
@@ -311,80 +221,56 @@ def node_at(path: str) -> Any:
 MAX_SEED = 2**32 - 1
 
 
-def _require(ok: bool, key: str, value: Any, accepts: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}={value!r} is invalid: {key} accepts {accepts}")
-
-
 def validate(c: Config) -> None:
     """Range and choice checks; each failure names the key and what it accepts."""
-    p, r, w, m = c.ppo, c.rm, c.world, c.model
-    _require(c.device in ("auto", "cpu", "cuda") or c.device.startswith("cuda:"), "device", c.device, "auto, cpu, cuda or cuda:N")
-    _require(0 <= c.seed <= MAX_SEED, "seed", c.seed, f"an integer in [0, {MAX_SEED}]")
-    _require(c.threads >= 0, "threads", c.threads, "an integer >= 0 (0 = all cores)")
-    _require(m.arch in ARCHS, "model.arch", m.arch, " | ".join(ARCHS))
-    _require(m.activation in ACTIVATIONS, "model.activation", m.activation, " | ".join(ACTIVATIONS))
-    _require(m.n_layer >= 1, "model.n_layer", m.n_layer, "an integer >= 1")
-    _require(m.n_head >= 1, "model.n_head", m.n_head, "an integer >= 1")
-    _require(m.n_embd >= 1 and m.n_head >= 1 and m.n_embd % m.n_head == 0, "model.n_embd", m.n_embd, "an integer >= 1 that model.n_head divides")
-    _require(p.beta >= 0, "ppo.beta", p.beta, "a number >= 0")
-    _require(p.clip_eps > 0, "ppo.clip_eps", p.clip_eps, "a number > 0 (0.2 is usual)")
-    _require(p.vf_clip >= 0, "ppo.vf_clip", p.vf_clip, "a number >= 0 (0 turns value clipping off)")
-    try:  # one line naming the key, the accepted values and which pairs are unbiased
-        kl.penalty(p.kl_estimator, p.kl_in)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    _require(p.iterations >= 1, "ppo.iterations", p.iterations, "an integer >= 1")
-    _require(p.batch_size >= 2, "ppo.batch_size", p.batch_size, "an integer >= 2")
-    _require(p.epochs >= 1, "ppo.epochs", p.epochs, "an integer >= 1")
-    _require(1 <= p.minibatches <= p.batch_size, "ppo.minibatches", p.minibatches, f"an integer in [1, ppo.batch_size={p.batch_size}]")
-    _require(p.lr > 0, "ppo.lr", p.lr, "a number > 0")
-    _require(p.target_kl > 0, "ppo.target_kl", p.target_kl, "a number > 0 (sequence nats)")
-    _require(p.horizon > 0, "ppo.horizon", p.horizon, "an integer > 0")
-    _require(0 <= p.gamma <= 1, "ppo.gamma", p.gamma, "a number in [0, 1]")
-    _require(0 <= p.lam <= 1, "ppo.lam", p.lam, "a number in [0, 1]")
-    _require(p.reward_clip >= 0, "ppo.reward_clip", p.reward_clip, "a number >= 0 (0 = off)")
-    _require(p.early_stop_kl >= 0, "ppo.early_stop_kl", p.early_stop_kl, "a number >= 0 (0 = off)")
-    _require(p.temperature > 0, "ppo.temperature", p.temperature, "a number > 0")
-    _require(r.pairs in PAIR_MODES, "rm.pairs", r.pairs, " | ".join(PAIR_MODES))
-    _require(r.n_pairs >= 16, "rm.n_pairs", r.n_pairs, "an integer >= 16")
-    _require(r.n_eval_pairs >= 16, "rm.n_eval_pairs", r.n_eval_pairs, "an integer >= 16")
-    _require(r.center_coef >= 0, "rm.center_coef", r.center_coef, "a number >= 0")
-    _require(r.weight_decay >= 0, "rm.weight_decay", r.weight_decay, "a number >= 0")
-    _require(r.length_decorr >= 0, "rm.length_decorr", r.length_decorr, "a number >= 0")
-    _require(r.lr > 0, "rm.lr", r.lr, "a number > 0")
-    _require(r.ensemble_size >= 1, "rm.ensemble_size", r.ensemble_size, "an integer >= 1 (1 = a single reward model)")
-    _require(r.ensemble_agg in ENSEMBLE_AGGS, "rm.ensemble_agg", r.ensemble_agg, " | ".join(ENSEMBLE_AGGS))
-    _require(r.ensemble_lambda >= 0, "rm.ensemble_lambda", r.ensemble_lambda, "a number >= 0")
-    _require(r.n_layer is None or r.n_layer >= 1, "rm.n_layer", r.n_layer, "an integer >= 1, or null (the policy's model.n_layer)")
-    _require(r.n_embd is None or (r.n_embd >= 1 and r.n_embd % m.n_head == 0), "rm.n_embd", r.n_embd,
+    r, w, m = c.rm, c.world, c.model
+    require(c.device in ("auto", "cpu", "cuda") or c.device.startswith("cuda:"), "device", c.device, "auto, cpu, cuda or cuda:N")
+    require(0 <= c.seed <= MAX_SEED, "seed", c.seed, f"an integer in [0, {MAX_SEED}]")
+    require(c.threads >= 0, "threads", c.threads, "an integer >= 0 (0 = all cores)")
+    require(m.arch in ARCHS, "model.arch", m.arch, " | ".join(ARCHS))
+    require(m.activation in ACTIVATIONS, "model.activation", m.activation, " | ".join(ACTIVATIONS))
+    require(m.n_layer >= 1, "model.n_layer", m.n_layer, "an integer >= 1")
+    require(m.n_head >= 1, "model.n_head", m.n_head, "an integer >= 1")
+    require(m.n_embd >= 1 and m.n_head >= 1 and m.n_embd % m.n_head == 0, "model.n_embd", m.n_embd, "an integer >= 1 that model.n_head divides")
+    require(r.pairs in PAIR_MODES, "rm.pairs", r.pairs, " | ".join(PAIR_MODES))
+    require(r.n_pairs >= 16, "rm.n_pairs", r.n_pairs, "an integer >= 16")
+    require(r.n_eval_pairs >= 16, "rm.n_eval_pairs", r.n_eval_pairs, "an integer >= 16")
+    require(r.center_coef >= 0, "rm.center_coef", r.center_coef, "a number >= 0")
+    require(r.weight_decay >= 0, "rm.weight_decay", r.weight_decay, "a number >= 0")
+    require(r.length_decorr >= 0, "rm.length_decorr", r.length_decorr, "a number >= 0")
+    require(r.lr > 0, "rm.lr", r.lr, "a number > 0")
+    require(r.ensemble_size >= 1, "rm.ensemble_size", r.ensemble_size, "an integer >= 1 (1 = a single reward model)")
+    require(r.ensemble_agg in ENSEMBLE_AGGS, "rm.ensemble_agg", r.ensemble_agg, " | ".join(ENSEMBLE_AGGS))
+    require(r.ensemble_lambda >= 0, "rm.ensemble_lambda", r.ensemble_lambda, "a number >= 0")
+    require(r.n_layer is None or r.n_layer >= 1, "rm.n_layer", r.n_layer, "an integer >= 1, or null (the policy's model.n_layer)")
+    require(r.n_embd is None or (r.n_embd >= 1 and r.n_embd % m.n_head == 0), "rm.n_embd", r.n_embd,
              f"a positive multiple of model.n_head={m.n_head}, or null (the policy's model.n_embd)")
-    _require(c.sft.lr > 0, "sft.lr", c.sft.lr, "a number > 0")
-    _require(c.sft.n_demos >= 16, "sft.n_demos", c.sft.n_demos, "an integer >= 16")
-    _require(c.sft.epochs >= 1, "sft.epochs", c.sft.epochs, "an integer >= 1")
-    _require(c.sft.batch_size >= 1, "sft.batch_size", c.sft.batch_size, "an integer >= 1")
-    _require(r.epochs >= 1, "rm.epochs", r.epochs, "an integer >= 1")
-    _require(r.batch_size >= 1, "rm.batch_size", r.batch_size, "an integer >= 1")
-    _require(w.draw is None or w.draw >= 0, "world.draw", w.draw, "an integer >= 0, or null (the default world)")
-    _require(w.n_intents >= 2, "world.n_intents", w.n_intents, "an integer >= 2")
-    _require(w.n_details >= 2, "world.n_details", w.n_details, "an integer >= 2")
-    _require(w.n_filler >= 1, "world.n_filler", w.n_filler, "an integer >= 1")
-    _require(w.n_explain >= 1, "world.n_explain", w.n_explain, "an integer >= 1")
-    _require(4 <= w.max_new_tokens <= 256, "world.max_new_tokens", w.max_new_tokens, "an integer in [4, 256]")
-    _require(0 <= w.second_detail_prob <= 1, "world.second_detail_prob", w.second_detail_prob, "a probability in [0, 1]")
-    _require(w.labeler.tau > 0, "world.labeler.tau", w.labeler.tau, "a number > 0")
-    _require(0 <= w.labeler.flip_rate <= 0.5, "world.labeler.flip_rate", w.labeler.flip_rate, "a probability in [0, 0.5]")
-    _require(0 < w.gold.directness <= 1, "world.gold.directness", w.gold.directness, "a number in (0, 1]")
-    _require(w.gold.ideal_len >= 0, "world.gold.ideal_len", w.gold.ideal_len, "an integer >= 0")
+    require(c.sft.lr > 0, "sft.lr", c.sft.lr, "a number > 0")
+    require(c.sft.n_demos >= 16, "sft.n_demos", c.sft.n_demos, "an integer >= 16")
+    require(c.sft.epochs >= 1, "sft.epochs", c.sft.epochs, "an integer >= 1")
+    require(c.sft.batch_size >= 1, "sft.batch_size", c.sft.batch_size, "an integer >= 1")
+    require(r.epochs >= 1, "rm.epochs", r.epochs, "an integer >= 1")
+    require(r.batch_size >= 1, "rm.batch_size", r.batch_size, "an integer >= 1")
+    require(w.draw is None or w.draw >= 0, "world.draw", w.draw, "an integer >= 0, or null (the default world)")
+    require(w.n_intents >= 2, "world.n_intents", w.n_intents, "an integer >= 2")
+    require(w.n_details >= 2, "world.n_details", w.n_details, "an integer >= 2")
+    require(w.n_filler >= 1, "world.n_filler", w.n_filler, "an integer >= 1")
+    require(w.n_explain >= 1, "world.n_explain", w.n_explain, "an integer >= 1")
+    require(4 <= w.max_new_tokens <= 256, "world.max_new_tokens", w.max_new_tokens, "an integer in [4, 256]")
+    require(0 <= w.second_detail_prob <= 1, "world.second_detail_prob", w.second_detail_prob, "a probability in [0, 1]")
+    require(w.labeler.tau > 0, "world.labeler.tau", w.labeler.tau, "a number > 0")
+    require(0 <= w.labeler.flip_rate <= 0.5, "world.labeler.flip_rate", w.labeler.flip_rate, "a probability in [0, 0.5]")
+    require(0 < w.gold.directness <= 1, "world.gold.directness", w.gold.directness, "a number in (0, 1]")
+    require(w.gold.ideal_len >= 0, "world.gold.ideal_len", w.gold.ideal_len, "an integer >= 0")
     d = w.demo
-    _require(min(d.complete, d.partial, d.wrong) >= 0 and d.complete + d.partial + d.wrong > 0, "world.demo", f"{d.complete}/{d.partial}/{d.wrong}", "non-negative weights complete/partial/wrong with a positive sum")
-    _require(c.algo in ALGOS, "algo", c.algo, " | ".join(ALGOS))
-    validate_algos(c)
-    _require(0 < c.eval.confidence < 1, "eval.confidence", c.eval.confidence, "a number in (0, 1)")
-    _require(0 < c.eval.trend_window <= 1, "eval.trend_window", c.eval.trend_window, "a share in (0, 1]")
-    _require(0 < c.eval.trend_alpha < 1, "eval.trend_alpha", c.eval.trend_alpha, "a level in (0, 1)")
-    _require(c.eval.trend_min_growth >= 0, "eval.trend_min_growth", c.eval.trend_min_growth, "a share >= 0 (0.25 is the default)")
-    _require(c.eval.n_prompts >= 16, "eval.n_prompts", c.eval.n_prompts, "an integer >= 16")
+    require(min(d.complete, d.partial, d.wrong) >= 0 and d.complete + d.partial + d.wrong > 0, "world.demo", f"{d.complete}/{d.partial}/{d.wrong}", "non-negative weights complete/partial/wrong with a positive sum")
+    algorithms.get(c.algo)
+    validate_knobs(c)
+    require(0 < c.eval.confidence < 1, "eval.confidence", c.eval.confidence, "a number in (0, 1)")
+    require(0 < c.eval.trend_window <= 1, "eval.trend_window", c.eval.trend_window, "a share in (0, 1]")
+    require(0 < c.eval.trend_alpha < 1, "eval.trend_alpha", c.eval.trend_alpha, "a level in (0, 1)")
+    require(c.eval.trend_min_growth >= 0, "eval.trend_min_growth", c.eval.trend_min_growth, "a share >= 0 (0.25 is the default)")
+    require(c.eval.n_prompts >= 16, "eval.n_prompts", c.eval.n_prompts, "an integer >= 16")
 
 
 def rm_model(c: Config) -> ModelConfig:
@@ -392,38 +278,13 @@ def rm_model(c: Config) -> ModelConfig:
     return dataclasses.replace(c.model, n_layer=c.rm.n_layer or c.model.n_layer, n_embd=c.rm.n_embd or c.model.n_embd)
 
 
-def validate_algos(c: Config) -> None:
-    """The knobs of RLOO, GRPO, DPO/IPO and best-of-n (checked whichever algorithm runs: they are all in the config)."""
-    for name in ("rloo", "grpo"):
-        a = getattr(c, name)
-        _require(a.iterations >= 1, f"{name}.iterations", a.iterations, "an integer >= 1")
-        _require(a.num_generations >= 2, f"{name}.num_generations", a.num_generations, "an integer >= 2 (a baseline needs another sample)")
-        _require(a.batch_size >= a.num_generations and a.batch_size % a.num_generations == 0, f"{name}.batch_size", a.batch_size,
-                 f"an integer multiple of {name}.num_generations={a.num_generations}")
-        _require(a.beta >= 0, f"{name}.beta", a.beta, "a number >= 0")
-        _require(a.epsilon > 0, f"{name}.epsilon", a.epsilon, "a number > 0 (0.2 is usual)")
-        _require(a.num_iterations >= 1, f"{name}.num_iterations", a.num_iterations, "an integer >= 1")
-        _require(1 <= a.steps_per_generation <= a.batch_size, f"{name}.steps_per_generation", a.steps_per_generation,
-                 f"an integer in [1, {name}.batch_size={a.batch_size}]")
-        _require(a.lr > 0, f"{name}.lr", a.lr, "a number > 0")
-        _require(a.temperature > 0, f"{name}.temperature", a.temperature, "a number > 0")
-    g = c.grpo
-    _require(g.kl_estimator in KL_ESTIMATORS, "grpo.kl_estimator", g.kl_estimator, " | ".join(KL_ESTIMATORS))
-    _require(g.kl_in in ("loss", "reward"), "grpo.kl_in", g.kl_in, "loss | reward")
-    _require(g.epsilon_high is None or g.epsilon_high > 0, "grpo.epsilon_high", g.epsilon_high, "a number > 0, or null (= grpo.epsilon)")
-    _require(g.loss_type in GRPO_LOSS_TYPES, "grpo.loss_type", g.loss_type, " | ".join(GRPO_LOSS_TYPES))
-    _require(g.scale_rewards in SCALE_REWARDS, "grpo.scale_rewards", g.scale_rewards, " | ".join(SCALE_REWARDS))
-    d = c.dpo
-    _require(d.beta > 0, "dpo.beta", d.beta, "a number > 0 (it scales the implicit reward; IPO's target margin is 1/(2 beta))")
-    _require(d.iterations >= 1, "dpo.iterations", d.iterations, "an integer >= 1")
-    _require(d.steps_per_iteration >= 1, "dpo.steps_per_iteration", d.steps_per_iteration, "an integer >= 1")
-    _require(d.batch_size >= 1, "dpo.batch_size", d.batch_size, "an integer >= 1")
-    _require(d.lr > 0, "dpo.lr", d.lr, "a number > 0")
-    _require(d.monitor_size >= 2, "dpo.monitor_size", d.monitor_size, "an integer >= 2")
-    _require(d.temperature > 0, "dpo.temperature", d.temperature, "a number > 0")
-    b = c.bon
-    _require(b.n >= 1, "bon.n", b.n, "an integer >= 1")
-    _require(b.samples_per_prompt >= b.n, "bon.samples_per_prompt", b.samples_per_prompt, f"an integer >= bon.n={b.n}")
+def validate_knobs(c: Config) -> None:
+    """Every algorithm's knobs in the config (checked whichever algorithm runs: they are all in it), by each
+    knobs dataclass's own `check`."""
+    for section in algorithms.sections():
+        knobs = getattr(c, section, None)
+        if knobs is not None and hasattr(knobs, "check"):
+            knobs.check(section)
 
 
 def to_dict(obj: Any) -> dict:
@@ -431,7 +292,7 @@ def to_dict(obj: Any) -> dict:
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    """{'ppo': {'beta': 0.1}} -> {'ppo.beta': 0.1}: the MLflow params and CSV columns."""
+    """{'rm': {'lr': 0.1}} -> {'rm.lr': 0.1}: the MLflow params and CSV columns."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"

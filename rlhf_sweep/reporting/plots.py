@@ -26,6 +26,8 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 
+from rlhf_sweep.config import algorithms  # noqa: E402
+
 DPI = 120
 BETA_CMAP = "viridis"
 BON_COLOR = "#c0392b"  # best-of-n baseline: one color in every figure
@@ -225,7 +227,7 @@ def overoptimization(curves: list[dict], bon: dict | None, path: str | Path, tit
     return save(fig, path)
 
 
-ALGO_COLORS = {"ppo": "C0", "rloo": "C1", "grpo": "C2", "dpo": "C4", "ipo": "C9", "bon": BON_COLOR}
+ALGO_COLORS = algorithms.colors()  # the registry's; an algorithm it does not know is drawn grey
 
 
 def algorithms(points: dict[str, pd.DataFrame], fits: dict[str, object], path: str | Path, baseline: pd.DataFrame | None = None,

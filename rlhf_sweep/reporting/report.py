@@ -28,6 +28,7 @@ import optuna
 import pandas as pd
 from optuna.trial import TrialState
 
+from rlhf_sweep.config import algorithms
 from rlhf_sweep.maths import gao, hypervolume
 from rlhf_sweep.reporting import kl_penalties
 from rlhf_sweep.run import layout, preflight
@@ -104,8 +105,8 @@ def non_dominated(kl: np.ndarray, value: np.ndarray) -> np.ndarray:
     return out
 
 
-# each algorithm's KL knob, as its runs record it in their metrics (IPO's is DPO's beta, best-of-n's is n)
-ALGO_KNOB = {"ppo": "ppo/beta", "rloo": "rloo/beta", "grpo": "grpo/beta", "dpo": "dpo/beta", "ipo": "dpo/beta", "bon": "bon/n"}
+# each algorithm's KL knob, as its runs record it in their metrics (the registry's cards)
+ALGO_KNOB = algorithms.knob_metrics()
 
 
 def _beta(t) -> float:

@@ -1,14 +1,17 @@
-"""One trial, end to end: world -> SFT reference -> labeled pairs -> RM -> PPO (or `algo`'s trainer) -> evaluation.
+"""One trial, end to end: world -> SFT reference -> labeled pairs -> RM -> the algorithm -> evaluation.
 
-`run(cfg)` is what `rlhf-sweep run` and every sweep trial call; `train_policy` is the one place that
-picks the trainer (ppo, rloo, grpo, dpo/ipo), and best-of-n (`algo=bon`) replaces training and
-evaluation with bon.evaluate_bon. The reference
-and the RM are cached under `cache_dir` by a hash of exactly the config that
-determines each, so a run that changes only PPO knobs reuses both.
+`run_config` is what `rlhf-sweep run`, every sweep trial and every compare-fixes arm call. The algorithm is
+`cfg.algo`'s card in the registry (config/algorithms.py): `algorithm_module` imports the module it names,
+`train_policy` hands its `train` a copy of the reference, and an algorithm that trains nothing replaces
+training and evaluation with its module's `evaluate`. The reference and the RM are cached under
+`cache_dir` by a hash of exactly the config that determines each, so a run that changes only the
+algorithm's knobs reuses both.
 """
 
 from __future__ import annotations
 
+import importlib
+import math
 import os
 import sys
 import time
@@ -20,27 +23,26 @@ import numpy as np
 import torch
 
 from rlhf_sweep import __version__
+from rlhf_sweep.config import algorithms
+from rlhf_sweep.config.algorithms import Algorithm
 from rlhf_sweep.config.compose import compose
 from rlhf_sweep.config.schema import Config, ModelConfig, config_hash, rm_model, to_dict
 from rlhf_sweep.evaluation.metrics import advantage_record, advantage_stats_from, diagnose, evaluate, rm_filler_curve
 from rlhf_sweep.evaluation.verdicts import not_applicable, observations
 from rlhf_sweep.maths import kl as klmod
-from rlhf_sweep.models.lm import PolicyWithValue, build_lm, train_sft
+from rlhf_sweep.models.lm import build_lm, train_sft
 from rlhf_sweep.models.reward import EnsembleRM, RewardModel, calibrate, collect_pairs, pair_accuracy, train_rm
 from rlhf_sweep.run import layout
 from rlhf_sweep.simulation.world import PROMPT_LEN, World, WorldCheckError, describe_world
-from rlhf_sweep.training.bon import evaluate_bon
-from rlhf_sweep.training.dpo import LOSS_TYPES, train_dpo
-from rlhf_sweep.training.grpo import train_grpo
-from rlhf_sweep.training.ppo import train_ppo
-from rlhf_sweep.training.rloo import train_rloo
+from rlhf_sweep.training.core import AlgorithmInputs
 from rlhf_sweep.utils.runtime import cores, file_lock
 
 # bump when the code of the world, SFT or RM changes what a cached artefact would hold
 CACHE_VERSION = 3
 
-# independent random streams per stage, so that PPO knobs never change the SFT or RM data
-STREAMS = {"sft": 1, "pairs": 2, "rm": 3, "ppo": 4, "eval": 5}
+# independent random streams per stage, so that an algorithm's knobs never change the SFT or RM data;
+# "policy" is the training stream of whichever algorithm trains
+STREAMS = {"sft": 1, "pairs": 2, "rm": 3, "policy": 4, "eval": 5}
 
 
 def pick_device(name: str) -> torch.device:
@@ -196,11 +198,9 @@ def cached_tensors(path: Path, make) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def bon_key(cfg: Config, device: torch.device) -> str:
-    """The cache key of best-of-n's reference samples and RM scores: the reference and RM (their keys),
-    the held-out prompts (seed, eval.n_prompts) and samples per prompt; not n."""
-    rm = ensemble_key(cfg, device) if cfg.rm.ensemble_size > 1 else rm_key(cfg, device)
-    return "bonsamples-" + config_hash(rm, cfg.seed, cfg.eval.n_prompts, cfg.bon.samples_per_prompt)
+def reward_model_key(cfg: Config, device: torch.device) -> str:
+    """The cache key of the RM a run optimizes against: the single RM's, or the ensemble's calibration's."""
+    return ensemble_key(cfg, device) if cfg.rm.ensemble_size > 1 else rm_key(cfg, device)
 
 
 def freeze(module: torch.nn.Module) -> None:
@@ -322,31 +322,38 @@ def get_reward_model(cfg: Config, world: World, ref: torch.nn.Module, device: to
     return ens, info
 
 
-# the history and metric prefix of each algorithm's own statistics (IPO is DPO's trainer)
-PREFIX = {"ppo": "ppo", "rloo": "rloo", "grpo": "grpo", "dpo": "dpo", "ipo": "dpo", "bon": "bon"}
+def algorithm_module(card: Algorithm):
+    """The module that runs `card`'s algorithm, imported by the dotted path its card names."""
+    try:
+        return importlib.import_module(card.module)
+    except ImportError as e:
+        raise RuntimeError(f"algo={card.name}: its module {card.module} does not import ({type(e).__name__}: {e})") from None
+
+
+def algorithm_inputs(cfg: Config, card: Algorithm, world: World, ref: torch.nn.Module, rm, device: torch.device, stream: str,
+                     policy_lm: torch.nn.Module | None = None, on_iteration=None) -> AlgorithmInputs:
+    """What the algorithm's module gets: the run, its knobs, the models, the `stream` and the pipeline's caches."""
+    rng, gen = streams(cfg.seed, stream, device)
+    return AlgorithmInputs(
+        cfg=cfg, knobs=getattr(cfg, card.section) if card.section else None, world=world, ref=ref, rm=rm, device=device,
+        rng=rng, gen=gen, policy_lm=policy_lm, on_iteration=on_iteration or (lambda _i, _entry, _batch: None),
+        labeled_pairs=lambda: labeled_pairs(cfg, world, ref, device)[0],
+        cached_tensors=lambda name, make: cached_tensors(Path(cfg.cache_dir) / f"{name}.pt", make),
+        rm_key=reward_model_key(cfg, device))
 
 
 def train_policy(cfg: Config, world: World, ref: torch.nn.Module, rm, device: torch.device,
                  on_iteration) -> tuple[torch.nn.Module, list[dict]]:
-    """The one place that picks the trainer (cfg.algo): the policy starts as a copy of the reference and
-    trains on the training stream; returns the policy LM and one history entry per iteration."""
+    """Train cfg.algo's policy: it starts as a copy of the reference and trains on the policy stream;
+    returns the policy LM and one history entry per iteration."""
+    card = algorithms.get(cfg.algo)
+    if not card.trains:
+        raise ValueError(f"algo={card.name} trains nothing (its module evaluates itself); train_policy runs algorithms that train")
     max_len = PROMPT_LEN + cfg.world.max_new_tokens
     policy_lm = build_lm(cfg.model, world.vocab.size, max_len).to(device)
     policy_lm.load_state_dict(ref.state_dict())
-    if cfg.algo == "ppo":
-        policy = PolicyWithValue(policy_lm, cfg.model.n_embd).to(device)
-        rng, gen = streams(cfg.seed, "ppo", device)
-        return policy.lm, train_ppo(policy, ref, rm, world, cfg.ppo, rng, gen, device, cfg.progress, on_iteration)
-    rng, gen = streams(cfg.seed, "ppo", device)  # the training stream, whichever algorithm trains
-    if cfg.algo == "rloo":
-        return policy_lm, train_rloo(policy_lm, ref, rm, world, cfg.rloo, rng, gen, device, cfg.progress, on_iteration)
-    if cfg.algo == "grpo":
-        return policy_lm, train_grpo(policy_lm, ref, rm, world, cfg.grpo, rng, gen, device, cfg.progress, on_iteration)
-    if cfg.algo in LOSS_TYPES:  # dpo, ipo: offline on the RM's own labeled pairs
-        pairs, _ = labeled_pairs(cfg, world, ref, device)
-        return policy_lm, train_dpo(policy_lm, ref, rm, world, pairs, cfg.dpo, LOSS_TYPES[cfg.algo], rng, gen, device,
-                                    cfg.progress, on_iteration)
-    raise ValueError(f"algo={cfg.algo!r} trains nothing here; algo accepts ppo | rloo | grpo | dpo | ipo | bon")
+    inputs = algorithm_inputs(cfg, card, world, ref, rm, device, "policy", policy_lm, on_iteration)
+    return algorithm_module(card).train(inputs)
 
 
 def n_params(module: torch.nn.Module) -> int:
@@ -394,7 +401,8 @@ def run(cfg: Config, say=print) -> dict:
         if problems:  # a draw range that makes a broken world: never run on it
             raise WorldCheckError(f"world.draw={cfg.world.draw}: " + "; ".join(problems))
     timer = Timer()
-    penalty = klmod.penalty(cfg.ppo.kl_estimator, cfg.ppo.kl_in) if cfg.algo == "ppo" else None
+    card = algorithms.get(cfg.algo)
+    penalty = card.penalty(cfg) if card.penalty is not None else None
     if penalty is not None and klmod.warning(penalty):
         say(klmod.warning(penalty))
 
@@ -403,43 +411,42 @@ def run(cfg: Config, say=print) -> dict:
     with timer.stage("rm"):
         rm, rm_info = get_reward_model(cfg, world, ref, device, say)
     adv_records = []  # raw per-iteration numbers behind the advantage diagnosis (samples.pt)
-    if cfg.algo == "bon":  # nothing to train: the evaluation is the algorithm
+    if not card.trains:  # nothing to train: the evaluation is the algorithm
         with timer.stage("eval"):
-            rng, gen = streams(cfg.seed, "eval", device)
-            path = Path(cfg.cache_dir) / f"{bon_key(cfg, device)}.pt"
-            metrics, samples, history = evaluate_bon(ref, rm, world, cfg.bon, cfg.eval.n_prompts, cfg.eval.confidence, rng,
-                                                     gen, device, cfg.progress, lambda make: cached_tensors(path, make))
+            inputs = algorithm_inputs(cfg, card, world, ref, rm, device, "eval")
+            metrics, samples, history = algorithm_module(card).evaluate(inputs)
     else:
         def on_iteration(_i: int, entry: dict, batch: dict) -> None:
-            if "advantages" in batch:  # DPO has none
+            if "advantages" in batch:  # an offline algorithm has none
                 adv_records.append(advantage_record(world, batch))
-                entry.update({k.replace("ppo/", f"{PREFIX[cfg.algo]}/", 1): v for k, v in advantage_stats_from(adv_records[-1]).items()})
+                # under the algorithm's own prefix (advantage_stats_from names them as PPO's history does)
+                entry.update({f"{card.prefix}/{k.split('/', 1)[1]}": v for k, v in advantage_stats_from(adv_records[-1]).items()})
 
         with timer.stage(cfg.algo):  # the training stage's timing key: ppo, rloo, ...
             policy_lm, history = train_policy(cfg, world, ref, rm, device, on_iteration)
         with timer.stage("eval"):
             rng, gen = streams(cfg.seed, "eval", device)
-            temperature = cfg.ppo.temperature if cfg.algo == "ppo" else 1.0  # PPO evaluates the distribution it sampled from
+            # an algorithm whose card says so is evaluated on the distribution it sampled from
+            temperature = getattr(cfg, card.section).temperature if card.eval_at_temperature else 1.0
             metrics, samples = evaluate(policy_lm, ref, rm, world, cfg.eval.n_prompts, cfg.eval.confidence, rng, gen, device,
                                         temperature)
     with timer.stage("eval"):
         metrics["rm/acc_labels"] = rm_info["rm/acc_labels"]
         metrics["rm/acc_gold"] = rm_info["rm/acc_gold"]
-        prefix = PREFIX[cfg.algo]
-        if cfg.algo == "ppo":
-            for k in ("ppo/beta", "ppo/clipfrac", "ppo/approx_kl", "ppo/entropy", "ppo/value_loss"):
+        prefix = card.prefix
+        if card.final_metrics:
+            for k in card.final_metrics:
                 metrics[k] = history[-1][k]
-        else:  # the trainer's own final statistics (bon's are in its metrics already)
+        else:  # the algorithm's own final statistics (one that evaluates itself has them in its metrics already)
             metrics.update({k: v for k, v in history[-1].items() if k.startswith(f"{prefix}/") and k not in metrics})
-        final_beta = history[-1][f"{prefix}/beta"] if cfg.algo != "bon" else float("nan")
+        final_beta = history[-1].get(f"{prefix}/beta", math.nan) if card.trains else math.nan
         obs = observations(metrics, history, final_beta, cfg.eval.trend_window, cfg.eval.trend_alpha,
                            cfg.eval.trend_min_growth)
-        if cfg.algo == "bon":
-            obs["kl_increasing"] = not_applicable("best-of-n trains nothing, so no KL grows over iterations: its KL is set "
-                                                  f"by n (exact {metrics['kl/exact']:.3g} nats, bound {metrics['kl/bon_bound']:.3g})")
-        if cfg.algo in ("dpo", "ipo"):
-            obs["rm_prefers_policy"]["judge"] = ("the RM trained on the same labeled pairs, which DPO never queried: "
-                                                 "a proxy like the one an RL team would have optimized")
+        if not card.trains:
+            obs["kl_increasing"] = not_applicable(card.kl_trend_note(metrics) if card.kl_trend_note else
+                                                  f"algo={card.name} trains nothing, so no KL grows over iterations")
+        if card.judge:
+            obs["rm_prefers_policy"]["judge"] = card.judge
         # the RM's shape beyond the reference's filler counts; deterministic, draws no random numbers
         ood = rm_filler_curve(rm, world, samples["prompts"], samples["ref"], device)
         diag = diagnose(metrics, samples, history, final_beta, ood, prefix)

@@ -14,7 +14,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from rlhf_sweep.config.schema import ALGO_SECTIONS
+from rlhf_sweep.config.algorithms import algo_sections
 from rlhf_sweep.run import layout, pipeline, tracking
 from rlhf_sweep.study.spec import StudySpec, config_override, trial_spec
 from rlhf_sweep.study.storage import open_storage
@@ -25,7 +25,7 @@ BASELINE_N = 256  # its history walks best-of-n' for n' = 1, 2, 4, ..., 256
 def baseline_overrides(spec: StudySpec, seed: int) -> list[str]:
     """`algo=bon` on the study's fixed config: the same world, reference, RM and held-out evaluation as its
     trials (a fixed `algo` and that algorithm's own knobs are left out: best-of-n trains nothing)."""
-    keep = {k: v for k, v in spec.fixed.items() if k != "algo" and k.split(".")[0] not in ALGO_SECTIONS}
+    keep = {k: v for k, v in spec.fixed.items() if k != "algo" and k.split(".")[0] not in algo_sections()}
     return [config_override(k, v) for k, v in {**keep, "algo": "bon", "bon.n": BASELINE_N,
                                                "bon.samples_per_prompt": BASELINE_N, "seed": seed}.items()]
 

@@ -1,7 +1,8 @@
 """Best-of-n as an algorithm: the RM picks the best of n reference samples; nothing is trained.
 
-`evaluate_bon` is the held-out evaluation of the best-of-n policy on the same prompts and with the
-same metric keys as `evaluate.evaluate` (RM score, gold, win rates, length, filler, KL):
+`evaluate_bon` (run by `evaluate`, this algorithm's entry point) is the held-out evaluation of the
+best-of-n policy on the same prompts and with the same metric keys as `evaluation.metrics.evaluate`
+(RM score, gold, win rates, length, filler, KL):
 - each held-out prompt gets `samples_per_prompt` (M >= n) reference samples;
 - the policy's metrics are the unbiased best-of-n estimates over them (gao.bon_estimate: the RM's
   choice among n samples, averaged over every n-subset of the M), the reference's their plain means,
@@ -25,12 +26,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from rlhf_sweep.config.schema import BoNConfig
+from rlhf_sweep.config.algorithms import BoNConfig
+from rlhf_sweep.config.schema import config_hash
 from rlhf_sweep.maths import gao
 from rlhf_sweep.maths.stats import mean_ci
 from rlhf_sweep.models.lm import response_mask, sample
 from rlhf_sweep.models.reward import RewardModel, score
 from rlhf_sweep.simulation.world import World
+from rlhf_sweep.training.core import AlgorithmInputs
 
 SAMPLE_CHUNK = 4096  # sequences per sampling call
 
@@ -81,7 +84,7 @@ def evaluate_bon(
     cache(make) returns the reference samples and their RM scores, calling make() only when they are not
     stored yet (pipeline passes one keyed by the reference, the RM, the seed, the prompts and M)."""
     T, M, n = world.cfg.max_new_tokens, cfg.samples_per_prompt, cfg.n
-    prompts = world.sample_prompts(n_prompts, rng)  # the held-out prompts of evaluate.evaluate (same stream, first draw)
+    prompts = world.sample_prompts(n_prompts, rng)  # the held-out prompts of evaluation.metrics.evaluate (same stream, first draw)
     rep = prompts.repeat_interleave(M, 0)
 
     def make() -> dict[str, torch.Tensor]:
@@ -149,3 +152,16 @@ def evaluate_bon(
     samples = {"prompts": prompts, "policy": responses[pick], "ref": responses[first],
                "P": {k: v[pick] for k, v in one.items()}, "R": {k: v[first] for k, v in one.items()}, "kl": None}
     return m, samples, history
+
+
+def samples_key(x: AlgorithmInputs) -> str:
+    """The cache name of best-of-n's reference samples and RM scores: the reference and RM (the RM's key),
+    the held-out prompts (seed, eval.n_prompts) and samples per prompt; not n."""
+    return "bonsamples-" + config_hash(x.rm_key, x.cfg.seed, x.cfg.eval.n_prompts, x.knobs.samples_per_prompt)
+
+
+def evaluate(x: AlgorithmInputs) -> tuple[dict[str, float], dict, list[dict[str, float]]]:
+    """`algo=bon`: the held-out evaluation of best-of-n on the evaluation stream (nothing to train)."""
+    key = samples_key(x)
+    return evaluate_bon(x.ref, x.rm, x.world, x.knobs, x.cfg.eval.n_prompts, x.cfg.eval.confidence, x.rng, x.gen, x.device,
+                        x.cfg.progress, lambda make: x.cached_tensors(key, make))

@@ -1,17 +1,43 @@
-"""What every policy trainer shares: masked means, the clipped-ratio surrogate terms, token entropies,
-sampling a batch and scoring it with the RM and the gold score, and the per-batch statistics every
-history entry carries. The algorithms (ppo, rloo, grpo, dpo, bon) import from here, never from each other.
+"""What every algorithm shares: `AlgorithmInputs` (what the pipeline hands an algorithm module's `train` or
+`evaluate`), masked means, the clipped-ratio surrogate terms, token entropies, sampling a batch and scoring
+it with the RM and the gold score, and the per-batch statistics every history entry carries. The algorithm
+modules of this package import from here, never from each other.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 from torch import nn
 
+from rlhf_sweep.config.schema import Config
 from rlhf_sweep.maths import kl as klmod
 from rlhf_sweep.models.lm import lm_logits, response_logits, response_mask, sample, token_logprobs
-from rlhf_sweep.models.reward import RewardModel
+from rlhf_sweep.models.reward import Pairs, RewardModel
 from rlhf_sweep.simulation.world import World
+
+
+@dataclass
+class AlgorithmInputs:
+    """What the pipeline hands an algorithm module: `train(inputs) -> (policy LM, history)`, or, for one that
+    trains nothing, `evaluate(inputs) -> (metrics, samples, history)` (config/algorithms.py)."""
+
+    cfg: Config
+    knobs: object  # the algorithm's knobs section of cfg (its Algorithm card's `section`)
+    world: World
+    ref: nn.Module  # the frozen SFT reference
+    rm: nn.Module  # the frozen reward model (or ensemble) that the algorithm optimizes against
+    device: torch.device
+    rng: np.random.Generator  # train: the run's policy stream; evaluate: its evaluation stream
+    gen: torch.Generator
+    policy_lm: nn.Module | None  # train: a trainable copy of the reference, to return trained; evaluate: None
+    on_iteration: Callable[[int, dict, dict], None]  # (iteration, history entry, batch) after each entry
+    labeled_pairs: Callable[[], Pairs]  # the RM's labeled training pairs, drawn when called (offline algorithms)
+    cached_tensors: Callable[[str, Callable[[], dict]], dict]  # (name, make): make()'s tensors, kept under cache_dir by name
+    rm_key: str  # the RM's cache key, to key what is derived from the RM
 
 
 # ----- the maths: pure functions -------------------------------------------------------------

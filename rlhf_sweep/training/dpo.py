@@ -1,6 +1,6 @@
 """DPO and IPO: direct alignment on the labeled pairs, no RM in the loop (offline).
 
-The data are the very pairs the RM is trained on (pipeline.labeled_pairs: the same labelers, the same
+The data are the very pairs the RM is trained on (run.pipeline.labeled_pairs: the same labelers, the same
 length and filler bias), chosen/rejected by the labelers' choice; the frozen SFT reference is the
 reference. With s(y) = sum_t log pi(y_t) - log ref(y_t) over the response (EOS included):
   DPO (Rafailov et al. 2023, eq. 7; TRL loss_type="sigmoid"):
@@ -27,11 +27,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from rlhf_sweep.config.schema import DPOConfig
+from rlhf_sweep.config.algorithms import DPOConfig
 from rlhf_sweep.models.lm import lm_logits, response_logits, response_mask, token_logprobs
 from rlhf_sweep.models.reward import Pairs, RewardModel
 from rlhf_sweep.simulation.world import World
-from rlhf_sweep.training.core import sample_and_score, sample_stats
+from rlhf_sweep.training.core import AlgorithmInputs, sample_and_score, sample_stats
 
 LOSS_TYPES = {"dpo": "sigmoid", "ipo": "ipo"}  # algo -> TRL's loss_type
 
@@ -135,3 +135,10 @@ def train_dpo(
             on_iteration(it, entry, cpu)
         bar.set_postfix(rm=f"{entry['rm']:.2f}", gold=f"{entry['gold']:.2f}", kl=f"{entry['kl/exact']:.2f}")
     return history
+
+
+def train(x: AlgorithmInputs) -> tuple[nn.Module, list[dict[str, float]]]:
+    """`algo=dpo` and `algo=ipo`: offline on the RM's own labeled pairs, with the loss the algorithm names."""
+    pairs = x.labeled_pairs()
+    return x.policy_lm, train_dpo(x.policy_lm, x.ref, x.rm, x.world, pairs, x.knobs, LOSS_TYPES[x.cfg.algo], x.rng, x.gen, x.device,
+                                  x.cfg.progress, x.on_iteration)

@@ -6,7 +6,7 @@ per completion; a per-sequence advantage from the group (the trainer's own rule:
 grpo.py); then `num_iterations` passes (TRL's mu) over the batch, each shuffled once per
 generation and split into `steps_per_generation` optimizer steps, as TRL's trainers do.
 The per-step loss is the trainer's; its statistics are averaged into the history entry, which
-also carries the keys every trainer shares (ppo.sample_stats).
+also carries the keys every trainer shares (core.sample_stats).
 """
 
 from __future__ import annotations

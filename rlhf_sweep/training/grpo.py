@@ -1,5 +1,5 @@
 """GRPO: group-relative advantages and a per-token clipped ratio (Shao et al. 2024, DeepSeekMath), as TRL
-1.16's GRPOTrainer computes it, with the KL term of the KL-penalty machinery (kl.py).
+1.16's GRPOTrainer computes it, with the KL term of the KL-penalty machinery (maths/kl.py).
 
 For G = num_generations completions of one prompt with rewards r_1..r_G (groups.py samples them):
   A_i = (r_i - mean(r)) / (std(r) + 1e-4)        Shao et al. sec. 4.1.2 (outcome supervision); TRL adds 1e-4
@@ -25,11 +25,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from rlhf_sweep.config.schema import GRPOConfig
+from rlhf_sweep.config.algorithms import GRPOConfig
 from rlhf_sweep.maths import kl as klmod
 from rlhf_sweep.models.reward import RewardModel
 from rlhf_sweep.simulation.world import World
-from rlhf_sweep.training.core import masked_mean, surrogate_terms
+from rlhf_sweep.training.core import AlgorithmInputs, masked_mean, surrogate_terms
 from rlhf_sweep.training.groups import train_groups
 
 
@@ -123,3 +123,8 @@ def train_grpo(
         return loss, {"clipfrac": clipfrac.item()}
 
     return train_groups("grpo", lm, ref, rm, world, cfg, advantages, loss_fn, rng, gen, device, progress, on_iteration)
+
+
+def train(x: AlgorithmInputs) -> tuple[nn.Module, list[dict[str, float]]]:
+    """`algo=grpo`: the policy LM trained on the policy stream."""
+    return x.policy_lm, train_grpo(x.policy_lm, x.ref, x.rm, x.world, x.knobs, x.rng, x.gen, x.device, x.cfg.progress, x.on_iteration)

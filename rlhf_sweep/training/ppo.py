@@ -8,7 +8,7 @@ the clipped surrogate plus a clipped value loss. The KL penalty sees only the
 log-probabilities of the sampled tokens (unless kl_estimator=exact), and its
 sequence total grows with length: that is what `kl/exact` and friends measure.
 
-Where the penalty goes is `ppo.kl_in` (kl.PENALTIES declares what each choice's gradient
+Where the penalty goes is `ppo.kl_in` (maths/kl.py: kl.PENALTIES declares what each choice's gradient
 is): inside the return (`kl_rewards`), as a loss term (`kl_loss`), or both. One beta for
 all: the PPO loss is a token mean of whitened advantages, so a charge of beta per nat in
 the return reaches the gradient as beta x (tokens per minibatch)^-1 x (whitening factor);
@@ -26,12 +26,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from rlhf_sweep.config.schema import PPOConfig
+from rlhf_sweep.config.algorithms import PPOConfig
 from rlhf_sweep.maths import kl as klmod
 from rlhf_sweep.models.lm import PolicyWithValue, response_logits
 from rlhf_sweep.models.reward import RewardModel
 from rlhf_sweep.simulation.world import PROMPT_LEN, World
-from rlhf_sweep.training.core import entropy_from_logprobs, masked_mean, sample_and_score, sample_stats, surrogate_terms
+from rlhf_sweep.training.core import AlgorithmInputs, entropy_from_logprobs, masked_mean, sample_and_score, sample_stats, surrogate_terms
 
 
 def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
@@ -272,3 +272,9 @@ def train_ppo(
             beta = klmod.adaptive_beta(beta, entry["kl/penalty"], cfg.target_kl, cfg.batch_size, cfg.horizon)
         bar.set_postfix(rm=f"{entry['rm']:.2f}", gold=f"{entry['gold']:.2f}", kl=f"{entry['kl/exact']:.2f}")
     return history
+
+
+def train(x: AlgorithmInputs) -> tuple[nn.Module, list[dict[str, float]]]:
+    """`algo=ppo`: the policy with a value head, trained on the policy stream."""
+    policy = PolicyWithValue(x.policy_lm, x.cfg.model.n_embd).to(x.device)
+    return policy.lm, train_ppo(policy, x.ref, x.rm, x.world, x.knobs, x.rng, x.gen, x.device, x.cfg.progress, x.on_iteration)

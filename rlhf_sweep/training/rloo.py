@@ -21,11 +21,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from rlhf_sweep.config.schema import RLOOConfig
+from rlhf_sweep.config.algorithms import RLOOConfig
 from rlhf_sweep.maths import kl as klmod
 from rlhf_sweep.models.reward import RewardModel
 from rlhf_sweep.simulation.world import World
-from rlhf_sweep.training.core import masked_mean, surrogate_terms
+from rlhf_sweep.training.core import AlgorithmInputs, masked_mean, surrogate_terms
 from rlhf_sweep.training.groups import train_groups
 
 
@@ -93,3 +93,8 @@ def train_rloo(
         return loss, {"clipfrac": clipfrac.item()}
 
     return train_groups("rloo", lm, ref, rm, world, cfg, advantages, loss_fn, rng, gen, device, progress, on_iteration)
+
+
+def train(x: AlgorithmInputs) -> tuple[nn.Module, list[dict[str, float]]]:
+    """`algo=rloo`: the policy LM trained on the policy stream."""
+    return x.policy_lm, train_rloo(x.policy_lm, x.ref, x.rm, x.world, x.knobs, x.rng, x.gen, x.device, x.cfg.progress, x.on_iteration)
