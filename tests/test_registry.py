@@ -211,9 +211,9 @@ NAMED_ELSEWHERE = {
     # ppo is the default algorithm: its section (conf/ppo/) is in every config, and its names are the summary
     # format's (diagnosis["ppo"], config["ppo"], the ppo.beta column), which the readers and the CLI's run table read
     "ppo": {"reporting/report.py", "reporting/explain.py", "reporting/world_studies.py", "evaluation/metrics.py", "app/cli.py"},
-    # the study's baseline is best-of-n by design (report.py reads its runs and fits Gao et al.'s best-of-n
-    # form to them); maths/gao.py's "bon" names that functional form, not the algorithm
-    "bon": {"reporting/report.py", "maths/gao.py"},
+    # the study's baseline is best-of-n by design (study/baselines.py runs it, report.py reads its runs and fits
+    # Gao et al.'s best-of-n form to them); maths/gao.py's "bon" names that functional form, not the algorithm
+    "bon": {"study/baselines.py", "reporting/report.py", "maths/gao.py"},
 }
 QUOTED = re.compile(r"""["'](ppo|rloo|grpo|dpo|ipo|bon)["']""")
 
