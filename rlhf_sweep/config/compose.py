@@ -122,6 +122,8 @@ PRINT_ONLY_FLAGS = ("--cfg", "-c", "--info", "-i", "--help", "-h", "--hydra-help
 
 @dataclass
 class HydraCommandLine:
+    """`rlhf-sweep run`'s arguments as Hydra reads them."""
+
     argv: list[str]  # for Hydra: the user's config directories joined to hydra.searchpath
     overrides: list[str]  # the config's own overrides (hydra.* and hydra/* left out)
     searchpath: list[str]  # the hydra.searchpath override, with the user's config directories
