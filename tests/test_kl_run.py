@@ -15,7 +15,7 @@ from rlhf_sweep.config.schema import ModelConfig, PPOConfig, WorldConfig
 from rlhf_sweep.models.lm import PolicyWithValue, build_lm, lm_logits, response_logits, sample
 from rlhf_sweep.models.reward import RewardModel
 from rlhf_sweep.reporting import explain
-from rlhf_sweep.run import pipeline
+from rlhf_sweep.run import pipeline, tracking
 from rlhf_sweep.simulation.world import PROMPT_LEN, World
 from rlhf_sweep.training import ppo
 
@@ -109,11 +109,10 @@ def test_a_biased_penalty_warns_once_and_is_tagged(biased_run, tmp_path):
     assert on_disk["config"]["kl/gradient"] == "biased" and on_disk["tags"] == {"kl/gradient": "biased"}
     # what the penalty charged is its own estimator's sequence sum: k3 here
     assert [h["kl/penalty"] for h in on_disk["history"]] == [h["kl/k3"] for h in on_disk["history"]]
-    from rlhf_sweep.run import tracking
-
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    run_id = tracking.log_run(uri, "kl-tags", on_disk, None, name="biased")
-    assert tracking.client_for(uri).get_run(run_id).data.tags["kl/gradient"] == "biased"
+    client = tracking.client_for(uri)
+    run_id = tracking.log_finished(client, tracking.experiment_id(client, "kl-tags", uri), on_disk, None, name="biased")
+    assert client.get_run(run_id).data.tags["kl/gradient"] == "biased"
 
 
 def test_the_default_penalty_is_unbiased_and_silent(cache):

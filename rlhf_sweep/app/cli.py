@@ -30,6 +30,7 @@ ones; or RLHF_SWEEP_STUDIES_DIR).
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import sys
@@ -37,16 +38,30 @@ from collections import Counter
 from pathlib import Path
 
 from rlhf_sweep.config import algorithms
-from rlhf_sweep.config.compose import CONF_DIR, compose, load_config
-from rlhf_sweep.config.paths import CONFIG_DIR_ENV, STUDIES_DIR_ENV, PathsError, add_user_dir, with_user_config_dirs
+from rlhf_sweep.config.compose import compose, hydra_command_line, hydra_run_dir, load_config, run_under_hydra
+from rlhf_sweep.config.paths import CONFIG_DIR_ENV, STUDIES_DIR_ENV, PathsError, add_user_dir
 from rlhf_sweep.config.schema import ConfigError
-from rlhf_sweep.run import layout
-from rlhf_sweep.study.spec import StudyError
-from rlhf_sweep.study.storage import HEARTBEAT_S, load_study, quiet, study_name
+from rlhf_sweep.run import layout, preflight, tracking
+from rlhf_sweep.utils.lazy import lazy_import
 from rlhf_sweep.utils.runtime import quiet_libraries
 from rlhf_sweep.utils.tables import fmt, format_table
 
-USAGE = __doc__
+# Imported on first use: `rlhf-sweep --help` and a bad config answer at once, and each command pays only for
+# what it runs (torch for a trial, matplotlib for figures, Optuna for studies).
+pipeline = lazy_import("rlhf_sweep.run.pipeline")
+spec = lazy_import("rlhf_sweep.study.spec")
+catalog = lazy_import("rlhf_sweep.study.catalog")
+storage = lazy_import("rlhf_sweep.study.storage")
+journal = lazy_import("rlhf_sweep.study.journal")
+dryrun = lazy_import("rlhf_sweep.study.dryrun")
+sweep = lazy_import("rlhf_sweep.study.sweep")
+report = lazy_import("rlhf_sweep.reporting.report")
+explain = lazy_import("rlhf_sweep.reporting.explain")
+plots = lazy_import("rlhf_sweep.reporting.plots")
+compare = lazy_import("rlhf_sweep.fixes.compare")
+ui = lazy_import("rlhf_sweep.app.ui")
+
+USAGE = __doc__  # the module docstring is what `rlhf-sweep --help` prints
 
 
 def fail(msg: str, code: int = 2) -> None:
@@ -128,8 +143,6 @@ def _why(d: dict) -> str:
 def _trajectory_figure(summary: dict, cfg) -> str | None:
     """trajectory.png beside summary.json; a plotting problem costs the figure, never the run."""
     try:
-        from rlhf_sweep.reporting import plots
-
         title = algorithms.get(cfg.algo).title(cfg)
         return plots.trajectory(summary["history"], layout.trajectory_path(cfg.run_dir), title=title)
     except Exception as e:
@@ -138,16 +151,13 @@ def _trajectory_figure(summary: dict, cfg) -> str | None:
 
 
 def _run_trial(raw) -> None:
-    """Body of `rlhf-sweep run` under hydra.main: validate, run, log, print."""
-    from hydra.core.hydra_config import HydraConfig
-
-    from rlhf_sweep.run import pipeline, tracking
-
+    """One job of `rlhf-sweep run`, run by Hydra (config.compose.run_under_hydra): validate, run, log, print.
+    Hydra names the job after this file (cli.log in the run directory)."""
     try:
         cfg = load_config(raw)
     except ConfigError as e:
         fail(str(e))
-    run_dir = HydraConfig.get().runtime.output_dir
+    run_dir = hydra_run_dir()
     print(f"run directory: {run_dir}")
     try:
         cfg, summary = pipeline.run_config(cfg, run_dir)
@@ -170,58 +180,25 @@ def _run_trial(raw) -> None:
 
 
 def cmd_run(argv: list[str]) -> None:
-    import hydra
-
-    multirun = any(a in ("-m", "--multirun") for a in argv)
-    flags = {"--cfg", "-c", "--package", "-p", "--info", "-i", "--resolve"}
-    info_topics = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}  # --info's optional value
-    overrides, skip, first = [], False, None
-    for i, a in enumerate(argv):
-        if skip:
-            skip = False
-            continue
-        if a in flags:
-            skip = a in ("--cfg", "-c", "--package", "-p") or (a in ("--info", "-i") and i + 1 < len(argv) and argv[i + 1] in info_topics)
-            continue
-        if a.startswith("-"):
-            continue
-        first = i if first is None else first
-        if not (a.startswith("hydra.") or a.startswith("hydra/")):
-            overrides.append(a)
-    # the user's config directories (--config-dir, RLHF_SWEEP_CONFIG_DIR) join any hydra.searchpath given
-    searchpath = [a for a in argv if a.split("=", 1)[0] == "hydra.searchpath"]
+    """`rlhf-sweep run [key=value ...]`: Hydra's own application, after one-line checks of the config,
+    the folders it writes and the tracking store (before Hydra makes a run directory)."""
     try:
-        searchpath = with_user_config_dirs(searchpath)
-    except PathsError as e:
+        command_line = hydra_command_line(argv)
+        if not command_line.multirun:  # a --multirun's sweeps compose job by job: Hydra reports those
+            compose(command_line.overrides + command_line.searchpath)
+    except ConfigError as e:
         fail(str(e))
-    # among the other overrides: Hydra's argparse takes them as one run of positional arguments
-    at = first if first is not None else 0
-    argv = [a for a in argv[:at] if a.split("=", 1)[0] != "hydra.searchpath"] + searchpath + \
-        [a for a in argv[at:] if a.split("=", 1)[0] != "hydra.searchpath"]
-    if not multirun:  # fail on bad input before Hydra makes a run directory, in one line
-        try:
-            compose(overrides + searchpath)
-        except ConfigError as e:
-            fail(str(e))
     quiet_libraries()
-    if not any(a in ("--cfg", "-c", "--info", "-i", "--help", "-h", "--hydra-help") for a in argv):
-        from rlhf_sweep.run import preflight
-
-        try:  # where it writes and the tracking store, before Hydra makes a run directory
-            preflight.check_run(overrides + [a for a in argv if a.startswith(("hydra.", "hydra/"))], multirun)
+    if not command_line.print_only:
+        try:
+            preflight.check_run(command_line.overrides + command_line.hydra_overrides, command_line.multirun)
         except preflight.PreflightError as e:
             fail(str(e))
-    main = hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")(_run_trial)
-    sys.argv = ["rlhf-sweep run", *argv]
-    main()
+    run_under_hydra(_run_trial, command_line.argv)
 
 
 def cmd_sweep(argv: list[str]) -> None:
-    """`rlhf-sweep sweep STUDY ...`: run or resume an Optuna study (rlhf_sweep/sweep.py)."""
-    import argparse
-
-    from rlhf_sweep.study import sweep
-
+    """`rlhf-sweep sweep STUDY ...`: run or resume an Optuna study (study.sweep)."""
     ap = argparse.ArgumentParser(prog="rlhf-sweep sweep", description="Run or resume an Optuna study over config keys; "
                                  "the same command again resumes it.")
     ap.add_argument("study", help="a name in studies/ (e.g. beta_clip_frontier) or a path to a study YAML file")
@@ -232,30 +209,26 @@ def cmd_sweep(argv: list[str]) -> None:
     ap.add_argument("--name", help="study name (default: the file's stem)")
     ap.add_argument("--tracking-uri", help="MLflow tracking URI, e.g. http://mlflow-host:5000 (default: the config's mlflow.tracking_uri)")
     ap.add_argument("--out", help="the study's output directory (default: outputs/studies/NAME)")
-    ap.add_argument("--heartbeat", type=int, default=HEARTBEAT_S, metavar="SECONDS",
+    ap.add_argument("--heartbeat", type=int, default=storage.HEARTBEAT_S, metavar="SECONDS",
                     help="RDB storage: a running trial's heartbeat interval; a trial silent for twice that is failed and "
-                         f"retried (default {HEARTBEAT_S})")
+                         f"retried (default {storage.HEARTBEAT_S})")
     ap.add_argument("--dry-run", action="store_true", help="print the composed search space, objectives, trial count and "
                     "an estimated wall time (from trials measured here), and run nothing")
     a = ap.parse_args(argv)
     quiet_libraries()
     if a.dry_run:
-        from rlhf_sweep.study import dryrun
-
         try:
             print(dryrun.render(dryrun.plan(a.study, n_trials=a.n_trials, workers=a.workers, storage=a.storage,
                                             name=a.name, out=a.out)))
-        except StudyError as e:
+        except spec.StudyError as e:
             fail(str(e))
         return
     try:
         res = sweep.sweep(a.study, n_trials=a.n_trials, workers=a.workers, storage=a.storage, name=a.name,
                           tracking_uri=a.tracking_uri, out=a.out, heartbeat=a.heartbeat)
-    except StudyError as e:
+    except spec.StudyError as e:
         fail(str(e))
     if not res.interrupted and res.n_complete:
-        from rlhf_sweep.reporting import report
-
         report.write_report(res.study_name, res.storage, res.tracking_uri, Path(res.out_dir))
     print(res.table)
     print(f"trials: {res.n_complete} complete, {res.n_failed} failed; {os.path.join(res.out_dir, 'trials.csv')}, "
@@ -268,11 +241,7 @@ def cmd_sweep(argv: list[str]) -> None:
 
 
 def cmd_compare_fixes(argv: list[str]) -> None:
-    """`rlhf-sweep compare-fixes`: arms x seeds against the baseline (rlhf_sweep/fixes.py)."""
-    import argparse
-
-    from rlhf_sweep.fixes import compare
-
+    """`rlhf-sweep compare-fixes`: arms x seeds against the baseline (fixes.compare)."""
     ap = argparse.ArgumentParser(prog="rlhf-sweep compare-fixes", description="Race the fix arms against the baseline, paired by "
                                  "seed, within a budget (resumable: runs already in --out are reused); recommend the two best fixes "
                                  "once they are separated from the rest, or say that no pair is stable; confirm the pair and its "
@@ -309,9 +278,7 @@ def cmd_compare_fixes(argv: list[str]) -> None:
 
 
 def cmd_explain(argv: list[str]) -> None:
-    """`rlhf-sweep explain RUN_DIR`: write RUN_DIR/explain.md (rlhf_sweep/explain.py)."""
-    from rlhf_sweep.reporting import explain
-
+    """`rlhf-sweep explain RUN_DIR`: write RUN_DIR/explain.md (reporting.explain)."""
     if len(argv) != 1 or argv[0].startswith("-"):
         fail("usage: rlhf-sweep explain RUN_DIR (the directory with a run's summary.json)")
     try:
@@ -323,11 +290,7 @@ def cmd_explain(argv: list[str]) -> None:
 
 
 def cmd_report(argv: list[str]) -> None:
-    """`rlhf-sweep report STUDY ...`: a study's figures and report.md (rlhf_sweep/report.py)."""
-    import argparse
-
-    from rlhf_sweep.reporting import report
-
+    """`rlhf-sweep report STUDY ...`: a study's figures and report.md (reporting.report)."""
     ap = argparse.ArgumentParser(prog="rlhf-sweep report", description="Draw a study's figures (Pareto front with the "
                                  "best-of-n baseline, Gao et al. fits, length, importances) and write report.md.")
     ap.add_argument("study", help="a name in studies/, a study YAML path, or the --name the sweep used")
@@ -335,23 +298,21 @@ def cmd_report(argv: list[str]) -> None:
     ap.add_argument("--tracking-uri", help="MLflow tracking URI (default: the one the sweep logged to)")
     ap.add_argument("--out", help="the study's output directory (default: outputs/studies/NAME)")
     a = ap.parse_args(argv)
-    quiet()
+    storage.quiet()
     try:
         path = report.report(a.study, storage=a.storage, tracking_uri=a.tracking_uri, out=a.out)
-    except StudyError as e:
+    except spec.StudyError as e:
         fail(str(e))
     print(f"report: {path}")
 
 
 def cmd_studies(argv: list[str]) -> None:
-    """`rlhf-sweep studies`: the study files a name finds, with their one-line descriptions (study.list_studies)."""
-    from rlhf_sweep.study.catalog import list_studies
-
+    """`rlhf-sweep studies`: the study files a name finds, with their one-line descriptions (study.catalog.list_studies)."""
     if argv:
         fail(f"rlhf-sweep studies takes no arguments (got {' '.join(argv)}); add directories with --studies-dir DIR")
     try:
-        rows = list_studies()
-    except StudyError as e:
+        rows = catalog.list_studies()
+    except spec.StudyError as e:
         fail(str(e))
     headers = ("study", "kind", "trials", "from", "description")
     cells = [[str(r[k]) for k in ("name", "kind", "trials", "source", "description")] for r in rows]
@@ -363,11 +324,7 @@ def cmd_studies(argv: list[str]) -> None:
 
 
 def cmd_ui(argv: list[str]) -> None:
-    """`rlhf-sweep ui [OUT]`: optuna-dashboard and the MLflow UI on loopback (rlhf_sweep/ui.py)."""
-    import argparse
-
-    from rlhf_sweep.app import ui
-
+    """`rlhf-sweep ui [OUT]`: optuna-dashboard and the MLflow UI on loopback (app.ui)."""
     ap = argparse.ArgumentParser(prog="rlhf-sweep ui", description="Start optuna-dashboard on a study's storage and the "
                                  "MLflow UI on its tracking store, on loopback; print both addresses; Ctrl-C stops both.")
     ap.add_argument("out", nargs="?", default="outputs", help="a study's output directory (outputs/studies/NAME) or the "
@@ -385,7 +342,7 @@ def cmd_ui(argv: list[str]) -> None:
         fail(str(e))
 
 
-# options every command takes: (flags, environment variable) - see rlhf_sweep/paths.py
+# options every command takes: (flags, environment variable) - see config.paths
 USER_DIR_FLAGS = {"--config-dir": CONFIG_DIR_ENV, "-cd": CONFIG_DIR_ENV, "--studies-dir": STUDIES_DIR_ENV}
 
 
@@ -409,12 +366,10 @@ def take_user_dirs(argv: list[str]) -> list[str]:
             rest.append(a)
         i += 1
     return rest
+
+
 def cmd_repair(argv: list[str]) -> None:
-    """`rlhf-sweep repair STUDY ...`: drop a torn final record from a study's journal (rlhf_sweep/journal.py)."""
-    import argparse
-
-    from rlhf_sweep.study import journal
-
+    """`rlhf-sweep repair STUDY ...`: drop a torn final record from a study's journal (study.journal)."""
     ap = argparse.ArgumentParser(prog="rlhf-sweep repair", description="Repair a study journal whose last record was cut short "
                                  "(a crash or a full disk mid-write): keep a backup copy, drop only the torn tail. Damage "
                                  "anywhere else is reported with its line number and never written over.")
@@ -422,32 +377,28 @@ def cmd_repair(argv: list[str]) -> None:
     ap.add_argument("--storage", help="the journal file (default: OUT/optuna.journal)")
     ap.add_argument("--out", help="the study's output directory (default: outputs/studies/NAME)")
     a = ap.parse_args(argv)
-    quiet()
-    name = study_name(a.study)
-    storage = a.storage or str(layout.journal_path(layout.study_dir(name, a.out)))
+    storage.quiet()
+    name = storage.study_name(a.study)
+    journal_file = a.storage or str(layout.journal_path(layout.study_dir(name, a.out)))
     try:
-        r = journal.repair(storage)
-    except StudyError as e:
+        r = journal.repair(journal_file)
+    except spec.StudyError as e:
         fail(str(e))
     try:
-        ostudy, name, storage, _ = load_study(a.study, storage, a.out)
+        ostudy, name, journal_file, _ = storage.load_study(a.study, journal_file, a.out)
         states = Counter(t.state.name.lower() for t in ostudy.get_trials(deepcopy=False))
         trials = f"study {name!r}: " + (", ".join(f"{n} {s}" for s, n in sorted(states.items())) or "no trials")
-    except StudyError as e:
+    except spec.StudyError as e:
         trials = str(e)
     if r.backup is None:
-        print(f"{storage}: no damage found, nothing changed ({r.records} records); {trials}")
+        print(f"{journal_file}: no damage found, nothing changed ({r.records} records); {trials}")
     else:
-        print(f"repaired {storage}: dropped the torn last record (line {r.dropped_line}, {r.dropped_bytes} bytes); "
+        print(f"repaired {journal_file}: dropped the torn last record (line {r.dropped_line}, {r.dropped_bytes} bytes); "
               f"backup: {r.backup}; {trials}")
 
 
 def cmd_log(argv: list[str]) -> None:
-    """`rlhf-sweep log RUN_DIR`: send a finished run directory to an MLflow tracking store (rlhf_sweep/tracking.py)."""
-    import argparse
-
-    from rlhf_sweep.run import preflight, tracking
-
+    """`rlhf-sweep log RUN_DIR`: send a finished run directory to an MLflow tracking store (run.tracking)."""
     ap = argparse.ArgumentParser(prog="rlhf-sweep log", description="Log a finished run directory (summary.json, "
                                  "trajectory.png) to MLflow as one run, e.g. after logging failed at the end of "
                                  "`rlhf-sweep run`. A summary already logged there is not logged twice.")

@@ -24,9 +24,13 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
-from rlhf_sweep.run import layout
+import optuna
+
+from rlhf_sweep.run import layout, tracking
+from rlhf_sweep.study.storage import open_storage
 
 START_TIMEOUT_S = 120.0
 
@@ -65,10 +69,6 @@ def _sqlite_uri(uri: str, out: Path) -> str:
 
 def find_target(out: str, storage: str | None = None, tracking_uri: str | None = None) -> Target:
     """What to show for OUT (see the module docstring); UIError when there is nothing."""
-    import optuna
-
-    from rlhf_sweep.study.storage import open_storage
-
     out_dir = Path(out)
     others: list[str] = []
     if storage is None:
@@ -117,8 +117,6 @@ def _free_port(host: str, port: int) -> int:
 
 
 def _has_distribution(name: str) -> bool:
-    from importlib.metadata import PackageNotFoundError, distribution
-
     try:
         distribution(name)
         return True
@@ -205,9 +203,7 @@ def start(target: Target, host: str = "127.0.0.1", optuna_port: int = 8080, mlfl
 
 def _experiment_of(uri: str, run_id: str) -> str | None:
     try:
-        from rlhf_sweep.run.tracking import client_for
-
-        return client_for(uri).get_run(run_id).info.experiment_id
+        return tracking.client_for(uri).get_run(run_id).info.experiment_id
     except Exception:
         return None
 

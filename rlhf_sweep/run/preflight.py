@@ -1,8 +1,9 @@
 """What every command checks before it does work: the folders it will write can be written, and the
-MLflow tracking store is reachable and takes a write (`tracking.check_store`: the probe `sweep`
-already made of a server, a short timeout, no retries). A failure is one line naming the thing and
-the fix, before a run directory, a study or a store exists. The study storage is checked where it
-is opened (`sweep.open_storage`, which reads a journal file through `journal.py` first).
+MLflow tracking store is reachable and takes a write (`tracking.check_store`: one probe of a server,
+a short timeout, no retries). A failure is one line naming the thing and the fix, before a run
+directory, a study or a store exists. `check_run` reads where `rlhf-sweep run` will write from the
+composed `hydra` node (`config.compose.compose_hydra`). The study storage is checked where it is
+opened (`study.storage.open_storage`, which reads a journal file through `study.journal` first).
 """
 
 from __future__ import annotations
@@ -10,6 +11,12 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from rlhf_sweep.config.compose import compose_hydra
+from rlhf_sweep.config.schema import ConfigError
+from rlhf_sweep.run import tracking
 
 
 class PreflightError(ValueError):
@@ -44,8 +51,6 @@ def check(tracking_uri: str | None = None, tracking_label: str = "mlflow.trackin
         if why:
             raise PreflightError(f"cannot write to {label} {os.fspath(path)}: {why}; choose a folder you can write to")
     if tracking_uri:
-        from rlhf_sweep.run import tracking
-
         why = tracking.check_store(tracking_uri, tracking_label)
         if why:
             raise PreflightError(why)
@@ -55,20 +60,9 @@ def check_run(overrides: list[str], multirun: bool) -> None:
     """`rlhf-sweep run`'s checks, before Hydra makes a run directory: where it will write (hydra.run.dir,
     or hydra.sweep.dir for --multirun), cache_dir, and mlflow.tracking_uri when mlflow.enabled.
     A --multirun is read with its sweeps (seed=0,1,2, range(...)) left out: what every job shares."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    from rlhf_sweep.config.compose import CONF_DIR
-
     try:
-        if multirun:
-            overrides = [o.input_line for o in OverridesParser.create().parse_overrides(list(overrides)) if not o.is_sweep_override()]
-        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            raw = compose(config_name="config", overrides=list(overrides), return_hydra_config=True)
-    except (HydraException, OmegaConfBaseException):
+        raw = compose_hydra(overrides, without_sweeps=multirun)
+    except ConfigError:
         return  # an override that only composes job by job: Hydra's own run reports it
     out_key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
     uri = OmegaConf.select(raw, "mlflow.tracking_uri") if OmegaConf.select(raw, "mlflow.enabled") else None

@@ -1,10 +1,17 @@
-"""MLflow logging: params = the flattened config, per-iteration metrics with `step`, final metrics,
-and summary.json as an artifact. Uses `MlflowClient` directly (no global active run), so
-sweep workers and nested runs never step on each other.
+"""MLflow: opening and probing a tracking store, and the one way a run is logged.
 
-Per-iteration keys are the history's (`rm`, `gold`, `len`, `kl/exact`, `ppo/beta`, ...),
-logged at step = iteration; the held-out metrics (DESIGN §4 keys) are logged at
-step = ppo.iterations, so `kl/exact` ends its curve with the held-out value.
+A store: `client_for(uri)` (a new local SQLite store is created once, under a lock), `check_store` and
+`unreachable` (why a store cannot take runs, in one line), `experiment_id`.
+A run: `start_run`, then `finish_run` (log a summary and files, set the status); `log_finished` is the
+two at once, for a run that is already done; `log_run_dir` is a finished run directory (`rlhf-sweep run`
+and `rlhf-sweep log`), built on `log_finished`. `MlflowClient` is used directly (no global active run),
+so sweep workers and nested runs never step on each other. MLflow itself is imported where it is used:
+commands that log nothing start without it.
+
+What a summary becomes (`log_summary`): params = the flattened config; per-iteration metrics with
+`step` = iteration under the history's keys (`rm`, `gold`, `len`, `kl/exact`, `ppo/beta`, ...); the
+held-out metrics (DESIGN §4 keys), `observations/*` and `timing/*` at step = the number of iterations,
+so `kl/exact` ends its curve with the held-out value; the summary's tags; summary.json as an artifact.
 """
 
 from __future__ import annotations
@@ -202,13 +209,6 @@ def start_run(client, exp_id: str, name: str, tags: dict[str, str] | None = None
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
     return client.create_run(exp_id, run_name=name, tags=tags).info.run_id
-
-
-def log_run(uri: str, experiment: str, summary: dict, run_dir: str | None, name: str, tags: dict | None = None,
-            parent_run_id: str | None = None) -> str:
-    """One finished trial as an MLflow run (nested under `parent_run_id` if given); returns its id."""
-    client = client_for(uri)
-    return log_finished(client, experiment_id(client, experiment, uri), summary, run_dir, name, tags, parent_run_id)
 
 
 def finish_run(client, run_id: str, summary: dict | None = None, run_dir: str | None = None, files: list[str] | tuple[str, ...] = (),
