@@ -170,10 +170,11 @@ def scaling_section(data, runs: pd.DataFrame, out_dir: Path, title: str, say=pri
                               r["emp_peak_gain"], r["emp_peak_kl"], r["bon_a"], r["bon_b"], r["bon_r2"], r["bon_peak_gain"],
                               (f"{r['bon_peak_kl']:.3g}" + ("" if r["bon_peak_inside"] else " (beyond)")) if math.isfinite(r["bon_peak_kl"]) else "n/a"]
                              for _, r in t.iterrows()]), ""]
-    unknown = table.loc[table["params"].isna(), "size"]
+    unknown = table[table["params"].isna()]
     if len(unknown):
-        md += [f"RM parameters n/a for {', '.join(unknown)}: their runs' summary.json predates `models.rm_params`; "
-               "rerunning those trials records it.", ""]
+        which = ", ".join(f"trial {r.trial} ({r.size}, {r.n_pairs} pairs)" for r in unknown.itertuples())
+        md += [f"RM parameters n/a for {which}: the summary.json of its runs predates `models.rm_params`, which runs "
+               "of this version record.", ""]
     md += [f"Trends over the {len(table)} RMs (the grid is balanced, so each axis is read across the other): Spearman's rho "
            "against log10 of RM parameters and of labeled pairs, the least-squares slope per decade with its 95% interval, "
            "and how the direction compares with Gao et al. (a higher gold peak at a larger KL, and better accuracy, for "
