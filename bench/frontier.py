@@ -15,7 +15,7 @@
    report. A finished run is kept (OUT/runs/SAMPLER-sSEED/run.json) and reused by a rerun; an
    unfinished one is deleted and run again, since its clock was broken.
 3. After every completed trial (completion order), the hypervolume of the front so far against the
-   study's reference point (rlhf_sweep/frontier.py: its `reference_point`, else the default rule
+   study's reference point (rlhf_sweep/maths/hypervolume.py: its `reference_point`, else the default rule
    applied to the grid's trials), as a share of the grid front's hypervolume; the trials and minutes
    each run took to reach `--share` (0.9) of it; a figure (OUT/frontier.png).
 

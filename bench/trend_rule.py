@@ -3,7 +3,7 @@
 Series of the length the default run tests (the last half of 150 iterations: 75 points): AR(1) noise with
 phi from 0.5 to 0.95 around a level, with and without a linear rise. For each phi it prints how often each
 test says "increasing" at alpha = 0.05: the plain Mann-Kendall test (independent points), pymannkendall's
-Hamed-Rao correction, the AR(1) Monte Carlo test verdict 3 uses (evaluate.ar1_trend_test), and the whole
+Hamed-Rao correction, the AR(1) Monte Carlo test verdict 3 uses (rlhf_sweep.maths.stats.ar1_trend_test), and the whole
 rule (that test and a rise of at least eval.trend_min_growth of the level). Then the power of the rule on
 rising series, for rises given as a share of the level over the 75 iterations.
 

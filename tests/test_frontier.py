@@ -1,4 +1,4 @@
-"""The hypervolume (rlhf_sweep/frontier.py): hand-computed areas, a brute-force count on a fine grid,
+"""The hypervolume (rlhf_sweep/maths/hypervolume.py): hand-computed areas, a brute-force count on a fine grid,
 the history as trials complete, the default reference point, and the `hypervolume` column of trials.csv."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The maths of rlhf_sweep/gao.py against hand-computed values and synthetic curves."""
+"""The maths of rlhf_sweep/maths/gao.py against hand-computed values and synthetic curves."""
 
 from __future__ import annotations
 
@@ -79,3 +79,30 @@ def test_fit_peaks_and_degenerate_input():
     few = gao.fit_rl([0.0, 0.1, 0.2], [0.0, 0.1, 0.2])  # only two points with d > 0
     assert not few.ok and math.isnan(few.a) and "too few" in few.label()
     assert math.isnan(gao.r_squared(np.ones(4), np.ones(4)))
+
+
+def test_peak_height_kl_and_inside_by_hand():
+    """d (a - b d) with a = 1, b = 0.25 peaks at d* = 2 with gain 2 (1 - 0.5) = 1 and KL 4; d (a - b ln d) with a = 1,
+    b = 0.5 at d* = e with gain e (1 - 0.5) = e / 2."""
+    bon = gao.GaoFit("bon", a=1.0, b=0.25, r2=1.0, n=10)
+    p = bon.peak(3.0)
+    assert (p.d, p.gain, p.kl, p.inside) == (pytest.approx(2.0), pytest.approx(1.0), pytest.approx(4.0), True)
+    assert not bon.peak(1.5).inside and bon.peak(1.5).gain == pytest.approx(1.0)  # beyond the reached d, still its height
+    rl = gao.GaoFit("rl", a=1.0, b=0.5, r2=1.0, n=10).peak(3.0)
+    assert (rl.d, rl.gain, rl.inside) == (pytest.approx(math.e), pytest.approx(math.e / 2), True)
+    never = gao.GaoFit("rl", a=1.0, b=-0.1, r2=1.0, n=10).peak(3.0)  # never turns down: no height, never inside
+    assert never.d == math.inf and never.kl == math.inf and math.isnan(never.gain) and not never.inside
+    none = gao.fit_rl([0.0, 0.1], [0.0, 0.1]).peak(3.0)  # no fit: nothing
+    assert math.isnan(none.d) and math.isnan(none.gain) and not none.inside
+
+
+def test_fit_kl_fits_on_the_square_root_of_kl():
+    """fit_kl(form, KL, gain) is fit_<form>(sqrt(KL), gain); a slightly negative KL (estimator noise) counts as 0."""
+    d = np.array([0.5, 1.0, 1.5, 2.0])
+    gain = d * (1 - 0.25 * d)
+    f = gao.fit_kl("bon", d**2, gain)
+    assert (f.a, f.b) == (pytest.approx(1.0), pytest.approx(0.25))
+    assert gao.fit_kl("rl", np.array([-1e-9, *d**2]), np.array([0.0, *gain])).n == 5
+    assert gao.sqrt_kl(np.array([-1e-9, 4.0])).tolist() == [0.0, 2.0]
+    with pytest.raises(ValueError, match="form='x'"):
+        gao.fit_kl("x", d**2, gain)

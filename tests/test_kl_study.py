@@ -16,6 +16,7 @@ from scipy import stats
 
 from rlhf_sweep.maths import gao, kl
 from rlhf_sweep.reporting import kl_penalties, plots
+from rlhf_sweep.run import layout
 from rlhf_sweep.study.spec import load_spec
 
 from .test_report import check_png
@@ -96,18 +97,26 @@ def test_figure_is_drawn(tmp_path):
     check_png(Path(path), min_w=1000)
 
 
-def test_points_read_each_trials_penalty_beta_and_seeds():
+def test_points_read_each_trials_penalty_beta_and_seeds(tmp_path):
+    """Penalty and beta from the config the trial's own summary.json records (its first seed with one), per-seed
+    values from the trial; a trial without any summary is left out with a note naming it."""
     spec = load_spec("kl_placement")
     study = optuna.create_study(directions=["maximize", "minimize"])
     dists = {"kl_penalty": optuna.distributions.CategoricalDistribution(spec.space[0].choices),
              "ppo.beta": optuna.distributions.FloatDistribution(0.01, 1.0, log=True)}
-    study.add_trial(optuna.trial.create_trial(
-        params={"kl_penalty": "loss_k3", "ppo.beta": 0.1}, distributions=dists, values=[0.5, 3.0],
-        user_attrs={"per_seed": {"0": {"gold/policy": 0.4, "kl/exact": 2.0}, "1": {"gold/policy": 0.6, "kl/exact": 4.0},
-                                 "2": {"gold/policy": None, "kl/exact": 5.0}}}))
-    pts = kl_penalties.points(spec, study)
-    assert pts[["penalty", "gradient", "beta"]].drop_duplicates().values.tolist() == [["loss_k3", "biased", 0.1]]
+    run_dir = tmp_path / "t0000"
+    seed_dir = layout.seed_dir(run_dir, spec.seeds[1])  # the first seed's files are gone: the next one says it
+    seed_dir.mkdir(parents=True)
+    layout.write_summary(seed_dir, {"config": {"ppo": {"kl_estimator": "k3", "kl_in": "loss", "beta": 0.1}}})
+    per_seed = {"0": {"gold/policy": 0.4, "kl/exact": 2.0}, "1": {"gold/policy": 0.6, "kl/exact": 4.0},
+                "2": {"gold/policy": None, "kl/exact": 5.0}}
+    for params, where in (({"kl_penalty": "loss_k3", "ppo.beta": 0.1}, run_dir), ({"kl_penalty": "loss_k1", "ppo.beta": 1.0}, tmp_path / "gone")):
+        study.add_trial(optuna.trial.create_trial(params=params, distributions=dists, values=[0.5, 3.0],
+                                                  user_attrs={"per_seed": per_seed, "run_dir": str(where)}))
+    pts, notes = kl_penalties.points(spec, study)
+    assert pts[["trial", "penalty", "gradient", "beta"]].drop_duplicates().values.tolist() == [[0, "loss_k3", "biased", 0.1]]
     assert pts["seed"].tolist() == [0, 1] and pts["kl"].tolist() == [2.0, 4.0]  # a seed without gold is left out
+    assert len(notes) == 1 and notes[0].startswith("KL penalties: trial 1 left out") and str(tmp_path / "gone") in notes[0]
 
 
 def test_the_study_file_is_the_whole_table_on_a_full_grid():

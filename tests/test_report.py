@@ -22,7 +22,7 @@ from rlhf_sweep.study import sweep
 from rlhf_sweep.study.storage import open_storage
 
 from .conftest import TINY
-from .test_sweep import env, sweep_cmd
+from .test_sweep import SMOKE, env, sweep_cmd
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -147,7 +147,7 @@ def test_an_algorithms_study_draws_one_frontier_per_algorithm(workdir, tmp_path,
     import yaml
 
     monkeypatch.chdir(workdir)  # the module's SFT/RM cache
-    smoke = yaml.safe_load((Path(sweep.__file__).parent.parent / "studies" / "smoke.yaml").read_text())
+    smoke = yaml.safe_load(SMOKE.read_text())
     study = {"objectives": {"gold/policy": "maximize", "kl/exact": "minimize"}, "fixed": smoke["fixed"], "seeds": 1,
              "trials": [{"algo": "ppo", "ppo.beta": [0.03, 0.3]}, {"algo": "rloo", "rloo.beta": 0.05},
                         {"algo": "dpo", "dpo.beta": 0.1}, {"algo": "bon", "bon.n": [4, 16]}]}

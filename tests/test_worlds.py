@@ -1,5 +1,7 @@
-"""Beyond one world: the analyses of worlds.py against values computed another way, reward models of their
-own size (keys, backbones, caching across studies), and the three study kinds end to end on tiny configs."""
+"""Beyond one world: the analyses of world, phase and RM-scaling studies (rlhf_sweep.reporting: world_runs,
+drawn_worlds, labeler_phases, world_studies; their statistics in rlhf_sweep.maths.stats) against values computed
+another way, reward models of their own size (keys, backbones, parameters, caching across studies), and the three
+study kinds end to end on tiny configs."""
 
 from __future__ import annotations
 
@@ -17,9 +19,15 @@ import pytest
 import torch
 
 from rlhf_sweep.config.compose import compose
-from rlhf_sweep.config.schema import Config, config_hash, to_dict
-from rlhf_sweep.reporting import world_studies
+from rlhf_sweep.config.schema import Config, config_hash, rm_model, to_dict
+from rlhf_sweep.maths import stats
+from rlhf_sweep.models.lm import build_lm
+from rlhf_sweep.models.reward import RewardModel
+from rlhf_sweep.reporting import drawn_worlds, labeler_phases, world_runs, world_studies
+from rlhf_sweep.reporting.report import trial_frame
+from rlhf_sweep.reporting.study_data import spec_of
 from rlhf_sweep.run import pipeline
+from rlhf_sweep.simulation.world import PROMPT_LEN, World
 from rlhf_sweep.study.storage import load_study
 
 from .conftest import TINY
@@ -29,12 +37,12 @@ from .conftest import TINY
 def test_share_ci_is_clopper_pearson():
     from scipy.stats import beta
 
-    s, lo, hi = world_studies.share_ci(3, 10)
+    s, lo, hi = stats.share_ci(3, 10)
     assert s == 0.3
     assert lo == pytest.approx(beta.ppf(0.025, 3, 8)) and hi == pytest.approx(beta.ppf(0.975, 4, 7))
     # closed forms at the ends: k = 0 -> [0, 1 - (alpha/2)^(1/n)], k = n -> [(alpha/2)^(1/n), 1]
-    assert world_studies.share_ci(0, 20)[1:] == pytest.approx((0.0, 1 - 0.025 ** (1 / 20)))
-    assert world_studies.share_ci(20, 20)[1:] == pytest.approx((0.025 ** (1 / 20), 1.0))
+    assert stats.share_ci(0, 20)[1:] == pytest.approx((0.0, 1 - 0.025 ** (1 / 20)))
+    assert stats.share_ci(20, 20)[1:] == pytest.approx((0.025 ** (1 / 20), 1.0))
 
 
 def test_correlations_match_numpy_fisher_z_and_bh_by_hand():
@@ -44,7 +52,7 @@ def test_correlations_match_numpy_fisher_z_and_bh_by_hand():
     n = 30
     x = pd.DataFrame({"a": rng.normal(size=n), "b": rng.normal(size=n), "c": rng.normal(size=n), "flat": np.ones(n)})
     y = pd.Series(2 * x["a"] + rng.normal(size=n))
-    df = world_studies.correlations(x, y).set_index("param")
+    df = stats.correlations(x, y).set_index("param")
     assert "flat" not in df.index  # a constant parameter has no correlation
     r = np.corrcoef(x["a"], y)[0, 1]
     assert df.loc["a", "r"] == pytest.approx(r)
@@ -59,18 +67,18 @@ def test_correlations_match_numpy_fisher_z_and_bh_by_hand():
 def test_trend_matches_polyfit_and_ranks():
     x = np.array([1e3, 3e3, 1e4, 3e4, 1e5])
     y = np.array([0.1, 0.3, 0.2, 0.6, 0.7])
-    t = world_studies.trend(x, y)
+    t = stats.trend(x, y)
     slope = np.polyfit(np.log10(x), y, 1)[0]
     ranks = np.corrcoef(np.argsort(np.argsort(x)), np.argsort(np.argsort(y)))[0, 1]
     assert t["slope"] == pytest.approx(slope) and t["rho"] == pytest.approx(ranks) and t["lo"] < slope < t["hi"]
-    assert math.isnan(world_studies.trend(x, np.ones(5))["rho"])
+    assert math.isnan(stats.trend(x, np.ones(5))["rho"])
 
 
 def test_robustness_counts_worlds_and_runs():
     runs = pd.DataFrame({"world.draw": [0, 0, 1, 1, 2, 2], "seed": [0, 1] * 3,
                          "rm_prefers_policy": [True, True, True, False, False, False],
                          "humans_prefer_reference": [True] * 6, "kl_increasing": [False] * 6, "all_three": [False] * 6})
-    s = world_studies.robustness(runs).set_index(["key", "level"])
+    s = drawn_worlds.robustness(runs).set_index(["key", "level"])
     assert (s.loc[("rm_prefers_policy", "every seed"), "k"], s.loc[("rm_prefers_policy", "at least one seed"), "k"]) == (1, 2)
     assert s.loc[("rm_prefers_policy", "runs"), "share"] == pytest.approx(0.5)
     assert s.loc[("humans_prefer_reference", "every seed"), ["share", "lo", "hi"]].tolist() == pytest.approx([1.0, 0.025 ** (1 / 3), 1.0])
@@ -79,15 +87,15 @@ def test_robustness_counts_worlds_and_runs():
 
 def test_phase_indicators_and_boundary():
     m = {"len/policy": 5.0, "len/ref": 3.9, "gold/policy_hi": 0.5, "gold/ref_lo": 0.6}
-    assert world_studies.phase_indicators(m) == {"verbosity_drift": True, "gold_collapse": True}
-    assert world_studies.phase_indicators({**m, "len/policy": 4.8, "gold/policy_hi": 0.7}) == {"verbosity_drift": False, "gold_collapse": False}
+    assert world_runs.phase_indicators(m) == {"verbosity_drift": True, "gold_collapse": True}
+    assert world_runs.phase_indicators({**m, "len/policy": 4.8, "gold/policy_hi": 0.7}) == {"verbosity_drift": False, "gold_collapse": False}
     cells = pd.DataFrame({"b": [0, 0.1, 0.2, 0.4] * 2, "ppo.beta": [0.03] * 4 + [0.3] * 4,
                           "x": [0, 1, 0.33, 1] + [0, 0, 0, 0.34]})
     # holds (majority of seeds) at 0.1, fails at 0.2, holds from 0.4 on: the boundary is between 0.2 and 0.4
-    assert world_studies.boundary(cells, "b", "x", 0.03) == (0.2, 0.4)
-    assert world_studies.boundary(cells, "b", "x", 0.3) == (0.4, None)
+    assert labeler_phases.boundary(cells, "b", "x", 0.03) == (0.2, 0.4)
+    assert labeler_phases.boundary(cells, "b", "x", 0.3) == (0.4, None)
     cells["y"] = 1.0
-    assert world_studies.boundary(cells, "b", "y", 0.3) == (None, 0.0)
+    assert labeler_phases.boundary(cells, "b", "y", 0.3) == (None, 0.0)
 
 
 def test_cache_audit_counts_builds_and_flags_a_second_build():
@@ -100,11 +108,20 @@ def test_cache_audit_counts_builds_and_flags_a_second_build():
     assert world_studies.cache_audit(runs)["rm"]["built_twice"] == ["a"]
 
 
+def rm_params_by_hand(n_layer: int, d: int) -> int:
+    """GPT-2 parameters of an RM in the default world, counted by hand: embeddings (vocabulary V, positions P), per
+    layer 12 d^2 + 13 d, the final norm, the scalar head."""
+    V, P = 4 + 3 * 8 + 8 + 8, 5 + 24
+    return V * d + P * d + n_layer * (12 * d * d + 13 * d) + 2 * d + d + 1
+
+
 def test_rm_params_by_hand():
-    """GPT-2 parameters, counted by hand: embeddings, per layer 12 d^2 + 13 d, the final norm, the scalar head."""
+    """The count the pipeline records (`n_params` of the RM as `get_rm_member` builds it) against the hand count;
+    the e2e test below checks the one a run writes into its summary."""
     cfg = compose(["rm.n_layer=1", "rm.n_embd=32"])
-    V, P, L, d = 4 + 3 * 8 + 8 + 8, 5 + 24, 1, 32
-    assert world_studies.rm_params(cfg) == V * d + P * d + L * (12 * d * d + 13 * d) + 2 * d + d + 1
+    arch = rm_model(cfg)
+    rm = RewardModel(build_lm(arch, World(cfg.world).vocab.size, PROMPT_LEN + cfg.world.max_new_tokens), arch.n_embd)
+    assert pipeline.n_params(rm) == rm_params_by_hand(1, 32)
 
 
 # ----- reward models of their own size ----------------------------------------------------------------
@@ -144,6 +161,8 @@ def test_rms_of_one_size_data_and_world_train_once_across_studies(tmp_path):
     mtime = rm_file.stat().st_mtime_ns
     second = pipeline.run(compose([*base, *small, "ppo.beta=0.5", "ppo.clip_eps=0.1", f"run_dir={tmp_path / 'study-b'}"]), say)
     assert (first["cache"]["rm"]["cached"], second["cache"]["rm"]["cached"]) == (False, True)
+    # the RM's parameters as the run records them, for the RM-scaling report (one RM, tied weights once)
+    assert first["models"]["rm_params"] == second["models"]["rm_params"] == rm_params_by_hand(1, 32)
     assert second["cache"]["rm"]["path"] == str(rm_file) and rm_file.stat().st_mtime_ns == mtime
     bb = first["cache"]["rm"]["backbone"]
     assert bb["cached"] is False and bb["path"] != first["cache"]["sft"]["path"]
@@ -153,7 +172,8 @@ def test_rms_of_one_size_data_and_world_train_once_across_studies(tmp_path):
     default = pipeline.run(compose([*base, f"run_dir={tmp_path / 'default'}"]), say)
     named = pipeline.run(compose([*base, "rm.n_layer=2", "rm.n_embd=64", f"run_dir={tmp_path / 'named'}"]), say)
     assert named["cache"]["rm"]["cached"] and named["cache"]["rm"]["path"] == default["cache"]["rm"]["path"]
-    runs = pd.DataFrame([world_studies.run_row(s) for s in (first, second, default, named)])
+    runs = pd.DataFrame([world_runs.run_row(s) for s in (first, second, default, named)])
+    assert runs["rm.params"].tolist() == [rm_params_by_hand(1, 32)] * 2 + [rm_params_by_hand(2, 64)] * 2
     audit = world_studies.cache_audit(runs)
     assert audit["rm"]["files"] == 2 and audit["rm"]["built"] == 2 and not audit["rm"]["built_twice"]
     assert audit["backbone"]["files"] == 1 and audit["backbone"]["built"] == 1
@@ -200,7 +220,7 @@ def test_world_phase_and_rm_scaling_reports(tmp_path, monkeypatch):
         assert rows and all(line.endswith("| none |") for line in rows), rows
     md = (tmp_path / "worlds" / "report.md").read_text()
     assert "4 drawn worlds" in md
-    runs, _, _ = world_studies.load_runs(*_spec_trials("worlds", tmp_path))
+    runs, _, _ = world_runs.load_runs(*_spec_trials("worlds", tmp_path))
     assert sorted(runs["world.draw"]) == sorted(set(runs["world.draw"])) and len(runs) == 4
     # every run of the three studies: no artefact built twice
     every = world_studies.all_study_runs(tmp_path)
@@ -224,11 +244,9 @@ def test_world_phase_and_rm_scaling_reports(tmp_path, monkeypatch):
 
 
 def _spec_trials(name: str, root: Path):
-    from rlhf_sweep.reporting import report
-
     ostudy, _, _, _ = load_study(name, str(root / name / "optuna.journal"), str(root / name))
-    spec = report.spec_of(ostudy, name)
-    return spec, report.trial_frame(spec, ostudy)
+    spec = spec_of(ostudy, name)
+    return spec, trial_frame(spec, ostudy)
 
 
 def test_run_row_reads_a_summary(tmp_path):
@@ -237,22 +255,22 @@ def test_run_row_reads_a_summary(tmp_path):
     m = {"len/policy": 6.0, "len/ref": 4.0, "gold/policy": 0.1, "gold/ref": 0.8, "gold/policy_hi": 0.2, "gold/ref_lo": 0.7}
     obs = {k: {"value": v} for k, v in (("rm_prefers_policy", True), ("humans_prefer_reference", True), ("kl_increasing", False))}
     s = {"config": c, "metrics": m, "observations": obs, "cache": {"rm": {"path": "x.pt", "cached": True}}}
-    row = world_studies.run_row(json.loads(json.dumps(s)))
+    row = world_runs.run_row(json.loads(json.dumps(s)))
     assert row["world.draw"] == 3 and row["world.labeler.tau"] == c["world"]["labeler"]["tau"]
     assert (row["rm.n_layer"], row["rm.n_embd"]) == (2, 64)  # null: the policy's size
     assert (row["all_three"], row["verbosity_drift"], row["gold_collapse"], row["d_len"]) == (False, True, True, 2.0)
     assert (row["rm_path"], row["rm_cached"], row["backbone_path"]) == ("x.pt", True, None)
     diag = {"reward_model": {"rm_gain": 1.2, "share_of_rm_gain_from_length": 0.7}}
-    assert world_studies.run_row({**s, "diagnosis": diag})["length_share"] == 0.7
+    assert world_runs.run_row({**s, "diagnosis": diag})["length_share"] == 0.7
     diag["reward_model"]["rm_gain"] = 0.1  # too small a gain for its share to mean anything
-    assert math.isnan(world_studies.run_row({**s, "diagnosis": diag})["length_share"])
+    assert math.isnan(world_runs.run_row({**s, "diagnosis": diag})["length_share"])
 
 
 def test_cluster_interval_resamples_worlds():
     """Two worlds of opposite verdicts: the run share is 0.5, and resampling whole worlds spans 0 to 1; when every
     world agrees, the interval is the exact one over worlds, not a point."""
-    assert world_studies.cluster_mean_ci([np.array([1.0, 1.0]), np.array([0.0, 0.0])]) == pytest.approx((0.5, 0.0, 1.0))
-    share, lo, hi = world_studies.cluster_mean_ci([np.ones(2)] * 20)
+    assert stats.cluster_mean_ci([np.array([1.0, 1.0]), np.array([0.0, 0.0])]) == pytest.approx((0.5, 0.0, 1.0))
+    share, lo, hi = stats.cluster_mean_ci([np.ones(2)] * 20)
     assert (share, lo, hi) == pytest.approx((1.0, 0.025 ** (1 / 20), 1.0))
 
 

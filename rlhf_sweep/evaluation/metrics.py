@@ -1,10 +1,11 @@
-"""Held-out evaluation, the three verdicts and the diagnosis that explains them.
+"""Held-out evaluation and the diagnosis that explains the three verdicts (`verdicts.py` holds those).
 
 `evaluate` samples the policy and the reference on the same held-out prompts
-and returns the DESIGN §4 metric keys. The verdict functions are pure, so
-they can be tested on synthetic numbers; `diagnose` ties each observation to
-measured evidence (RM length bias, advantages that reward the exploit, a KL
-penalty outrun by the RM's gain).
+and returns the DESIGN §4 metric keys, each mean with its interval
+(rlhf_sweep.maths.stats). `diagnose` ties each observation to measured
+evidence (RM length bias, advantages that reward the exploit, a KL penalty
+outrun by the RM's gain); `rm_filler_curve` and the advantage records are
+what it reads besides the held-out samples.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from rlhf_sweep.evaluation.verdicts import kl_growth
 from rlhf_sweep.maths import kl as klmod
 from rlhf_sweep.maths.stats import corr, mean_ci, win_rate
 from rlhf_sweep.models.lm import lm_logits, response_logits, response_mask, sample, token_logprobs
-from rlhf_sweep.models.reward import RewardModel
+from rlhf_sweep.models.reward import RewardModel, score
 from rlhf_sweep.simulation.world import EOS, World
 
 
@@ -38,8 +39,6 @@ def kl_terms(policy_lm: nn.Module, ref_lm: nn.Module, prompts: torch.Tensor, res
 
 
 def _side(world: World, rm: RewardModel, prompts: torch.Tensor, responses: torch.Tensor, device: torch.device) -> dict[str, np.ndarray]:
-    from rlhf_sweep.models.reward import score
-
     f = world.features(prompts, responses)
     out = {k: v.numpy() for k, v in f.items()}
     out["gold"] = world.gold(prompts, responses, f).numpy()
@@ -109,8 +108,6 @@ def rm_filler_curve(rm: nn.Module, world: World, prompts: torch.Tensor, response
     so every k scores the same answers. Returns mean RM and gold per k, and where the reference's own filler
     counts lie (how far k goes beyond them). No randomness: the fillers cycle F0, F1, ...
     """
-    from rlhf_sweep.models.reward import score
-
     T = world.cfg.max_new_tokens
     f = world.features(prompts, responses)
     length = f["length"]

@@ -1,8 +1,10 @@
 """Over-optimization maths of Gao, Schulman & Hilton (2022): best-of-n KL, the unbiased
-best-of-n estimator, and the two functional forms of gold reward against d = sqrt(KL).
+best-of-n estimator, the two functional forms of gold reward against d = sqrt(KL), their fit
+and their peak: every Gao et al. fit and peak the reports show is made here.
 
-Pure numpy/scipy, no models: the report (`report.py`) feeds it reference samples and
-per-iteration PPO histories; tests check it against hand-computed values.
+Pure numpy/scipy, no models: the best-of-n runs feed it reference samples, the study reports
+(rlhf_sweep.reporting) per-iteration histories and held-out end points; tests check it against
+hand-computed values.
 
     best-of-n   R(d) = d (a - b d)      peak at d* = a / (2 b)
     RL (PPO)    R(d) = d (a - b ln d)   peak at d* = exp(a / b - 1)
@@ -118,6 +120,21 @@ def bon_exact_kl(p: np.ndarray, reward: np.ndarray, n: int) -> float:
     return float(max((pi[keep] * np.log(pi[keep] / p[keep])).sum(), 0.0))
 
 
+@dataclass(frozen=True)
+class Peak:
+    """Where a fitted form peaks: d* (inf when it never turns down, NaN without a fit), the fitted gold gain
+    there (NaN unless d* is finite), and whether d* lies within the d the fitted curve reached."""
+
+    d: float
+    gain: float
+    inside: bool
+
+    @property
+    def kl(self) -> float:
+        """The peak's KL, d*^2 (nats)."""
+        return self.d**2
+
+
 @dataclass
 class GaoFit:
     """A fitted Gao et al. form: R(d) = d (a - b d) ("bon") or d (a - b ln d) ("rl").
@@ -143,6 +160,13 @@ class GaoFit:
         if not (math.isfinite(self.a) and math.isfinite(self.b)) or self.b <= 0:
             return math.inf
         return self.a / (2 * self.b) if self.form == "bon" else math.exp(self.a / self.b - 1)
+
+    def peak(self, d_max: float) -> Peak:
+        """The fitted peak against the largest d a curve reached: d*, the fitted gain there, whether d* <= d_max."""
+        d = self.peak_d if self.ok else math.nan
+        if not math.isfinite(d):
+            return Peak(d, math.nan, False)
+        return Peak(d, float(self.predict(np.array([d]))[0]), bool(d <= d_max))
 
     @property
     def ok(self) -> bool:
@@ -196,3 +220,15 @@ def fit_rl(d: np.ndarray, r: np.ndarray) -> GaoFit:
 def fit_bon(d: np.ndarray, r: np.ndarray) -> GaoFit:
     """Least-squares fit of the best-of-n form R(d) = d (a - b d) to gold gains r at d = sqrt(KL)."""
     return _fit("bon", d, r)
+
+
+def sqrt_kl(kl: np.ndarray) -> np.ndarray:
+    """d = sqrt(KL), negative KL (estimator noise) read as 0."""
+    return np.sqrt(np.clip(np.asarray(kl, dtype=float), 0, None))
+
+
+def fit_kl(form: str, kl: np.ndarray, gain: np.ndarray) -> GaoFit:
+    """Gao et al.'s `form` ("rl" or "bon") fitted to gold gains at the given KL (nats): the fit on d = sqrt(KL)."""
+    if form not in ("rl", "bon"):
+        raise ValueError(f"fit_kl: form={form!r}; it accepts rl | bon")
+    return _fit(form, sqrt_kl(kl), np.asarray(gain, dtype=float))

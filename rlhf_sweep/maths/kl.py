@@ -16,7 +16,7 @@ has two parts: the direct one, sum_t E[grad KL_t(s_t)] with the states held fixe
 per-token loss gives), and the future one, sum_t E[grad log pi(y_t|s_t) sum_{t'>t} KL_t'(s_t')]
 (how y_t changes the later states; what a penalty inside the return gives).
 
-The maths below uses tensor methods only, so that config.py can import the declarations
+The maths below uses tensor methods only, so that rlhf_sweep.config.schema can import the declarations
 without loading torch (a bad config then fails in a fraction of a second).
 """
 

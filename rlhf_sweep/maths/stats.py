@@ -1,15 +1,23 @@
-"""Statistics on plain arrays: normal-approximation intervals of a mean and a win rate, the Mann-Kendall
-test (pymannkendall), lag-1 autocorrelation, AR(1) noise and the trend test against an AR(1) null, correlation.
+"""Statistics on plain arrays, and every interval the project reports: the mean and its interval
+(`mean_interval`, the one helper: normal or Student's t), a win rate, exact binomial shares, the mean over
+clusters of runs with a bootstrap over whole clusters, Pearson correlations with Fisher-z intervals and
+Benjamini-Hochberg q-values, the slope per decade with its t interval; the Mann-Kendall test
+(pymannkendall), lag-1 autocorrelation, AR(1) noise and the trend test against an AR(1) null.
 
-Pure numpy/scipy: every verdict, report and bench computes its intervals with these.
+Pure numpy/scipy (pandas only for the table of correlations): every verdict, report and bench computes its
+intervals with these.
 """
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy.special import stdtrit
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 # ----- statistics ------------------------------------------------------------------------------
 AR1_CAP = 0.99  # the null's autocorrelation at most (1 would be a random walk, whose S has no stationary law)
@@ -55,6 +63,82 @@ def win_rate(a: np.ndarray, b: np.ndarray, confidence: float = 0.95) -> tuple[fl
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     wins = (a > b) + 0.5 * (a == b)
     return mean_ci(wins, confidence)
+
+
+def share_ci(k: int, n: int, confidence: float = 0.95) -> tuple[float, float, float]:
+    """k of n, with the exact (Clopper-Pearson) binomial interval."""
+    from scipy.stats import binomtest
+
+    if n == 0:
+        return math.nan, math.nan, math.nan
+    ci = binomtest(int(k), int(n)).proportion_ci(confidence_level=confidence, method="exact")
+    return k / n, float(ci.low), float(ci.high)
+
+
+def cluster_mean_ci(groups: list[np.ndarray], confidence: float = 0.95) -> tuple[float, float, float]:
+    """The mean over all runs, with a bootstrap interval that resamples whole clusters (worlds: runs of a world
+    are not independent)."""
+    from scipy.stats import bootstrap
+
+    per = np.array([float(np.mean(g)) for g in groups])
+    sizes = np.array([len(g) for g in groups], dtype=float)
+    mean = float((per * sizes).sum() / sizes.sum())
+    if len(per) < 2:
+        return mean, math.nan, math.nan
+    if np.all(per == per[0]) and per[0] in (0.0, 1.0):
+        # every cluster alike: resampling clusters cannot move the mean; the exact interval over clusters says what n allows
+        return mean, *share_ci(int(per[0]) * len(per), len(per), confidence)[1:]
+    res = bootstrap((per, sizes), lambda p, s: (p * s).sum() / s.sum(), paired=True, confidence_level=confidence,
+                    method="percentile", n_resamples=9999, random_state=0)
+    return mean, float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+def correlations(x: pd.DataFrame, y: pd.Series, confidence: float = 0.95) -> pd.DataFrame:
+    """Pearson r of y with each column of x (one row per cluster), Fisher-z intervals, p and BH q-values."""
+    import pandas as pd  # only the reports' tables need it: runs and verdicts import this module without it
+    from scipy.stats import false_discovery_control, pearsonr
+
+    rows = []
+    for col in x.columns:
+        xv, yv = x[col].to_numpy(dtype=float), y.to_numpy(dtype=float)
+        keep = np.isfinite(xv) & np.isfinite(yv)
+        xv, yv = xv[keep], yv[keep]
+        if len(xv) < 4 or np.ptp(xv) == 0 or np.ptp(yv) == 0:
+            continue
+        res = pearsonr(xv, yv)
+        ci = res.confidence_interval(confidence_level=confidence)
+        rows.append({"param": col, "n": len(xv), "r": float(res.statistic), "lo": float(ci.low), "hi": float(ci.high),
+                     "p": float(res.pvalue)})
+    df = pd.DataFrame(rows, columns=["param", "n", "r", "lo", "hi", "p"])
+    df["q"] = false_discovery_control(df["p"].to_numpy()) if len(df) else []
+    return df.sort_values("p").reset_index(drop=True)
+
+
+def r_critical(n: int) -> float:
+    """The |r| above which a Pearson correlation over n points has p < 0.05 (two-sided); NaN below 4 points."""
+    from scipy.stats import t as student_t
+
+    if n < 4:
+        return math.nan
+    t = float(student_t.ppf(0.975, n - 2))
+    return t / math.sqrt(n - 2 + t * t)
+
+
+def trend(x: np.ndarray, y: np.ndarray, confidence: float = 0.95) -> dict:
+    """How y moves with log10 x: Spearman's rho (and p), and the least-squares slope per decade with its interval."""
+    from scipy.stats import linregress, spearmanr
+    from scipy.stats import t as student_t
+
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    keep = np.isfinite(x) & np.isfinite(y) & (x > 0)
+    x, y = np.log10(x[keep]), y[keep]
+    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return {"n": int(len(x)), "rho": math.nan, "p": math.nan, "slope": math.nan, "lo": math.nan, "hi": math.nan}
+    rho = spearmanr(x, y)
+    fit = linregress(x, y)
+    half = float(student_t.ppf(0.5 + confidence / 2, len(x) - 2)) * fit.stderr
+    return {"n": int(len(x)), "rho": float(rho.statistic), "p": float(rho.pvalue), "slope": float(fit.slope),
+            "lo": float(fit.slope - half), "hi": float(fit.slope + half)}
 
 
 def mann_kendall(x: np.ndarray) -> dict[str, float]:

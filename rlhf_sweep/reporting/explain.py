@@ -1,7 +1,7 @@
 """`rlhf-sweep explain RUN_DIR`: the three observations tied to their mechanisms, in words and numbers.
 
 This module owns `explain.md`. It reads a run's `summary.json` (the diagnosis that
-`evaluate.diagnose` computed during the run) and `samples.pt` (the raw held-out numbers
+`rlhf_sweep.evaluation.metrics.diagnose` computed during the run) and `samples.pt` (the raw held-out numbers
 behind it) and writes three parts, each number with one sentence that reads it:
 (a) the reward model, (b) PPO, (c) the KL term. Each sentence follows the sign and the size
 of its own number: a reversed slope gets the reversed sentence, and one below the TINY_*
@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from rlhf_sweep.evaluation.verdicts import kl_growth
+from rlhf_sweep.maths import kl
 from rlhf_sweep.run import layout
 from rlhf_sweep.utils.tables import fmt, md_table
 
@@ -97,8 +98,6 @@ def part_ppo(s: dict) -> list[str]:
 
 def penalty_lines(s: dict) -> list[str]:
     """Which KL penalty the run used, what its expected gradient is (kl.PENALTIES), and what it charged."""
-    from rlhf_sweep.maths import kl
-
     p, h, m = s["config"]["ppo"], s["history"], s["metrics"]
     pen = kl.penalty(p["kl_estimator"], p["kl_in"])
     # what the penalty's own estimator charged per sequence (older runs: its logged twin, where there is one)
@@ -109,7 +108,7 @@ def penalty_lines(s: dict) -> list[str]:
                 if pen.gradient == "unbiased" else
                 f"not the gradient of the sequence KL(pi || ref): it minimizes {pen.minimizes}")
     lines = [f"- **Penalty: {pen.estimator} {where} (ppo.kl_in={pen.placement}, ppo.kl_estimator={pen.estimator}); "
-             f"its expected update is {pen.gradient}** (rlhf_sweep/kl.py): {gradient}."]
+             f"its expected update is {pen.gradient}** (rlhf_sweep/maths/kl.py): {gradient}."]
     if key is None:
         return lines
     first, last = h[0][key], h[-1][key]

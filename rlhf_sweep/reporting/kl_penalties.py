@@ -1,12 +1,12 @@
 """What each KL penalty does, in a study that searches them (studies/kl_placement.yaml).
 
 This module owns the report section on KL penalties: from a study's complete trials (each a
-(ppo.kl_estimator, ppo.kl_in) pair at some beta, over several seeds) it gathers the held-out
-exact KL and gold per seed, compares every penalty with the default reward+k1 at equal beta
-(how much more KL it lets through) and at equal KL (whether its gold-vs-KL frontier differs,
-against Gao et al.'s RL form fitted to reward+k1), and writes the markdown that reads those
-numbers. `report.py` calls it when the study searches the KL penalty; the figure is drawn by
-`plots.kl_placement`.
+(ppo.kl_estimator, ppo.kl_in) pair at some beta, over several seeds, as the trial's own
+summary.json records its config) it gathers the held-out exact KL and gold per seed, compares
+every penalty with the default reward+k1 at equal beta (how much more KL it lets through) and at
+equal KL (whether its gold-vs-KL frontier differs, against Gao et al.'s RL form fitted to
+reward+k1), and writes the markdown that reads those numbers. `report.py` calls it when the study
+searches the KL penalty; the figure is drawn by `plots.kl_placement`.
 """
 
 from __future__ import annotations
@@ -16,9 +16,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+from optuna.trial import TrialState
 
 from rlhf_sweep.maths import gao
 from rlhf_sweep.maths import kl as klmod
+from rlhf_sweep.maths.stats import mean_interval
+from rlhf_sweep.run import layout
 from rlhf_sweep.utils.tables import fmt, md_table
 
 REFERENCE = "reward_k1"  # the default penalty, unbiased: what every other one is compared with
@@ -36,28 +39,39 @@ def label(name: str) -> str:
     return f"{placement}+{estimator}"
 
 
-def points(spec, ostudy) -> pd.DataFrame:
-    """One row per complete trial and seed: penalty, gradient, beta, seed, kl (held-out exact), gold.
+def trial_config(run_dir: str | None, seeds: list[int]) -> dict | None:
+    """The config a trial ran with, from the summary.json of its first seed that has one; None when none has."""
+    if not run_dir:
+        return None
+    found = [p for _, p in layout.seed_summaries(run_dir, seeds) if p.is_file()]
+    return layout.read_summary(found[0])["config"] if found else None
 
-    Each trial's penalty and beta are read from the config its parameters compose to; per-seed
+
+def points(spec, ostudy) -> tuple[pd.DataFrame, list[str]]:
+    """One row per complete trial and seed: penalty, gradient, beta, seed, kl (held-out exact), gold; and a note
+    per trial left out.
+
+    Each trial's penalty and beta are read from the config its own summary.json records; per-seed
     values from the trial's `per_seed` record (the objectives), else its seed means (seed -1).
     """
-    from optuna.trial import TrialState
-
-    from rlhf_sweep.config.compose import compose
-
-    rows = []
+    rows, notes = [], []
     for t in ostudy.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        cfg = compose(spec.trial_overrides(t.params, spec.seeds[0]))
-        pen = klmod.penalty(cfg.ppo.kl_estimator, cfg.ppo.kl_in)
-        base = {"trial": t.number, "penalty": pen.name, "gradient": pen.gradient, "beta": float(cfg.ppo.beta)}
+        run_dir = t.user_attrs.get("run_dir")
+        config = trial_config(run_dir, spec.seeds)
+        if config is None:
+            notes.append(f"KL penalties: trial {t.number} left out: no seed of it has a {layout.SUMMARY} in {run_dir} "
+                         "to say which penalty and beta it ran (its run files were moved or deleted)")
+            continue
+        ppo = config["ppo"]
+        pen = klmod.penalty(ppo["kl_estimator"], ppo["kl_in"])
+        base = {"trial": t.number, "penalty": pen.name, "gradient": pen.gradient, "beta": float(ppo["beta"])}
         per_seed = t.user_attrs.get("per_seed") or {}
         got = [(int(s), m) for s, m in per_seed.items() if m and m.get("kl/exact") is not None and m.get("gold/policy") is not None]
         if not got:
             m = t.user_attrs.get("metrics") or {}
             got = [(-1, m)] if m.get("kl/exact") is not None and m.get("gold/policy") is not None else []
         rows += [{**base, "seed": s, "kl": float(m["kl/exact"]), "gold": float(m["gold/policy"])} for s, m in got]
-    return pd.DataFrame(rows, columns=["trial", "penalty", "gradient", "beta", "seed", "kl", "gold"])
+    return pd.DataFrame(rows, columns=["trial", "penalty", "gradient", "beta", "seed", "kl", "gold"]), notes
 
 
 @dataclass
@@ -88,17 +102,16 @@ class Analysis:
 
 
 def _mean_ci(x: np.ndarray) -> tuple[float, tuple[float, float]]:
-    from scipy import stats
-
+    """The mean and its t interval; no interval where the points do not spread beyond rounding."""
     x = np.asarray(x, dtype=float)
-    if len(x) < 2 or float(np.ptp(x)) <= 1e-9 * max(1.0, float(np.abs(x).max())):  # no spread: no interval
+    if len(x) < 2 or float(np.ptp(x)) <= 1e-9 * max(1.0, float(np.abs(x).max())):
         return float(x.mean()) if len(x) else math.nan, (math.nan, math.nan)
-    ci = stats.ttest_1samp(x, 0.0).confidence_interval(CONFIDENCE)
-    return float(x.mean()), (float(ci.low), float(ci.high))
+    mean, lo, hi = mean_interval(x, CONFIDENCE, "t")
+    return mean, (lo, hi)
 
 
 def _gain(df: pd.DataFrame, gold_ref: float) -> tuple[np.ndarray, np.ndarray]:
-    return np.sqrt(np.clip(df["kl"].to_numpy(dtype=float), 0, None)), df["gold"].to_numpy(dtype=float) - gold_ref
+    return gao.sqrt_kl(df["kl"].to_numpy(dtype=float)), df["gold"].to_numpy(dtype=float) - gold_ref
 
 
 def analyse(pts: pd.DataFrame, gold_ref: float) -> Analysis:

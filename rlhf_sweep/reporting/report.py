@@ -1,17 +1,16 @@
 """Study reports: `rlhf-sweep report STUDY`, also run at the end of every sweep.
 
-This module owns gathering what a study's figures need and writing `report.md`:
+This module owns the report of a study and `report.md`:
 - the trials from the Optuna storage (objectives, params, the seed-averaged metrics each
-  trial stored), and each trial's per-iteration history from its nested MLflow run
-  (falling back to the trials' summary.json files when MLflow is off or elsewhere);
-- the best-of-n baseline: the study's `algo=bon` runs, which the sweep ran into OUT/baseline/
-  (sweep.run_baseline); their history is best-of-n' for n' = 1, 2, 4, ..., 256 at the exact KL,
-  beside the bound log n - (n-1)/n. The report reads results only: it never builds a model;
+  trial stored) as one frame, with its Pareto fronts; the histories and the best-of-n
+  baseline it reads through `study_data.py` (results only: it never builds a model);
 - when the trials span several algorithms (`algo`): every algorithm's frontier on one figure
   and a table of best gold, its KL, and gold at fixed KL budgets;
-- Gao et al. fits (RL form per trial, best-of-n form on the baseline), PED-ANOVA importances;
-- the figures (drawn by `plots.py`), `report.md`, and their upload as artifacts of the
-  study's MLflow parent run.
+- Gao et al. fits (RL form per trial, best-of-n form on the baseline; rlhf_sweep.maths.gao),
+  PED-ANOVA importances, the hypervolume after each trial;
+- the figures (drawn by `plots.py`), `report.md` with the sections of KL-penalty studies
+  (`kl_penalties.py`) and of world, phase and RM-scaling studies (`world_studies.py`), and
+  their upload as artifacts of the study's MLflow parent run.
 """
 
 from __future__ import annotations
@@ -19,9 +18,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import optuna
@@ -30,9 +27,10 @@ from optuna.trial import TrialState
 
 from rlhf_sweep.config import algorithms
 from rlhf_sweep.maths import gao, hypervolume
-from rlhf_sweep.reporting import kl_penalties
-from rlhf_sweep.run import layout, preflight
-from rlhf_sweep.study.spec import StudyError, StudySpec, load_spec
+from rlhf_sweep.reporting import kl_penalties, plots, world_studies
+from rlhf_sweep.reporting.study_data import StudyData, bon_baseline, bon_curve, histories, rl_fit, spec_of
+from rlhf_sweep.run import preflight, tracking
+from rlhf_sweep.study.spec import StudyError, StudySpec
 from rlhf_sweep.study.storage import hide_password, load_study
 from rlhf_sweep.utils.tables import fmt, md_table
 
@@ -43,8 +41,6 @@ HV_MOVING = 0.05  # a last quarter of the trials that added this share of the fi
 
 # keys whose change alters the reference or the RM: the best-of-n baseline cannot follow them
 MODEL_KEYS = ("world.", "model", "sft.", "rm.")
-
-HISTORY_KEYS = ("gold", "rm", "kl/exact", "len", "filler")
 
 FIGURES = {
     "pareto": "Pareto frontier: gold and RM score against exact KL, every trial colored by β, the non-dominated front "
@@ -61,37 +57,6 @@ FIGURES = {
     "hypervolume": "Hypervolume after each trial: the area of the objective plane the front dominates up to the "
                    "reference point, as the trials finished; labels name the trials that moved the front",
 }
-
-
-@dataclass
-class StudyData:
-    """Everything the figures and report.md are made of."""
-
-    name: str
-    spec: StudySpec
-    storage: str
-    out_dir: Path
-    study: Any
-    trials: pd.DataFrame  # one row per complete trial
-    histories: dict[int, pd.DataFrame]  # trial number -> iteration, gold, rm, kl/exact, len, filler
-    history_source: str
-    tracking_uri: str | None
-    parent_run_id: str | None
-    counts: dict[str, int]
-    bon: pd.DataFrame | None = None
-    bon_info: str = ""
-    notes: list[str] = field(default_factory=list)
-    sections: list[str] = field(default_factory=list)  # markdown of study-specific sections, after the standard four
-    hypervolume: hypervolume.StudyHypervolume | None = None
-
-
-# ----- where the study is --------------------------------------------------------------------------
-def spec_of(ostudy, study: str) -> StudySpec:
-    """The study's settings as the sweep stored them (so the report matches what ran), else its file."""
-    d = ostudy.user_attrs.get("spec")
-    if not d:
-        return load_spec(study, check_config=False)
-    return StudySpec.from_dict(d)
 
 
 # ----- the trials ------------------------------------------------------------------------------------
@@ -148,84 +113,6 @@ def trial_frame(spec: StudySpec, ostudy) -> pd.DataFrame:
     return df
 
 
-def _history_from_mlflow(client, run_id: str) -> pd.DataFrame | None:
-    cols = {}
-    for key in HISTORY_KEYS:
-        hist = client.get_metric_history(run_id, key)
-        if not hist and key != "filler":
-            return None
-        cols[key] = {m.step: m.value for m in hist}
-    steps = sorted(cols["gold"])  # per-iteration keys; kl/exact also has the held-out value one step later
-    return pd.DataFrame({"iteration": steps, **{k: [v.get(s, math.nan) for s in steps] for k, v in cols.items()}})
-
-
-def _history_from_files(spec: StudySpec, run_dir: str | None) -> pd.DataFrame | None:
-    if not run_dir:
-        return None
-    paths = [p for _, p in layout.seed_summaries(run_dir, spec.seeds)]
-    if not all(p.is_file() for p in paths):
-        return None
-    combined = layout.combine_seeds([layout.read_summary(p) for p in paths], spec.seeds)
-    df = pd.DataFrame(combined["history"])
-    return df[["iteration", *[k for k in HISTORY_KEYS if k in df]]]
-
-
-def histories(spec: StudySpec, trials: pd.DataFrame, tracking_uri: str | None) -> tuple[dict[int, pd.DataFrame], str, list[str]]:
-    """Per-iteration history of every complete trial: its nested MLflow run, else its summary.json files."""
-    notes: list[str] = []
-    client = None
-    if tracking_uri:
-        try:
-            from rlhf_sweep.run import tracking
-
-            client = tracking.client_for(tracking_uri)
-        except Exception as e:
-            notes.append(f"MLflow at {tracking_uri} could not be opened ({type(e).__name__}); histories read from summary.json")
-    out, sources = {}, set()
-    for _, r in trials.iterrows():
-        h = None
-        if client is not None and r["run_id"]:
-            try:
-                h = _history_from_mlflow(client, r["run_id"])
-            except Exception:  # a run id of another tracking store
-                h = None
-            if h is not None:
-                sources.add("MLflow")
-        if h is None:
-            h = _history_from_files(spec, r["run_dir"])
-            if h is not None:
-                sources.add(layout.SUMMARY)
-        if h is None:
-            notes.append(f"trial {int(r['number'])}: no per-iteration history found (neither in MLflow nor in {r['run_dir']})")
-            continue
-        out[int(r["number"])] = h
-    return out, " and ".join(sorted(sources)) or "nowhere", notes
-
-
-# ----- the best-of-n baseline ------------------------------------------------------------------------
-def bon_baseline(out_dir: Path, spec: StudySpec) -> tuple[pd.DataFrame | None, str]:
-    """The best-of-n baseline from the study's `algo=bon` runs (sweep.run_baseline wrote them into
-    OUT/baseline/seed-N/): each run's history is best-of-n' for n' = 1, 2, 4, ..., at the exact KL of the
-    empirical distribution of reference samples (kl) beside the bound (kl_bound); averaged over the seeds.
-    Returns (frame with n, kl, kl_bound, gold, rm, len, filler; or None, and a line saying what it is)."""
-    where = layout.baseline_dir(out_dir)
-    runs = layout.seed_summaries(where, spec.seeds)
-    runs = [(seed, p) for seed, p in runs if p.is_file()]
-    if not runs:
-        return None, (f"best-of-n baseline: no runs in {where} (the sweep runs them after its trials; a study swept "
-                      f"before they existed, or interrupted, has none): `rlhf-sweep sweep {spec.name}` runs them")
-    summaries = [layout.read_summary(p) for _, p in runs]
-    seeds = [seed for seed, _ in runs]
-    h = pd.DataFrame(layout.combine_seeds(summaries, seeds)["history"])
-    df = h.rename(columns={"bon/n": "n", "kl/exact": "kl", "kl/bon_bound": "kl_bound"})[
-        ["n", "kl", "kl_bound", "gold", "rm", "len", "filler"]]
-    c = summaries[0]["config"]
-    info = (f"algo=bon runs in {where}: {c['bon']['samples_per_prompt']} reference samples per held-out prompt, "
-            f"{c['eval']['n_prompts']} prompts, seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}; "
-            "exact KL of the empirical distribution (Beirami et al.), bound log n − (n−1)/n beside it")
-    return df, info
-
-
 # ----- algorithms -------------------------------------------------------------------------------------
 BUDGETS = (1.0, 3.0, 10.0)  # KL budgets (nats) of the algorithms table
 
@@ -258,8 +145,7 @@ def algorithm_rows(df: pd.DataFrame, budgets: tuple[float, ...] = BUDGETS) -> tu
     for algo, g in df.groupby("algo", sort=False):
         g = g.sort_values("kl")
         ref = float(g["gold_ref"].mean())
-        d = np.sqrt(np.clip(g["kl"].to_numpy(dtype=float), 0, None))
-        fit = (gao.fit_bon if algo == "bon" else gao.fit_rl)(d, g["gold"].to_numpy(dtype=float) - ref)
+        fit = gao.fit_kl("bon" if algo == "bon" else "rl", g["kl"].to_numpy(dtype=float), g["gold"].to_numpy(dtype=float) - ref)
         fits[algo] = fit
         best = g.loc[g["gold"].idxmax()]
         peak = fit.peak_d**2 if fit.ok else math.nan
@@ -284,13 +170,7 @@ def write_report(name: str, storage: str, uri: str | None, out_dir: Path) -> Non
               f"the study is intact: `rlhf-sweep report {name} --storage {hide_password(storage)} --out {out_dir}` retries it", flush=True)
 
 
-# ----- fits and importances ---------------------------------------------------------------------------
-def rl_fit(h: pd.DataFrame, gold_ref: float) -> gao.GaoFit:
-    """The RL form fitted to one trial's per-iteration gold gain against d = sqrt(kl/exact)."""
-    d = np.sqrt(np.clip(h["kl/exact"].to_numpy(dtype=float), 0, None))
-    return gao.fit_rl(d, h["gold"].to_numpy(dtype=float) - gold_ref)
-
-
+# ----- chosen trials and importances ---------------------------------------------------------------------------
 def choose_trials(df: pd.DataFrame, have: set[int]) -> list[int]:
     """Trials for the over-optimization figure: front members spread over KL, plus the lowest and highest beta."""
     df = df[df["number"].isin(have)]
@@ -409,10 +289,9 @@ def write_markdown(data: StudyData, files: dict[str, str], fits: dict[int, gao.G
             "KL the curve reached, i.e. whether the fitted gold rises and then falls; \"fitted peak Δh\" is how much it rises "
             "first (a tiny peak at a tiny KL means gold only fell).", ""]
     def fit_row(label: str, knob_values: list, kl_max: float, f: gao.GaoFit) -> list:
-        peak = f.peak_d if f.ok else math.nan
-        inside = f.ok and peak < math.sqrt(kl_max)
-        return [label, *knob_values, kl_max, f.a, f.b, f.r2, peak**2, float(f.predict(np.array([peak]))[0]) if inside else math.nan,
-                inside if f.ok else "n/a"]
+        peak = f.peak(math.sqrt(kl_max))
+        return [label, *knob_values, kl_max, f.a, f.b, f.r2, peak.kl, peak.gain if peak.inside else math.nan,
+                peak.inside if f.ok else "n/a"]
 
     blank = [""] * len(knobs)
     rows = []
@@ -462,7 +341,7 @@ def hypervolume_section(data: StudyData, files: dict[str, str]) -> list[str]:
     out = ["## Hypervolume after each trial", "", _figure(files, "hypervolume", number)]
     out += [f"Reference point: {reference_text(s, hv)} (" + "; ".join(hv.sources) + "). A trial adds area only where it "
             "beats the reference point on every objective; infeasible trials add none. Set `reference_point` in the study "
-            "file to fix it (rlhf_sweep/frontier.py has the default rule).", ""]
+            "file to fix it (rlhf_sweep/maths/hypervolume.py has the default rule).", ""]
     n, final = len(hv.values), hv.final
     if final <= 0:
         out += [f"No complete trial beat the reference point on every objective: the hypervolume is 0 after all {n} trials.", ""]
@@ -494,6 +373,20 @@ def algorithms_markdown(df: pd.DataFrame, files: dict[str, str]) -> list[str]:
                       *[f"gold at {b:g} nats" for b in BUDGETS], "Gao fit", "fitted peak KL", "falls", "wall (min)"], rows), ""]
 
 
+def kl_penalty_section(data: StudyData, files: dict[str, str], gold_ref: float, title: str) -> None:
+    """A study of KL penalties: what each lets through at equal beta, and its frontier (figure, section, notes)."""
+    pts, notes = kl_penalties.points(data.spec, data.study)
+    data.notes += notes
+    if not len(pts):
+        return
+    a = kl_penalties.analyse(pts, gold_ref)
+    files["kl_placement"] = plots.kl_placement(
+        a.table, a.points, {n: c.fit for n, c in a.comparisons.items()},
+        {n: f"{kl_penalties.label(n)} ({c.gradient})" for n, c in a.comparisons.items()}, a.gold_ref,
+        data.out_dir / "kl_placement.png", title=title)
+    data.sections += kl_penalties.section(a, Path(files["kl_placement"]).name, 5, 6 if "importance" in files else 5)
+
+
 # ----- the report ---------------------------------------------------------------------------------------
 def report(study: str, storage: str | None = None, tracking_uri: str | None = None, out: str | None = None,
            say=print) -> str:
@@ -503,8 +396,6 @@ def report(study: str, storage: str | None = None, tracking_uri: str | None = No
     default as in `sweep` (OUT/optuna.journal, outputs/studies/NAME). tracking_uri defaults to
     the one the sweep logged to. The files are also logged to the study's MLflow parent run.
     """
-    from rlhf_sweep.reporting import plots
-
     ostudy, name, storage, out_dir = load_study(study, storage, out)
     spec = spec_of(ostudy, study)
     all_trials = ostudy.get_trials(deepcopy=False)
@@ -546,25 +437,19 @@ def report(study: str, storage: str | None = None, tracking_uri: str | None = No
     curves = []
     for n, color in zip(chosen, colors, strict=True):
         r, h = df[df["number"] == n].iloc[0], hist[n]
-        d = np.sqrt(np.clip(h["kl/exact"].to_numpy(dtype=float), 0, None))
+        d = gao.sqrt_kl(h["kl/exact"].to_numpy(dtype=float))
         role = "front" if r["front_gold"] else "β extreme"
         knob = f"β={r['beta']:.3g}" if r["algo"] == "ppo" else f"{r['algo']} {ALGO_KNOB[r['algo']].split('/')[1]}={r['knob']:.3g}"
         curves.append({"label": f"t{n} {knob} ({role})", "color": color, "d": d, "kl": d**2,
                        "gold_gain": h["gold"].to_numpy(dtype=float) - r["gold_ref"],
                        "rm_gain": h["rm"].to_numpy(dtype=float) - r["rm_ref"],
                        "len": h["len"].to_numpy(dtype=float), "filler": h["filler"].to_numpy(dtype=float), "fit": fits[n]})
-    bon_fit, bon_curve = None, None
-    if data.bon is not None:
-        d_bon = np.sqrt(data.bon["kl"].to_numpy())
-        g0, r0 = data.bon["gold"].iloc[0], data.bon["rm"].iloc[0]  # n = 1 is the reference itself
-        bon_fit = gao.fit_bon(d_bon, data.bon["gold"].to_numpy() - g0)
-        bon_curve = {"d": d_bon, "gold_gain": data.bon["gold"].to_numpy() - g0, "rm_gain": data.bon["rm"].to_numpy() - r0,
-                     "fit": bon_fit}
-    study_d = np.sqrt(np.clip(df["kl"].to_numpy(), 0, None))
-    study_fit = gao.fit_rl(study_d, (df["gold"] - df["gold_ref"]).to_numpy())
-    study_points = {"d": study_d, "gold_gain": (df["gold"] - df["gold_ref"]).to_numpy(),
+    baseline = bon_curve(data.bon) if data.bon is not None else None
+    bon_fit = baseline["fit"] if baseline is not None else None
+    study_fit = gao.fit_kl("rl", df["kl"].to_numpy(), (df["gold"] - df["gold_ref"]).to_numpy())
+    study_points = {"d": gao.sqrt_kl(df["kl"].to_numpy()), "gold_gain": (df["gold"] - df["gold_ref"]).to_numpy(),
                     "rm_gain": (df["rm"] - df["rm_ref"]).to_numpy(), "fit": study_fit}
-    files["overoptimization"] = plots.overoptimization(curves, bon_curve, out_dir / "overoptimization.png", title=title,
+    files["overoptimization"] = plots.overoptimization(curves, baseline, out_dir / "overoptimization.png", title=title,
                                                        trials=study_points)
     files["length_filler"] = plots.length_filler(df, curves, data.bon, out_dir / "length_filler.png", ref=ref, title=title)
 
@@ -582,13 +467,8 @@ def report(study: str, storage: str | None = None, tracking_uri: str | None = No
     if params and not spec.trials:  # planned trials: each sets its own keys, nothing to slice along
         files["slices"] = plots.slices(df, [(o.metric, o.direction) for o in spec.objectives], params, out_dir / "slices.png",
                                        title=title)
-    if kl_penalties.searched(spec):  # a study of KL penalties: what each lets through at equal beta, and its frontier
-        a = kl_penalties.analyse(kl_penalties.points(spec, ostudy), ref["gold"])
-        files["kl_placement"] = plots.kl_placement(
-            a.table, a.points, {n: c.fit for n, c in a.comparisons.items()},
-            {n: f"{kl_penalties.label(n)} ({c.gradient})" for n, c in a.comparisons.items()}, a.gold_ref,
-            out_dir / "kl_placement.png", title=title)
-        data.sections += kl_penalties.section(a, Path(files["kl_placement"]).name, 5, 6 if "importance" in files else 5)
+    if kl_penalties.searched(spec):
+        kl_penalty_section(data, files, ref["gold"], title)
     data.hypervolume = hypervolume.study_hypervolume(spec, all_trials)
     if data.hypervolume is not None:
         files["hypervolume"] = plots.hypervolume_curve(data.hypervolume.values, data.hypervolume.numbers,
@@ -603,9 +483,7 @@ def report(study: str, storage: str | None = None, tracking_uri: str | None = No
 
     md = out_dir / "report.md"
     text = write_markdown(data, files, fits, bon_fit, study_fit, imps)
-    # studies over drawn worlds, a labeler bias x beta, or reward-model size get their own analyses (worlds.py)
-    from rlhf_sweep.reporting import world_studies
-
+    # studies over drawn worlds, a labeler bias x beta, or reward-model size get their own analyses
     try:
         extra, extra_files = world_studies.section(data, lambda msg: None if ": cached" in msg else say(f"report: {msg}"))
     except Exception as e:  # the generic report is still worth having
@@ -615,8 +493,6 @@ def report(study: str, storage: str | None = None, tracking_uri: str | None = No
     md.write_text(text + extra)
     if uri and parent:
         try:
-            from rlhf_sweep.run import tracking
-
             client = tracking.client_for(uri)
             for path in [*files.values(), str(md)]:
                 client.log_artifact(parent, path, artifact_path="report")
