@@ -84,12 +84,11 @@ class ModelConfig:
     n_layer: int = 2
     n_embd: int = 64
     n_head: int = 4
-    # MLP activation (a transformers ACT2FN name). gelu is the exact (erf) GELU: on CPU it runs 5x faster
-    # than GPT-2's tanh approximation (gelu_pytorch_tanh, one fused op; gelu_new, the same in six ops),
-    # which took ~10% of a PPO iteration.
+    # MLP activation (a transformers ACT2FN name). gelu is the exact (erf) GELU, faster on CPU than GPT-2's
+    # tanh approximation (gelu_pytorch_tanh, one fused op; gelu_new, the same in six ops).
     activation: str = "gelu"
-    # GPT-2 through the hand-written forward in models.py (same weights, same function, ~1.35x as fast
-    # at this size); false = transformers' own forward. Llama always uses transformers'.
+    # GPT-2 through the hand-written forward in models/lm.py (same weights, same function, faster at this
+    # size); false = transformers' own forward. Llama always uses transformers'.
     fast_forward: bool = True
 
 

@@ -4,7 +4,7 @@
 This module owns one row per RM (trial): its size, parameters (as the run's summary.json counted them),
 data, held-out accuracy on labels and on gold order, Gao et al.'s RL form fitted to its PPO run and the
 best-of-n form to its best-of-n curve (the `algo=bon` runs in the trial's own directory, which
-`sweep.run_trial` makes), the gold peaks (fitted, and PPO's observed one), and how each moves with RM
+`study.workers.run_trial` makes), the gold peaks (fitted, and PPO's observed one), and how each moves with RM
 parameters and data size. The fits and peaks are rlhf_sweep.maths.gao's.
 """
 
@@ -76,7 +76,7 @@ def scaling_table(data, runs: pd.DataFrame, say=print) -> tuple[pd.DataFrame, li
         rl_gain, rl_kl, rl_in = peak_columns(fit.peak(d_rl))
         emp_gain, emp_kl = empirical_peak(h, float(t["gold_ref"]))
         one = trial_spec(spec, params)
-        trial_dir = layout.trial_dir(data.out_dir, n)  # its RM's best-of-n runs (sweep.run_trial) sit beside its seeds
+        trial_dir = layout.trial_dir(data.out_dir, n)  # its RM's best-of-n runs (study.workers.run_trial) sit beside its seeds
         bon, missing = bon_baseline(trial_dir, one)
         if bon is None:  # the RM's PPO side still counts; its best-of-n columns stay empty until `sweep` runs it again
             say(f"trial {n}: {missing}; its best-of-n columns are n/a")

@@ -109,7 +109,7 @@ def histories(spec: StudySpec, trials: pd.DataFrame, tracking_uri: str | None) -
 
 # ----- the best-of-n baseline ------------------------------------------------------------------------
 def bon_baseline(out_dir: Path, spec: StudySpec) -> tuple[pd.DataFrame | None, str]:
-    """The best-of-n baseline from the study's `algo=bon` runs (sweep.run_baseline wrote them into
+    """The best-of-n baseline from the study's `algo=bon` runs (study.baselines.run_baseline wrote them into
     OUT/baseline/seed-N/): each run's history is best-of-n' for n' = 1, 2, 4, ..., at the exact KL of the
     empirical distribution of reference samples (kl) beside the bound (kl_bound); averaged over the seeds.
     Returns (frame with n, kl, kl_bound, gold, rm, len, filler; or None, and a line saying what it is)."""
