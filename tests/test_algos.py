@@ -10,7 +10,7 @@ import torch
 
 from rlhf_sweep.config.compose import compose
 from rlhf_sweep.config.schema import ConfigError
-from rlhf_sweep.maths import gao
+from rlhf_sweep.maths import best_of_n
 from rlhf_sweep.maths import kl as klmod
 from rlhf_sweep.training import bon, dpo, grpo, rloo
 
@@ -144,10 +144,10 @@ def test_exact_bon_kl_matches_enumeration_with_ties(n):
     p = np.array([0.1, 0.2, 0.3, 0.15, 0.25])
     r = np.array([1.0, 2.0, 2.0, 0.5, 3.0])  # outcomes 1 and 2 tie
     pi = brute_force_bon(p, r, n)
-    assert gao.bon_distribution(p, r, n) == pytest.approx(pi, abs=1e-12)
+    assert best_of_n.bon_distribution(p, r, n) == pytest.approx(pi, abs=1e-12)
     kl = float((pi[pi > 0] * np.log(pi[pi > 0] / p[pi > 0])).sum())
-    assert gao.bon_exact_kl(p, r, n) == pytest.approx(kl, abs=1e-12)
-    assert gao.bon_exact_kl(p, r, n) <= gao.bon_kl(n) + 1e-12
+    assert best_of_n.bon_exact_kl(p, r, n) == pytest.approx(kl, abs=1e-12)
+    assert best_of_n.bon_exact_kl(p, r, n) <= best_of_n.bon_kl(n) + 1e-12
 
 
 def test_exact_bon_kl_with_a_tie_at_the_top_and_its_limits():
@@ -155,12 +155,12 @@ def test_exact_bon_kl_with_a_tie_at_the_top_and_its_limits():
     r = np.array([0.0, 1.0, 1.0])  # the top class {1, 2} has mass 0.5
     pi = brute_force_bon(p, r, 3)
     assert pi.tolist() == pytest.approx([0.125, 0.4375, 0.4375])
-    assert gao.bon_exact_kl(p, r, 3) == pytest.approx(0.125 * math.log(0.25) + 0.875 * math.log(1.75))
+    assert best_of_n.bon_exact_kl(p, r, 3) == pytest.approx(0.125 * math.log(0.25) + 0.875 * math.log(1.75))
     # saturation: at most -log p(top class), however large n
-    assert gao.bon_exact_kl(p, r, 200) == pytest.approx(math.log(2), rel=1e-6)
+    assert best_of_n.bon_exact_kl(p, r, 200) == pytest.approx(math.log(2), rel=1e-6)
     # many equally likely distinct outcomes: the continuous formula log n - (n-1)/n
     M = 20000
-    assert gao.bon_exact_kl(np.full(M, 1 / M), np.arange(M, dtype=float), 16) == pytest.approx(gao.bon_kl(16), abs=1e-3)
+    assert best_of_n.bon_exact_kl(np.full(M, 1 / M), np.arange(M, dtype=float), 16) == pytest.approx(best_of_n.bon_kl(16), abs=1e-3)
 
 
 def test_bon_estimate_breaks_proxy_ties_at_random():
@@ -172,7 +172,7 @@ def test_bon_estimate_breaks_proxy_ties_at_random():
         for s in subsets:
             top = max(proxy[list(s)])
             total += np.mean([value[i] for i in s if proxy[i] == top])
-        assert gao.bon_estimate(proxy, value, n) == pytest.approx(total / len(subsets))
+        assert best_of_n.bon_estimate(proxy, value, n) == pytest.approx(total / len(subsets))
 
 
 def test_win_probability_counts_ties_half_and_excludes_itself():
@@ -184,7 +184,7 @@ def test_win_probability_counts_ties_half_and_excludes_itself():
 def test_exact_kls_merge_identical_responses():
     # one prompt, 4 samples: response ids 7, 7, 9, 3 -> outcomes 7 (p 1/2), 9, 3 (1/4 each); RM: 3 best, 7 worst
     ids, rm = np.array([[7, 7, 9, 3]]), np.array([[0.0, 0.0, 1.0, 2.0]])
-    want = gao.bon_exact_kl(np.array([0.25, 0.5, 0.25]), np.array([2.0, 0.0, 1.0]), 4)
+    want = best_of_n.bon_exact_kl(np.array([0.25, 0.5, 0.25]), np.array([2.0, 0.0, 1.0]), 4)
     assert bon.exact_kls(ids, rm, 4)[0] == pytest.approx(want)
 
 

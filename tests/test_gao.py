@@ -1,4 +1,4 @@
-"""The maths of rlhf_sweep/maths/gao.py against hand-computed values and synthetic curves."""
+"""The maths of rlhf_sweep/maths/gao.py and maths/best_of_n.py against hand-computed values and synthetic curves."""
 
 from __future__ import annotations
 
@@ -8,40 +8,40 @@ import math
 import numpy as np
 import pytest
 
-from rlhf_sweep.maths import gao
+from rlhf_sweep.maths import best_of_n, gao
 
 
 def test_bon_kl_hand_values():
-    assert gao.bon_kl(1) == 0.0
-    assert gao.bon_kl(2) == pytest.approx(math.log(2) - 0.5)  # 0.19315
-    assert gao.bon_kl(4) == pytest.approx(1.386294361 - 0.75)  # 0.63629
-    assert gao.bon_kl(256) == pytest.approx(5.545177444 - 255 / 256)  # 4.54908
-    np.testing.assert_allclose(gao.bon_kl(np.array([1, 2, 4])), [0.0, 0.193147, 0.636294], atol=1e-6)
+    assert best_of_n.bon_kl(1) == 0.0
+    assert best_of_n.bon_kl(2) == pytest.approx(math.log(2) - 0.5)  # 0.19315
+    assert best_of_n.bon_kl(4) == pytest.approx(1.386294361 - 0.75)  # 0.63629
+    assert best_of_n.bon_kl(256) == pytest.approx(5.545177444 - 255 / 256)  # 4.54908
+    np.testing.assert_allclose(best_of_n.bon_kl(np.array([1, 2, 4])), [0.0, 0.193147, 0.636294], atol=1e-6)
     with pytest.raises(ValueError):
-        gao.bon_kl(0)
+        best_of_n.bon_kl(0)
 
 
 def test_bon_weights_hand_values():
     # N = 4, n = 2: C(i-1, 1) / C(4, 2) = (0, 1, 2, 3) / 6
-    np.testing.assert_allclose(gao.bon_weights(4, 2), [0, 1 / 6, 2 / 6, 3 / 6])
-    np.testing.assert_allclose(gao.bon_weights(5, 1), [0.2] * 5)  # n = 1: the plain mean
-    np.testing.assert_allclose(gao.bon_weights(5, 5), [0, 0, 0, 0, 1])  # n = N: the top sample
-    assert gao.bon_weights(256, 128).sum() == pytest.approx(1.0)  # C(256, 128) ~ 5.8e75 does not overflow
+    np.testing.assert_allclose(best_of_n.bon_weights(4, 2), [0, 1 / 6, 2 / 6, 3 / 6])
+    np.testing.assert_allclose(best_of_n.bon_weights(5, 1), [0.2] * 5)  # n = 1: the plain mean
+    np.testing.assert_allclose(best_of_n.bon_weights(5, 5), [0, 0, 0, 0, 1])  # n = N: the top sample
+    assert best_of_n.bon_weights(256, 128).sum() == pytest.approx(1.0)  # C(256, 128) ~ 5.8e75 does not overflow
     with pytest.raises(ValueError):
-        gao.bon_weights(3, 4)
+        best_of_n.bon_weights(3, 4)
 
 
 def test_bon_estimate_hand_values():
     # three samples, proxy order 1 < 2 < 3 with gold 10, 0, 5 (the proxy's best is not gold's best).
     # pairs: {1,2} -> sample 2 (gold 0), {1,3} -> sample 3 (5), {2,3} -> sample 3 (5): mean 10/3
     proxy, gold = np.array([1.0, 3.0, 2.0]), np.array([10.0, 5.0, 0.0])
-    assert gao.bon_estimate(proxy, gold, 2) == pytest.approx(10 / 3)
-    assert gao.bon_estimate(proxy, gold, 1) == pytest.approx(5.0)  # the mean
-    assert gao.bon_estimate(proxy, gold, 3) == pytest.approx(5.0)  # the proxy's top sample
+    assert best_of_n.bon_estimate(proxy, gold, 2) == pytest.approx(10 / 3)
+    assert best_of_n.bon_estimate(proxy, gold, 1) == pytest.approx(5.0)  # the mean
+    assert best_of_n.bon_estimate(proxy, gold, 3) == pytest.approx(5.0)  # the proxy's top sample
     # values sorted by proxy 1, 2, 3: 1/3 * 2 + 2/3 * 3 = 8/3
-    assert gao.bon_estimate(np.array([1.0, 2.0, 3.0]), np.array([1.0, 2.0, 3.0]), 2) == pytest.approx(8 / 3)
+    assert best_of_n.bon_estimate(np.array([1.0, 2.0, 3.0]), np.array([1.0, 2.0, 3.0]), 2) == pytest.approx(8 / 3)
     # (P, N): one estimate per prompt
-    est = gao.bon_estimate(np.stack([proxy, proxy]), np.stack([gold, 2 * gold]), 2)
+    est = best_of_n.bon_estimate(np.stack([proxy, proxy]), np.stack([gold, 2 * gold]), 2)
     np.testing.assert_allclose(est, [10 / 3, 20 / 3])
 
 
@@ -50,7 +50,7 @@ def test_bon_estimate_equals_the_mean_over_all_subsets():
     proxy, value = rng.normal(size=8), rng.normal(size=8)
     for n in (1, 2, 3, 5, 8):
         brute = np.mean([value[max(s, key=lambda i: proxy[i])] for s in itertools.combinations(range(8), n)])
-        assert gao.bon_estimate(proxy, value, n) == pytest.approx(brute)
+        assert best_of_n.bon_estimate(proxy, value, n) == pytest.approx(brute)
 
 
 @pytest.mark.parametrize("a,b", [(1.3, 0.4), (0.5, 0.05), (2.0, 1.1)])

@@ -210,10 +210,12 @@ def test_a_user_algorithm_runs_in_a_study(user_algo, tmp_path):
 NAMED_ELSEWHERE = {
     # ppo is the default algorithm: its section (conf/ppo/) is in every config, and its names are the summary
     # format's (diagnosis["ppo"], config["ppo"], the ppo.beta column), which the readers and the CLI's run table read
-    "ppo": {"reporting/report.py", "reporting/explain.py", "reporting/world_studies.py", "evaluation/metrics.py", "app/cli.py"},
-    # the study's baseline is best-of-n by design (study/baselines.py runs it, report.py reads its runs and fits
-    # Gao et al.'s best-of-n form to them); maths/gao.py's "bon" names that functional form, not the algorithm
-    "bon": {"study/baselines.py", "reporting/report.py", "maths/gao.py"},
+    "ppo": {"reporting/report.py", "reporting/explain.py", "reporting/kl_penalties.py", "reporting/world_runs.py",
+            "evaluation/metrics.py", "app/cli.py"},
+    # the study's baseline is best-of-n by design (study/baselines.py runs it, reporting/study_data.py reads its
+    # runs and fits Gao et al.'s best-of-n form to them, report.py draws it); maths/gao.py's "bon" names that
+    # functional form, not the algorithm
+    "bon": {"study/baselines.py", "reporting/study_data.py", "reporting/report.py", "maths/gao.py"},
 }
 QUOTED = re.compile(r"""["'](ppo|rloo|grpo|dpo|ipo|bon)["']""")
 

@@ -150,7 +150,7 @@ def _trajectory_figure(summary: dict, cfg) -> str | None:
         return None
 
 
-def _run_trial(raw) -> None:
+def _run_job(raw) -> None:
     """One job of `rlhf-sweep run`, run by Hydra (config.compose.run_under_hydra): validate, run, log, print.
     Hydra names the job after this file (cli.log in the run directory)."""
     try:
@@ -194,7 +194,7 @@ def cmd_run(argv: list[str]) -> None:
             preflight.check_run(command_line.overrides + command_line.hydra_overrides, command_line.multirun)
         except preflight.PreflightError as e:
             fail(str(e))
-    run_under_hydra(_run_trial, command_line.argv)
+    run_under_hydra(_run_job, command_line.argv)
 
 
 def cmd_sweep(argv: list[str]) -> None:

@@ -72,6 +72,8 @@ def non_dominated(kl: np.ndarray, value: np.ndarray) -> np.ndarray:
 
 # each algorithm's KL knob, as its runs record it in their metrics (the registry's cards)
 ALGO_KNOB = algorithms.knob_metrics()
+# algorithms that train nothing pick from reference samples: Gao et al.'s best-of-n form fits them, the RL form the rest
+SELECTS_ONLY = {a.name for a in algorithms.registered() if not a.trains}
 
 
 def _beta(t) -> float:
@@ -145,7 +147,7 @@ def algorithm_rows(df: pd.DataFrame, budgets: tuple[float, ...] = BUDGETS) -> tu
     for algo, g in df.groupby("algo", sort=False):
         g = g.sort_values("kl")
         ref = float(g["gold_ref"].mean())
-        fit = gao.fit_kl("bon" if algo == "bon" else "rl", g["kl"].to_numpy(dtype=float), g["gold"].to_numpy(dtype=float) - ref)
+        fit = gao.fit_kl("bon" if algo in SELECTS_ONLY else "rl", g["kl"].to_numpy(dtype=float), g["gold"].to_numpy(dtype=float) - ref)
         fits[algo] = fit
         best = g.loc[g["gold"].idxmax()]
         peak = fit.peak_d**2 if fit.ok else math.nan
@@ -439,7 +441,7 @@ def report(study: str, storage: str | None = None, tracking_uri: str | None = No
         r, h = df[df["number"] == n].iloc[0], hist[n]
         d = gao.sqrt_kl(h["kl/exact"].to_numpy(dtype=float))
         role = "front" if r["front_gold"] else "β extreme"
-        knob = f"β={r['beta']:.3g}" if r["algo"] == "ppo" else f"{r['algo']} {ALGO_KNOB[r['algo']].split('/')[1]}={r['knob']:.3g}"
+        knob = f"β={r['beta']:.3g}" if r["algo"] == "ppo" else f"{r['algo']} {ALGO_KNOB.get(r['algo'], 'knob').split('/')[-1]}={r['knob']:.3g}"
         curves.append({"label": f"t{n} {knob} ({role})", "color": color, "d": d, "kl": d**2,
                        "gold_gain": h["gold"].to_numpy(dtype=float) - r["gold_ref"],
                        "rm_gain": h["rm"].to_numpy(dtype=float) - r["rm_ref"],

@@ -4,11 +4,11 @@
 best-of-n policy on the same prompts and with the same metric keys as `evaluation.metrics.evaluate`
 (RM score, gold, win rates, length, filler, KL):
 - each held-out prompt gets `samples_per_prompt` (M >= n) reference samples;
-- the policy's metrics are the unbiased best-of-n estimates over them (gao.bon_estimate: the RM's
+- the policy's metrics are the unbiased best-of-n estimates over them (best_of_n.bon_estimate: the RM's
   choice among n samples, averaged over every n-subset of the M), the reference's their plain means,
   and the win rates the best-of-n choice's chance of beating another reference sample of its prompt;
 - `kl/exact` is the exact KL of best-of-n from the empirical distribution of the M samples (identical
-  responses merged, RM ties handled: gao.bon_exact_kl, Beirami et al. 2024), averaged over prompts; the
+  responses merged, RM ties handled: best_of_n.bon_exact_kl, Beirami et al. 2024), averaged over prompts; the
   upper bound log n - (n-1)/n is `kl/bon_bound`. Here responses repeat (short, templated answers), so the
   exact KL saturates at -log p(the RM's favourite) where the bound keeps growing;
 - the sampled estimators `kl/k1`, `kl/k3` do not apply (best-of-n has no per-token log-probabilities): NaN.
@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from rlhf_sweep.config.algorithms import BoNConfig
 from rlhf_sweep.config.schema import config_hash
-from rlhf_sweep.maths import gao
+from rlhf_sweep.maths import best_of_n
 from rlhf_sweep.maths.stats import mean_ci
 from rlhf_sweep.models.lm import response_mask, sample
 from rlhf_sweep.models.reward import RewardModel, score
@@ -61,7 +61,7 @@ def exact_kls(ids: np.ndarray, rm: np.ndarray, n: int) -> np.ndarray:
     out = np.empty(len(ids))
     for i, (row_ids, row_rm) in enumerate(zip(ids, rm, strict=True)):
         uniq, first, counts = np.unique(row_ids, return_index=True, return_counts=True)
-        out[i] = gao.bon_exact_kl(counts / counts.sum(), row_rm[first], n)
+        out[i] = best_of_n.bon_exact_kl(counts / counts.sum(), row_rm[first], n)
     return out
 
 
@@ -111,13 +111,13 @@ def evaluate_bon(
 
     def bon(key: str, k: int = n) -> np.ndarray:
         """Per-prompt unbiased best-of-k estimate of A[key] (RM-chosen)."""
-        return gao.bon_estimate(A["rm"], A[key], k)
+        return best_of_n.bon_estimate(A["rm"], A[key], k)
 
     m: dict[str, float] = {}
     for key in ("rm", "gold"):
         m[f"{key}/policy"], m[f"{key}/policy_lo"], m[f"{key}/policy_hi"] = mean_ci(bon(key), confidence)
         m[f"{key}/ref"], m[f"{key}/ref_lo"], m[f"{key}/ref_hi"] = mean_ci(A[key].mean(1), confidence)
-        wins = gao.bon_estimate(A["rm"], win_probability(A[key]), n)
+        wins = best_of_n.bon_estimate(A["rm"], win_probability(A[key]), n)
         m[f"{key}/win_rate"], m[f"{key}/win_rate_lo"], m[f"{key}/win_rate_hi"] = mean_ci(wins, confidence)
     for name, mean_of in (("policy", bon), ("ref", lambda key: A[key].mean(1))):
         m[f"len/{name}"] = float(mean_of("length").mean())
@@ -131,7 +131,7 @@ def evaluate_bon(
     m["kl/exact"] = float(kls.mean())
     m["kl/k1"] = m["kl/k3"] = float("nan")
     m["kl/exact_per_token"] = m["kl/exact"] / float(bon("tokens").mean())
-    m["kl/bon_bound"] = float(gao.bon_kl(n))
+    m["kl/bon_bound"] = float(best_of_n.bon_kl(n))
     m["bon/n"] = float(n)
     m["bon/samples_per_prompt"] = float(M)
     m["bon/distinct_per_prompt"] = float(np.mean([len(np.unique(r)) for r in ids]))
@@ -142,7 +142,7 @@ def evaluate_bon(
         history.append({"iteration": i, "rm": float(bon("rm", k).mean()), "gold": float(bon("gold", k).mean()),
                         "len": float(bon("length", k).mean()), "filler": float(bon("filler", k).mean()),
                         "kl/exact": float(kl_k), "kl/exact_per_token": float(kl_k / bon("tokens", k).mean()),
-                        "kl/bon_bound": float(gao.bon_kl(k)), "bon/n": float(k)})
+                        "kl/bon_bound": float(best_of_n.bon_kl(k)), "bon/n": float(k)})
 
     # one concrete realisation for the examples and the diagnosis: the RM's choice among the first n samples
     # of each prompt, and the first sample as the reference's answer
