@@ -202,6 +202,11 @@ def test_algo_group_composes_each_algorithm():
     (["rloo.beta=0.1"], "add algo=rloo"),
     (["dpo.beta=0.1"], "algo=dpo and algo=ipo"),
     (["algo=rloo", "rloo.batch_size=30"], "an integer multiple of rloo.num_generations=4"),
+    # a batch that the update steps do not split evenly would leave samples out of every update
+    (["ppo.batch_size=3", "ppo.minibatches=2"], "ppo.minibatches accepts an integer in [1, ppo.batch_size=3] that divides it"),
+    (["algo=rloo", "rloo.batch_size=12", "rloo.num_generations=4", "rloo.steps_per_generation=5"],
+     "rloo.steps_per_generation accepts an integer in [1, rloo.batch_size=12] that divides it"),
+    (["algo=grpo", "grpo.batch_size=24", "grpo.steps_per_generation=5"], "grpo.steps_per_generation"),
     (["algo=grpo", "grpo.loss_type=sum"], "grpo | bnpo | dr_grpo | dapo"),
     (["algo=bon", "bon.n=512"], "bon.samples_per_prompt"),
     (["algo=reinforce"], "options: bon, dpo, grpo, ipo, ppo, rloo"),

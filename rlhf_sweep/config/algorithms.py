@@ -105,8 +105,9 @@ class PPOConfig:
         require(p.iterations >= 1, f"{section}.iterations", p.iterations, "an integer >= 1")
         require(p.batch_size >= 2, f"{section}.batch_size", p.batch_size, "an integer >= 2")
         require(p.epochs >= 1, f"{section}.epochs", p.epochs, "an integer >= 1")
-        require(1 <= p.minibatches <= p.batch_size, f"{section}.minibatches", p.minibatches,
-                f"an integer in [1, {section}.batch_size={p.batch_size}]")
+        # an epoch's minibatches split the batch evenly: a remainder would be left out of every update unseen
+        require(1 <= p.minibatches <= p.batch_size and p.batch_size % p.minibatches == 0, f"{section}.minibatches", p.minibatches,
+                f"an integer in [1, {section}.batch_size={p.batch_size}] that divides it")
         require(p.lr > 0, f"{section}.lr", p.lr, "a number > 0")
         require(p.target_kl > 0, f"{section}.target_kl", p.target_kl, "a number > 0 (sequence nats)")
         require(p.horizon > 0, f"{section}.horizon", p.horizon, "an integer > 0")
@@ -126,8 +127,9 @@ def check_group_knobs(section: str, a: Any) -> None:
     require(a.beta >= 0, f"{section}.beta", a.beta, "a number >= 0")
     require(a.epsilon > 0, f"{section}.epsilon", a.epsilon, "a number > 0 (0.2 is usual)")
     require(a.num_iterations >= 1, f"{section}.num_iterations", a.num_iterations, "an integer >= 1")
-    require(1 <= a.steps_per_generation <= a.batch_size, f"{section}.steps_per_generation", a.steps_per_generation,
-            f"an integer in [1, {section}.batch_size={a.batch_size}]")
+    # each pass's optimizer steps split the generation batch evenly: a remainder would never be trained on
+    require(1 <= a.steps_per_generation <= a.batch_size and a.batch_size % a.steps_per_generation == 0, f"{section}.steps_per_generation",
+            a.steps_per_generation, f"an integer in [1, {section}.batch_size={a.batch_size}] that divides it")
     require(a.lr > 0, f"{section}.lr", a.lr, "a number > 0")
     require(a.temperature > 0, f"{section}.temperature", a.temperature, "a number > 0")
 
