@@ -15,6 +15,7 @@ from rlhf_sweep.config.compose import compose
 from rlhf_sweep.config.paths import config_dirs, group_options, shipped_studies_dir
 from rlhf_sweep.config.schema import ConfigError
 from rlhf_sweep.study.spec import RESERVED_KEYS, Objective, Param, PlannedTrial, StudySpec, config_override
+from rlhf_sweep.utils.yamlfile import YamlFileError, read_yaml
 
 STUDY_FILE = shipped_studies_dir() / "compare_fixes.yaml"
 STUDY_NAME = "compare_fixes"
@@ -128,7 +129,10 @@ def _int(v, key: str, low: int, what: str) -> int:
 def load_spec(path: str | Path = STUDY_FILE, arms: list[str] | None = None, seeds: int | None = None, max_seeds: int | None = None,
               first_seed: int | None = None, budget: float | None = None, confirm_seeds: int | None = None) -> FixesSpec:
     """The study file with the command line's values on top; every bad value is one line naming its key."""
-    raw = yaml.safe_load(Path(path).read_text()) or {}
+    try:  # not UTF-8, not YAML, a key given twice: one line
+        raw = read_yaml(path) or {}
+    except YamlFileError as e:
+        raise FixesError(str(e)) from None
     for k in raw:
         if k not in KEYS:
             raise FixesError(f"unknown key {k!r} in {path}; keys: {', '.join(sorted(KEYS))}")

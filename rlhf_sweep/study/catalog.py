@@ -5,10 +5,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
-import yaml
-
 from rlhf_sweep.config.paths import PathsError, shipped_studies_dir, study_dirs
 from rlhf_sweep.study.spec import StudyError
+from rlhf_sweep.utils.yamlfile import YamlFileError, read_yaml
 
 
 def one_line(text: str, width: int = 100) -> str:
@@ -37,11 +36,12 @@ def list_studies() -> list[dict[str, Any]]:
             if f.stem in seen:
                 continue
             seen.add(f.stem)
-            try:
-                raw = yaml.safe_load(f.read_text())
-            except (OSError, yaml.YAMLError) as e:
+            try:  # one stray file (not UTF-8, not YAML) gets its own row; the listing goes on
+                raw = read_yaml(f)
+            except (OSError, YamlFileError) as e:
+                why = str(e).split(": ", 1)[-1] if isinstance(e, YamlFileError) else e.strerror or type(e).__name__
                 rows.append({"name": f.stem, "kind": "?", "trials": "", "source": source,
-                             "description": one_line(f"(does not read: {type(e).__name__})")})
+                             "description": one_line(f"(unreadable: {why})")})
                 continue
             raw = raw if isinstance(raw, dict) else {}
             fixes = "arms" in raw

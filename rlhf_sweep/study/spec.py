@@ -23,16 +23,16 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from rlhf_sweep.config.compose import compose
 from rlhf_sweep.config.paths import PathsError, config_dirs, shipped_studies_dir, study_dirs
-from rlhf_sweep.config.schema import ConfigError
+from rlhf_sweep.config.schema import MAX_SEED, ConfigError
 from rlhf_sweep.study.samplers import make_sampler
 from rlhf_sweep.utils.tables import fmt
+from rlhf_sweep.utils.yamlfile import YamlFileError, read_yaml
 
 STUDIES_DIR = shipped_studies_dir()
 SAMPLERS = ("tpe", "nsga2", "random", "grid", "gp")
@@ -314,6 +314,8 @@ def _param(name: str, raw: Any, where: str) -> Param:
         raise StudyError(f"{where}: grid must be a list of values")
     def cast(v: Any, at: str) -> float | int:
         x = _number(v, at)
+        if not math.isfinite(x):  # Optuna accepts an infinite bound and then every trial fails
+            raise StudyError(f"{at}: expected a finite number, got {v!r}")
         if kind == "int" and float(x) != int(x):
             raise StudyError(f"{at}: an int param takes integers, got {v!r}")
         return int(x) if kind == "int" else float(x)
@@ -337,18 +339,31 @@ def _param(name: str, raw: Any, where: str) -> Param:
             raise StudyError(f"{where}: step must be > 0")
         if p.log:
             raise StudyError(f"{where}: step and log cannot be combined (Optuna)")
+        # Optuna samples low, low+step, ... and silently lowers `high` to the last of them: [1, 3] step 5 is [1, 1]
+        width, step = Decimal(str(p.high)) - Decimal(str(p.low)), Decimal(str(p.step))  # as Optuna computes it
+        if width < step or width % step:
+            n, last = float(width / step), p.low + int(width // step) * p.step
+            raise StudyError(f"{where}: step {fmt(p.step)} does not fit [{fmt(p.low)}, {fmt(p.high)}]: Optuna would sample "
+                             f"[{fmt(p.low)}, {fmt(last)}]; make high - low a multiple of step (e.g. high: {fmt(p.low + max(1, round(n)) * p.step)})")
     for g in p.grid:
         if not p.low <= g <= p.high:
             raise StudyError(f"{where}: grid value {fmt(g)} is outside [{fmt(p.low)}, {fmt(p.high)}]")
     return p
 
 
+MAX_SEEDS = 1000  # seeds per trial: a count beyond this is a typo, not an experiment (and a list that size)
+
+
 def _seeds(raw: Any, where: str) -> list[int]:
-    if isinstance(raw, int) and not isinstance(raw, bool) and raw >= 1:
+    """A count (seeds 0..n-1) or a list; every seed is checked, not only the first one composed."""
+    if isinstance(raw, int) and not isinstance(raw, bool) and 1 <= raw <= MAX_SEEDS:
         return list(range(raw))
-    if isinstance(raw, list) and raw and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in raw):
+    if isinstance(raw, list) and raw and all(isinstance(s, int) and not isinstance(s, bool) for s in raw):
+        bad = [s for s in raw if not 0 <= s <= MAX_SEED]
+        if bad:
+            raise StudyError(f"{where}: seed {bad[0]} is out of range: a seed is an integer in [0, {MAX_SEED}]")
         return list(dict.fromkeys(raw))
-    raise StudyError(f"{where}: expected a count >= 1 or a list of seeds >= 0, got {raw!r}")
+    raise StudyError(f"{where}: expected a count in [1, {MAX_SEEDS}] or a list of seeds in [0, {MAX_SEED}], got {raw!r}")
 
 
 def check_planned(t: PlannedTrial, space: list[Param], where: str, partial: bool = False) -> None:
@@ -428,12 +443,10 @@ def load_spec(study: str, check_config: bool = True) -> StudySpec:
     out-of-range bound fails here, before any trial runs.
     """
     path = find_study_file(study)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise StudyError(f"study {path}: not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
+    try:  # not UTF-8, not YAML, a key given twice: one line with the file and the line
+        raw = read_yaml(path)
+    except (YamlFileError, OSError) as e:
+        raise StudyError(f"study {e}" if isinstance(e, YamlFileError) else f"study {path}: cannot be read ({e.strerror})") from None
     name = path.stem
     where = f"study {name}"
     if not isinstance(raw, dict):
