@@ -3,8 +3,9 @@
   rlhf-sweep run [key=value ...] [--cfg job] [--multirun] [hydra.run.dir=...]
       one trial with Hydra semantics; prints policy vs reference and the three verdicts;
       writes summary.json and trajectory.png into the run directory.
-  rlhf-sweep sweep STUDY [--n-trials N] [--workers K] [--storage URL] [--name NAME] [--tracking-uri URI] [--out DIR]
+  rlhf-sweep sweep STUDY [--n-trials N] [--workers K] [--storage URL] [--name NAME] [--tracking-uri URI] [--out DIR] [--new-study]
       run or resume an Optuna study (studies/STUDY.yaml); ends with the Pareto table, CSVs and the report.
+      A study stays one experiment: resuming it from an edited file is refused (--new-study: a study of its own).
   rlhf-sweep report STUDY [--storage URL] [--tracking-uri URI] [--out DIR]
       a study's figures and report.md (Pareto front, best-of-n baseline, Gao et al. fits, importances).
   rlhf-sweep compare-fixes [--budget MINUTES] [--seeds N] [--max-seeds N] [--first-seed S] [--arms a,b,c] [--tracking-uri URI] [--out DIR]
@@ -212,6 +213,9 @@ def cmd_sweep(argv: list[str]) -> None:
     ap.add_argument("--heartbeat", type=int, default=storage.HEARTBEAT_S, metavar="SECONDS",
                     help="RDB storage: a running trial's heartbeat interval; a trial silent for twice that is failed and "
                          f"retried (default {storage.HEARTBEAT_S})")
+    ap.add_argument("--new-study", action="store_true", help="run the (edited) study file as a study of its own, named "
+                    "NAME-<fingerprint of its definition> (with --out: in OUT-<fingerprint>); a study resumed with another "
+                    "definition is refused otherwise")
     ap.add_argument("--dry-run", action="store_true", help="print the composed search space, objectives, trial count and "
                     "an estimated wall time (from trials measured here), and run nothing")
     a = ap.parse_args(argv)
@@ -219,13 +223,13 @@ def cmd_sweep(argv: list[str]) -> None:
     if a.dry_run:
         try:
             print(dryrun.render(dryrun.plan(a.study, n_trials=a.n_trials, workers=a.workers, storage=a.storage,
-                                            name=a.name, out=a.out)))
+                                            name=a.name, out=a.out, new_study=a.new_study)))
         except spec.StudyError as e:
             fail(str(e))
         return
     try:
         res = sweep.sweep(a.study, n_trials=a.n_trials, workers=a.workers, storage=a.storage, name=a.name,
-                          tracking_uri=a.tracking_uri, out=a.out, heartbeat=a.heartbeat)
+                          tracking_uri=a.tracking_uri, out=a.out, heartbeat=a.heartbeat, new_study=a.new_study)
     except spec.StudyError as e:
         fail(str(e))
     if not res.interrupted and res.n_complete:

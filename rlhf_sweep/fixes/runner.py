@@ -13,6 +13,7 @@ import optuna
 from rlhf_sweep.fixes.spec import DECIDE_ON, STUDY_NAME, FixesError, FixesSpec, study_spec
 from rlhf_sweep.run import layout
 from rlhf_sweep.study import sweep
+from rlhf_sweep.study.definition import DefinitionChanged
 from rlhf_sweep.study.spec import StudyError
 from rlhf_sweep.study.storage import open_storage
 
@@ -36,6 +37,9 @@ class Runner:
                 res = sweep.sweep(study_spec(self.spec, self.extra, todo), workers=self.spec.workers,
                                   storage=str(layout.journal_path(self.out)), tracking_uri=self.uri, out=str(self.out), progress=self.progress,
                                   baseline=False)  # the report of a study reads it; fixes.md does not
+            except DefinitionChanged as e:  # compare-fixes has no --name: the runs of other overrides are in OUT
+                raise FixesError(f"{self.out} holds runs made with other settings ({'; '.join(e.changes)}); their results and "
+                                 "these would be compared as one: pass another --out (or the same overrides as before)") from None
             except StudyError as e:
                 raise FixesError(str(e)) from None
             if res.interrupted:

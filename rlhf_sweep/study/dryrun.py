@@ -31,7 +31,7 @@ from rlhf_sweep.config.compose import compose
 from rlhf_sweep.config.schema import Config, flatten, to_dict
 from rlhf_sweep.run import layout, pipeline
 from rlhf_sweep.study.spec import StudySpec, override_value
-from rlhf_sweep.study.sweep import effective_spec
+from rlhf_sweep.study.sweep import cap_workers, check_name, effective_spec, new_study_target
 from rlhf_sweep.utils.runtime import cores
 from rlhf_sweep.utils.tables import fmt, format_table
 
@@ -180,11 +180,14 @@ def estimate(spec: StudySpec, base: Config, trials: list[Any], remaining: int, w
 
 
 def plan(study: str, n_trials: int | None = None, workers: int = 1, storage: str | None = None, name: str | None = None,
-         out: str | None = None) -> Plan:
+         out: str | None = None, new_study: bool = False) -> Plan:
     """Everything `sweep` would do with these arguments, checked as it checks them (StudyError on a bad input)."""
     spec, note = effective_spec(study, n_trials, workers)
-    notes = [note] if note else []
-    name = name or spec.name
+    workers, capped = cap_workers(workers)
+    notes = [n for n in (note, capped) if n]
+    name = check_name(name or spec.name)
+    if new_study:
+        name, out = new_study_target(name, spec, out)
     out_dir = layout.study_dir(name, out)
     storage = storage or str(layout.journal_path(out_dir))
     trials, why = _stored_trials(storage, name)

@@ -34,6 +34,7 @@ from rlhf_sweep.config.schema import flatten
 from rlhf_sweep.maths.hypervolume import study_hypervolume
 from rlhf_sweep.run import layout, preflight, tracking
 from rlhf_sweep.study import baselines, journal
+from rlhf_sweep.study.definition import guard, new_study_name
 from rlhf_sweep.study.planning import enqueue_planned, plan_keys, planned_results
 from rlhf_sweep.study.progress import StudyProgress
 from rlhf_sweep.study.spec import StudyError, StudySpec, load_spec, varies_rm
@@ -127,15 +128,33 @@ def effective_spec(study: str | StudySpec, n_trials: int | None, workers: int) -
     return spec, None
 
 
+def check_name(name: str) -> str:
+    """A study name is one folder name under outputs/studies: `--name ../../x` would write elsewhere."""
+    if name in ("", ".", "..") or "/" in name or "\\" in name:
+        raise StudyError(f"--name {name!r}: a study name is one folder name under {layout.OUTPUTS / 'studies'} (no '/', '\\', "
+                         "'.' or '..'); pass --out DIR to write the study's outputs elsewhere")
+    return name
+
+
+def cap_workers(workers: int) -> tuple[int, str | None]:
+    """At most one worker per core: each is a fresh interpreter (~400 MB) and more than the cores only queue."""
+    n = cores()
+    if workers > n:
+        return n, f"--workers {workers}: this machine runs {n} at once (cores available to this process); using {n}"
+    return workers, None
+
+
 def sweep(study: str | StudySpec, n_trials: int | None = None, workers: int = 1, storage: str | None = None,
           name: str | None = None, tracking_uri: str | None = None, out: str | None = None, progress: bool = True,
-          heartbeat: int = HEARTBEAT_S, baseline: bool = True) -> SweepResult:
+          heartbeat: int = HEARTBEAT_S, baseline: bool = True, new_study: bool = False) -> SweepResult:
     """Run (or resume) a study until it has n_trials COMPLETE trials (a planned study: until each of its
     `trials` is complete); then (with `baseline`) its best-of-n baseline runs; write the CSVs; return a
     summary. The report is the caller's (reporting.report.write_report).
 
     Everything that can be wrong with the inputs raises StudyError before any trial runs.
     heartbeat: seconds between the heartbeats of a running trial on an RDB storage.
+    new_study: run the study file as the study NAME-<fingerprint> (study.definition.new_study_name; with
+    --out, in OUT-<fingerprint>): an edited file gets a study of its own, the same one on every call.
     """
     quiet()
     if heartbeat < 1:
@@ -147,9 +166,14 @@ def sweep(study: str | StudySpec, n_trials: int | None = None, workers: int = 1,
             raise StudyError(f"cannot reach --tracking-uri {tracking_uri}: {why}; is the MLflow server running and reachable from this machine?")
     store = open_storage(storage, heartbeat) if storage and "://" in storage else None
     spec, note = effective_spec(study, n_trials, workers)
-    if note:
-        print(note)
-    name = name or spec.name
+    workers, capped = cap_workers(workers)
+    for line in (note, capped):
+        if line:
+            print(line)
+    name = check_name(name or spec.name)
+    if new_study:
+        name, out = new_study_target(name, spec, out)
+        print(f"--new-study: study {name} (its definition's fingerprint), outputs in {layout.study_dir(name, out)}")
     out_dir = layout.study_dir(name, out)
     storage = storage or str(layout.journal_path(out_dir))
     base = compose(spec.fixed_overrides())
@@ -171,6 +195,7 @@ def sweep(study: str | StudySpec, n_trials: int | None = None, workers: int = 1,
         have = ", ".join(d.name.lower() for d in ostudy.directions)
         raise StudyError(f"study {name!r} in {storage} has directions [{have}], the file asks for [{', '.join(directions)}]; "
                          "pass --name for a new study")
+    guard(ostudy, spec, f"study {name!r} in {hide_password(storage)}", _way_out(name, spec, out, new_study))
     check_space(ostudy, spec, storage)
     out_dir.mkdir(parents=True, exist_ok=True)
     if "spec" not in ostudy.user_attrs:  # the plan is not part of it: each call of a planned sweep brings its own
@@ -246,6 +271,22 @@ def sweep(study: str | StudySpec, n_trials: int | None = None, workers: int = 1,
             print(f"warning: the best-of-n baseline failed ({type(e).__name__}: {' '.join(str(e).split())[:300]}); "
                   "the same command runs it again", flush=True)
     return finish(spec, name, storage, out_dir, client, parent, uri, interrupted, keys)
+
+
+def new_study_target(name: str, spec: StudySpec, out: str | None) -> tuple[str, str | None]:
+    """--new-study: the study name and --out (a sibling of the one given) for this definition."""
+    new = new_study_name(name, spec)
+    return new, (f"{str(out).rstrip('/')}{new[len(name):]}" if out else None)
+
+
+def _way_out(name: str, spec: StudySpec, out: str | None, new_study: bool) -> str:
+    """How to start a new study, for the refusal of an edited one."""
+    if new_study:  # NAME-FP already holds another definition: only a hash collision gets here
+        return "pass --name NEW"
+    alt, alt_out = new_study_target(name, spec, out)
+    where = f" in {alt_out}" if alt_out else ""
+    return (f"run the edited file as a new study with --new-study (it makes {alt}{where}), or pass "
+            + ("another --out (and --name NEW if the storage is shared)" if out else "--name NEW"))
 
 
 def _planned_param(spec: StudySpec) -> str:
