@@ -104,15 +104,29 @@ def find_target(out: str, storage: str | None = None, tracking_uri: str | None =
     return Target(storage, name, others, tracking_uri, parent)
 
 
-def _free_port(host: str, port: int) -> int:
-    """`port` if it is free on `host`, else (or for 0) one the system picks."""
-    for want in ([port] if port else []) + [0]:
+def check_ports(optuna_port: int, mlflow_port: int) -> None:
+    """Both ports in 0-65535 and not the same one (0: any free port), before anything starts: a port out of
+    range is an OverflowError deep in socket.bind, and two servers on one port both look free until the
+    second fails to bind."""
+    for flag, port in (("--optuna-port", optuna_port), ("--mlflow-port", mlflow_port)):
+        if not 0 <= port <= 65535:
+            raise UIError(f"{flag} {port}: a port is in 0-65535 (0: any free port)")
+    if optuna_port and optuna_port == mlflow_port:
+        raise UIError(f"--optuna-port and --mlflow-port are both {optuna_port}: the two servers need two ports "
+                      "(e.g. --mlflow-port 5000, or 0 for any free port)")
+
+
+def _free_port(host: str, port: int, avoid: tuple[int, ...] = ()) -> int:
+    """`port` if it is free on `host`, else (or for 0) one the system picks; never one in `avoid` (the other
+    server's, not listening yet: the system could hand it out again)."""
+    for want in ([port] if port and port not in avoid else []) + [0] * 5:
         with socket.socket() as s:
             try:
                 s.bind((host, want))
-                return s.getsockname()[1]
             except OSError:
                 continue
+            if s.getsockname()[1] not in avoid:
+                return s.getsockname()[1]
     raise UIError(f"no free port on {host}")
 
 
@@ -166,15 +180,17 @@ def start(target: Target, host: str = "127.0.0.1", optuna_port: int = 8080, mlfl
         raise UIError("optuna-dashboard is not installed; pip install 'rlhf-sweep[ui]' (or make ui)")
     if not _has_distribution("mlflow") and target.tracking_uri:
         raise UIError("the MLflow UI needs the full mlflow (mlflow-skinny has no server); pip install 'rlhf-sweep[ui]'")
+    check_ports(optuna_port, mlflow_port)
     log_dir = log_dir or Path(os.environ.get("TMPDIR", "/tmp")) / f"rlhf-sweep-ui-{os.getpid()}"
     log_dir.mkdir(parents=True, exist_ok=True)
-    specs = []
+    specs, taken = [], ()
     if target.storage:
         port = _free_port(host, optuna_port)
+        taken = (port,)
         specs.append(("optuna-dashboard", f"http://{host}:{port}", f"http://{host}:{port}/api/studies",
                       [_script("optuna-dashboard"), target.storage, "--host", host, "--port", str(port), "--server", "wsgiref"]))
     if target.tracking_uri:
-        port = _free_port(host, mlflow_port)
+        port = _free_port(host, mlflow_port, taken)
         specs.append(("MLflow UI", f"http://{host}:{port}", f"http://{host}:{port}/health",
                       [_script("mlflow"), "ui", "--backend-store-uri", target.tracking_uri, "--host", host, "--port", str(port),
                        "--workers", "1"]))
@@ -244,6 +260,7 @@ def addresses(target: Target, servers: list[Server]) -> list[str]:
 def serve(out: str = "outputs", storage: str | None = None, tracking_uri: str | None = None, host: str = "127.0.0.1",
           optuna_port: int = 8080, mlflow_port: int = 5000) -> None:
     """Start both, print where they are, and keep them up until Ctrl-C / SIGTERM (or one of them exits)."""
+    check_ports(optuna_port, mlflow_port)
     target = find_target(out, storage, tracking_uri)
     stopping = {"signal": None}
 
