@@ -25,12 +25,15 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
+from rlhf_sweep.app import cli as app_cli
+from rlhf_sweep.app import ui
 from rlhf_sweep.config.compose import compose
 from rlhf_sweep.config.schema import Config, ConfigError
 from rlhf_sweep.run import pipeline, tracking
-from rlhf_sweep.study import journal
+from rlhf_sweep.study import definition, journal
 from rlhf_sweep.study.spec import load_spec
 from rlhf_sweep.study.storage import load_study, open_storage
+from rlhf_sweep.utils.runtime import cores
 
 from .conftest import TINY
 from .test_cluster import free_port
@@ -634,3 +637,120 @@ def test_torn_study_repaired_then_resumed_to_n_trials(tmp_path):
     assert r.returncode == 0 and "trials: 2 complete" in r.stdout, r.stderr[-2000:]
     after = complete_trials(j, "tiny")
     assert len(after) == 2 and all(after[n] == v for n, v in before.items())
+
+
+# ----- a study stays one experiment (issue 28) -------------------------------------------------------
+def tiny_study(path: Path, **changes) -> Path:
+    """The smoke study with one seed and one trial (seconds), `changes` applied: {"fixed.ppo.iterations": 5}."""
+    raw = yaml.safe_load((ROOT / "studies" / "smoke.yaml").read_text())
+    raw.update(seeds=1, n_trials=1)
+    for key, value in changes.items():
+        section, _, sub = key.partition(".")
+        if sub:
+            raw[section][sub] = value
+        else:
+            raw[section] = value
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def sweep_args(study: Path, tmp: Path, *extra: str) -> list[str]:
+    return ["sweep", str(study), "--storage", str(tmp / "study.journal"), "--out", str(tmp / "out"),
+            "--tracking-uri", f"sqlite:///{tmp / 'mlflow.db'}", *extra]
+
+
+def refusal(capsys, args: list[str]) -> str:
+    """The one line `rlhf-sweep ARGS` fails with (exit status 2), run in this process."""
+    with pytest.raises(SystemExit) as exc:
+        app_cli.main(args)
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and len(err.splitlines()) == 1 and err.startswith(ERROR) and "Traceback" not in err, err
+    return err[len(ERROR):]
+
+
+@pytest.mark.parametrize("changes, expected", [
+    ({"fixed.ppo.iterations": 5, "fixed.rm.n_pairs": 200}, "(fixed rm.n_pairs: 256 -> 200; fixed ppo.iterations: 3 -> 5)"),
+    ({"space.ppo.clip_eps": {"type": "float", "low": 0.1, "high": 0.25}}, "(space ppo.clip_eps: float [0.1, 0.3] -> float [0.1, 0.25])"),
+    ({"seeds": [0, 7]}, "(seeds: [0] -> [0, 7])"),
+])
+def test_an_edited_study_is_refused_before_any_trial(tmp_path, capsys, changes, expected):
+    """A study as the sweep records it, then the same study name from an edited file: one line that says what
+    changed and how to start a new study; nothing runs or is written."""
+    spec = load_spec(str(tiny_study(tmp_path / "tiny.yaml")))
+    j = tmp_path / "study.journal"
+    study = optuna.create_study(study_name="tiny", storage=JournalStorage(JournalFileBackend(str(j))), directions=spec.directions)
+    definition.guard(study, spec, "", "")  # what `sweep` records when it creates the study
+    before = study.user_attrs
+    edited = tiny_study(tmp_path / "edited" / "tiny.yaml", **changes)
+    line = refusal(capsys, sweep_args(edited, tmp_path, "--n-trials", "3"))
+    new = definition.new_study_name("tiny", load_spec(str(edited)))
+    assert line == (f"study 'tiny' in {j} was made with another definition {expected}; its trials and these would share one "
+                    f"front and one report: run the edited file as a new study with --new-study (it makes {new} in "
+                    f"{tmp_path / 'out'}{new[4:]}), or pass another --out (and --name NEW if the storage is shared)")
+    after = optuna.load_study(study_name="tiny", storage=JournalStorage(JournalFileBackend(str(j))))
+    assert after.user_attrs == before and not after.trials and not (tmp_path / "out").exists()
+    # --new-study names the edited file's study the same way every time
+    assert new != definition.new_study_name("tiny", spec) and new == definition.new_study_name("tiny", load_spec(str(edited)))
+
+
+def test_what_is_not_the_experiment_does_not_change_it(tmp_path):
+    """n_trials, the sampler and its options, the description and YAML layout leave the definition as it is;
+    a study made before definitions were recorded is accepted and gets this one recorded."""
+    spec = load_spec(str(tiny_study(tmp_path / "a" / "tiny.yaml")))
+    more = load_spec(str(tiny_study(tmp_path / "b" / "tiny.yaml", n_trials=9, sampler="random", sampler_options={},
+                                    description="other words", sampler_seed=3)))
+    assert definition.definition(spec) == definition.definition(more)
+    old = optuna.create_study(study_name="old", directions=spec.directions)
+    old.set_user_attr("spec", {"name": "old"})  # as a sweep stored it before the fingerprint existed
+    definition.guard(old, spec, "study 'old'", "")
+    assert old.user_attrs[definition.FINGERPRINT_ATTR] == definition.fingerprint(definition.definition(spec))
+    definition.guard(old, more, "study 'old'", "")  # the same experiment: accepted
+    with pytest.raises(definition.DefinitionChanged, match=r"fixed ppo.iterations: 3 -> 4\)"):
+        definition.guard(old, load_spec(str(tiny_study(tmp_path / "c" / "tiny.yaml", **{"fixed.ppo.iterations": 4}))), "", "")
+
+
+@pytest.mark.parametrize("name", ["../../x", "a/b", "..", "."])
+def test_a_study_name_stays_under_its_folder(tmp_path, capsys, name):
+    line = refusal(capsys, [*sweep_args(tiny_study(tmp_path / "tiny.yaml"), tmp_path), "--name", name])
+    assert line.startswith(f"--name {name!r}: a study name is one folder name under outputs/studies")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "study.journal").exists()
+
+
+def test_workers_are_capped_at_the_cores(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    app_cli.main([*sweep_args(tiny_study(tmp_path / "tiny.yaml", n_trials=1000), tmp_path), "--workers", "1000", "--dry-run"])
+    out = capsys.readouterr().out
+    n = cores()
+    assert f"note: --workers 1000: this machine runs {n} at once (cores available to this process); using {n}" in out
+    assert f"with {n} worker(s)" in out
+
+
+@pytest.mark.parametrize("ports, expected", [
+    (("70000", "5000"), "--optuna-port 70000: a port is in 0-65535 (0: any free port)"),
+    (("8080", "-1"), "--mlflow-port -1: a port is in 0-65535 (0: any free port)"),
+    (("8123", "8123"), "--optuna-port and --mlflow-port are both 8123: the two servers need two ports"),
+])
+def test_ui_ports_are_checked_before_any_server_starts(tmp_path, capsys, ports, expected):
+    line = refusal(capsys, ["ui", str(tmp_path / "nothing"), "--optuna-port", ports[0], "--mlflow-port", ports[1]])
+    assert line.startswith(expected)
+    ui.check_ports(0, 0)  # 0: each picks a free port, never the other's
+
+
+@pytest.mark.e2e
+def test_an_edited_study_resumes_only_as_a_new_study(tmp_path):
+    """The issue's case: a sweep, then the file edited under `fixed:` and more trials on the same --out: refused
+    with no trial run; with --new-study the edited file runs as a study of its own and the first keeps its trial."""
+    first = tiny_study(tmp_path / "tiny.yaml")
+    r = cli(*sweep_args(first, tmp_path), cwd=tmp_path, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    edited = tiny_study(tmp_path / "edited" / "tiny.yaml", **{"fixed.ppo.iterations": 5, "fixed.rm.n_pairs": 200})
+    r = cli(*sweep_args(edited, tmp_path, "--n-trials", "2"), cwd=tmp_path)
+    assert "(fixed rm.n_pairs: 256 -> 200; fixed ppo.iterations: 3 -> 5)" in error_line(r) and r.returncode == 2
+    assert len(complete_trials(tmp_path / "study.journal", "tiny")) == 1 and not (tmp_path / "out" / "trials" / "t0001").exists()
+    new = definition.new_study_name("tiny", load_spec(str(edited)))
+    r = cli(*sweep_args(edited, tmp_path, "--n-trials", "1", "--new-study"), cwd=tmp_path, timeout=600)
+    assert r.returncode == 0 and f"--new-study: study {new}" in r.stdout, r.stderr[-2000:]
+    assert len(complete_trials(tmp_path / "study.journal", new)) == 1 and len(complete_trials(tmp_path / "study.journal", "tiny")) == 1
+    summary = json.loads((tmp_path / f"out{new[4:]}" / "trials" / "t0000" / "seed-0" / "summary.json").read_text())
+    assert (summary["config"]["ppo"]["iterations"], summary["config"]["rm"]["n_pairs"]) == (5, 200)

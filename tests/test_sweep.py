@@ -203,6 +203,14 @@ BAD = {
     "out_of_range_bound": (("space", "ppo.clip_eps", {"type": "float", "low": -0.1, "high": 0.3}), "ppo.clip_eps=-0.1 is invalid"),
     "bad_constraint": (("constraints", None, ["kl/exact < 20"]), "is not 'metric <= number'"),
     "reference_point_short": (("reference_point", None, {"gold/policy": 0.5}), "reference_point: expected a number for each objective"),
+    # values Optuna accepts and every trial then fails on (issue 28)
+    "infinite_bound": (("space", "ppo.clip_eps", {"type": "float", "low": 0.1, "high": float("inf")}),
+                       "space: ppo.clip_eps.high: expected a finite number, got inf"),
+    "later_seed_out_of_range": (("seeds", None, [0, 5000000000]), "seeds: seed 5000000000 is out of range: a seed is an integer in [0, 4294967295]"),
+    "step_wider_than_range": (("space", "ppo.epochs", {"type": "int", "low": 1, "high": 3, "step": 5}),
+                              "space: ppo.epochs: step 5 does not fit [1, 3]: Optuna would sample [1, 1]"),
+    "step_off_the_range": (("space", "ppo.clip_eps", {"type": "float", "low": 0.1, "high": 0.3, "step": 0.15}),
+                           "step 0.150 does not fit [0.100, 0.300]: Optuna would sample [0.100, 0.250]"),
 }
 
 
@@ -224,6 +232,35 @@ def test_bad_study_file_fails_before_any_trial(case, tmp_path, capsys):
     assert len(err.splitlines()) == 1 and err.startswith("rlhf-sweep: error: study "), err
     assert expected in err
     assert not (tmp_path / "out").exists() and not (tmp_path / "study.journal").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_step_that_fits_its_range_loads(tmp_path):
+    spec = yaml.safe_load(SMOKE.read_text())
+    spec["space"]["ppo.clip_eps"] = {"type": "float", "low": 0.1, "high": 0.3, "step": 0.05}  # 0.3 - 0.1 is 4 steps, as Optuna counts
+    spec["space"]["ppo.epochs"] = {"type": "int", "low": 1, "high": 5, "step": 2}
+    (tmp_path / "steps.yaml").write_text(yaml.safe_dump(spec))
+    assert [p.step for p in load_spec(str(tmp_path / "steps.yaml")).space[1:]] == [0.05, 2]
+
+
+@pytest.mark.parametrize("damage, expected", [
+    (lambda text: text.encode().replace(b"Smoke test", b"Sm\xf6ke test"), "not UTF-8 text (byte 0xf6 at line 3); save it as UTF-8"),
+    (lambda text: text.replace("  ppo.iterations: 3\n", "  ppo.iterations: 3\n  ppo.iterations: 5\n").encode(),
+     "not valid YAML at line 20: key 'ppo.iterations' is given twice (lines 19 and 20; the second would silently win)"),
+])
+def test_unreadable_study_file_is_one_line_and_the_listing_goes_on(tmp_path, monkeypatch, capsys, damage, expected):
+    """A study file that is not UTF-8, or gives a key twice (YAML keeps the last one silently): the sweep
+    refuses it naming the file and line; `rlhf-sweep studies` lists it as unreadable beside the others."""
+    bad = tmp_path / "studies" / "bad.yaml"
+    bad.parent.mkdir()
+    bad.write_bytes(damage(SMOKE.read_text()))
+    (tmp_path / "studies" / "good.yaml").write_text(SMOKE.read_text())
+    with pytest.raises(StudyError) as e:
+        load_spec(str(bad))
+    assert str(e.value) == f"study {bad}: {expected}"
+    monkeypatch.setenv("RLHF_SWEEP_STUDIES_DIR", str(bad.parent))
+    cli.main(["studies"])
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[2:] if line.strip()}
+    assert "(unreadable: " + expected[:40] in rows["bad"] and "Smoke test" in rows["good"] and "smoke" in rows
 
 
 def test_unknown_study_name_and_shipped_studies_load(capsys):

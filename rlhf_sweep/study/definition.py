@@ -87,7 +87,7 @@ def changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
             out.append(f"{section}: {_text(old.get(section))} -> {_text(new.get(section))}")
     for section, text in (("space", _domain_text), ("fixed", _text)):
         a, b = old.get(section) or {}, new.get(section) or {}
-        for key in dict.fromkeys([*a, *b]):
+        for key in dict.fromkeys([*b, *a]):  # the file's order (a storage may give keys back sorted)
             if a.get(key) != b.get(key):
                 out.append(f"{section} {key}: {text(a.get(key))} -> {text(b.get(key))}")
     return out
