@@ -695,11 +695,11 @@ def test_an_edited_study_is_refused_before_any_trial(tmp_path, capsys, changes, 
 
 
 def test_what_is_not_the_experiment_does_not_change_it(tmp_path):
-    """n_trials, the sampler and its options, the description and YAML layout leave the definition as it is;
+    """n_trials, the sampler and its options, the description and run-only keys (mlflow) leave the definition as it is;
     a study made before definitions were recorded is accepted and gets this one recorded."""
     spec = load_spec(str(tiny_study(tmp_path / "a" / "tiny.yaml")))
     more = load_spec(str(tiny_study(tmp_path / "b" / "tiny.yaml", n_trials=9, sampler="random", sampler_options={},
-                                    description="other words", sampler_seed=3)))
+                                    description="other words", sampler_seed=3, **{"fixed.mlflow.enabled": False})))
     assert definition.definition(spec) == definition.definition(more)
     old = optuna.create_study(study_name="old", directions=spec.directions)
     old.set_user_attr("spec", {"name": "old"})  # as a sweep stored it before the fingerprint existed

@@ -5,9 +5,12 @@ A study's definition is what a trial's numbers mean: the searched keys and their
 log scale, step, categorical choices), the fixed overrides, the seeds every trial runs, the objectives and
 the constraints. Left out, because they change how many or which points are tried but not what a trial
 measures: n_trials, the sampler, its seed and options, a grid's values, the report's reference point and
-the description. A planned study's trials and seeds are left out too: each planned trial carries its own
-seeds and is identified by the config it composes to (study.planning), and compare-fixes adds planned
-trials to its study across invocations.
+the description; and fixed overrides of keys that cannot change a result (planning.RUN_ONLY_KEYS:
+mlflow, cache_dir, ...). A planned study is defined by its space, objectives and constraints only: each
+planned trial carries its own seeds and is identified by the whole config it composes to, fixed overrides
+included (study.planning.plan_key), so a trial of another config is another trial and its results are
+read back by that key; compare-fixes relies on it, adding (arm, seed) runs of new overrides to its study
+across invocations.
 
 The sweep stores the definition and its fingerprint in the study's user attributes (`definition`,
 `definition_fingerprint`); resuming with another definition raises `DefinitionChanged`, one line naming
@@ -21,6 +24,7 @@ import hashlib
 import json
 from typing import Any
 
+from rlhf_sweep.study.planning import RUN_ONLY_KEYS
 from rlhf_sweep.study.spec import Param, StudyError, StudySpec
 
 DEFINITION_ATTR = "definition"
@@ -47,9 +51,9 @@ def definition(spec: StudySpec) -> dict[str, Any]:
         "objectives": [f"{o.metric} {o.direction}" for o in spec.objectives],
         "constraints": [f"{c.metric} {c.op} {c.bound!r}" for c in spec.constraints],
         "space": {p.name: _domain(p) for p in spec.space},
-        "fixed": dict(spec.fixed),
     }
-    if not spec.trials:
+    if not spec.trials:  # a planned trial's key holds its seeds and its fixed overrides (module docstring)
+        d["fixed"] = {k: v for k, v in spec.fixed.items() if str(k).split(".")[0] not in RUN_ONLY_KEYS}
         d["seeds"] = list(spec.seeds)
     return json.loads(json.dumps(d, default=str))
 
