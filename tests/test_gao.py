@@ -96,8 +96,9 @@ def test_peak_height_kl_and_inside_by_hand():
     assert far.kl_text() == "beyond the reached KL (> 4)"
     rl = gao.GaoFit("rl", a=1.0, b=0.5, r2=1.0, n=10, **EXACT).peak(3.0)
     assert (rl.d, rl.gain, rl.inside) == (pytest.approx(math.e), pytest.approx(math.e / 2), True)
-    never = gao.GaoFit("rl", a=1.0, b=-0.1, r2=1.0, n=10, **EXACT).peak(3.0)  # never turns down: no height, never inside
-    assert never.d == math.inf and never.kl == math.inf and math.isnan(never.gain) and never.status == gao.BEYOND
+    # b < 0 for sure: a convex curve, no peak to place (peak_d says inf: it never turns down)
+    never = gao.GaoFit("rl", a=1.0, b=-0.1, r2=1.0, n=10, **EXACT)
+    assert never.peak_d == math.inf and never.peak(3.0).status == gao.NOT_IDENTIFIED and math.isnan(never.peak(3.0).gain)
     none = gao.fit_rl([0.0, 0.1], [0.0, 0.1]).peak(3.0)  # no fit: nothing
     assert math.isnan(none.d) and math.isnan(none.gain) and not none.inside and none.status == gao.NOT_IDENTIFIED
     # no standard errors (the defaults of a hand-written fit): b's interval is unknown, so nothing is identified

@@ -42,12 +42,11 @@ INSIDE, BEYOND, NOT_IDENTIFIED = "inside", "beyond the reached KL", "not identif
 class Peak:
     """Where a fitted form peaks, and whether the data identify it (`GaoFit.peak`).
 
-    status: INSIDE (the peak's whole interval lies within the d the curve reached), BEYOND (b is surely
-    positive, or surely negative so the curve never turns down, and the peak's whole interval lies past
-    the reached d) or NOT_IDENTIFIED (R² below R2_FLOOR, b's interval contains 0, or the peak's interval
-    straddles the reached d). d, d_lo, d_hi are NaN when not identified, so no caller can print a peak the
-    data do not support; d is inf for a curve that never turns down. gain is the fitted gold gain at d*,
-    given only when the peak is inside (beyond the data it is an extrapolation).
+    status: INSIDE (the peak's whole interval lies within the d the curve reached), BEYOND (the peak's
+    whole interval lies past it) or NOT_IDENTIFIED (R² below R2_FLOOR, b's interval not wholly above 0, or
+    the peak's interval straddling the reached d). d, d_lo, d_hi are NaN when not identified, so no caller
+    can print a peak the data do not support; d and d_hi are inf where exp(a/b - 1) exceeds a double. gain
+    is the fitted gold gain at d*, given only when the peak is inside (beyond the data it is an extrapolation).
     """
 
     d: float
@@ -82,7 +81,7 @@ class Peak:
             return f"{self.kl:.3g} [{lo:.3g}, {hi:.3g}]"
         if self.status == BEYOND:
             lo = self.kl_interval[0]
-            # an infinite lower end: b < 0 (the curve never turns down) or a/b past what exp can hold
+            # an infinite lower end: a/b past what exp can hold
             return BEYOND + (f" (> {lo:.3g})" if math.isfinite(lo) else " (past any reachable KL)")
         return NOT_IDENTIFIED
 
@@ -156,16 +155,15 @@ class GaoFit:
     def peak(self, d_max: float) -> Peak:
         """The fitted peak against the largest d the curve reached, d_max, and whether the data identify it.
 
-        Identified: the fit has R² >= R2_FLOOR and b's CONFIDENCE interval excludes 0. Then INSIDE when the
-        peak's whole interval lies at or below d_max, BEYOND when it lies above (or when b < 0 for sure: the
-        fitted curve never turns down), and NOT_IDENTIFIED when it straddles d_max, as for every fit that
-        fails the first test.
+        Identified: the fit has R² >= R2_FLOOR and b's CONFIDENCE interval lies above 0. Then INSIDE when the
+        peak's whole interval lies at or below d_max, BEYOND when it lies above, and NOT_IDENTIFIED when it
+        straddles d_max, as for every fit that fails the first test. A b surely below 0 is not identified
+        either: both forms are then convex in d, with a minimum or none, so there is no peak to place and
+        "beyond" would claim a rise the data may not show (gold can fall over the whole reached range).
         """
-        blo, bhi = self.b_interval()
-        if not (self.ok and self.r2 >= R2_FLOOR and (blo > 0 or bhi < 0)):
+        blo, _ = self.b_interval()
+        if not (self.ok and self.r2 >= R2_FLOOR and blo > 0):
             return Peak(math.nan, math.nan, NOT_IDENTIFIED)
-        if bhi < 0:
-            return Peak(math.inf, math.nan, BEYOND, math.inf, math.inf)
         rlo, rhi = self.ratio_interval()
         d, lo, hi = self.peak_d, _d_of_ratio(self.form, rlo), _d_of_ratio(self.form, rhi)
         if hi <= d_max:

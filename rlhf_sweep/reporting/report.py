@@ -229,11 +229,11 @@ def _figure(files: dict[str, str], key: str, number: int) -> str:
 
 
 PEAK_RULE = (f"A fitted peak is printed only where the data identify it: R² at least {gao.R2_FLOOR:g} and b's "
-             f"{gao.CONFIDENCE:.0%} interval excluding 0. Its KL interval is Fieller's interval for a/b mapped through d*. "
+             f"{gao.CONFIDENCE:.0%} interval lying above 0 (the curve surely turns down). Its KL interval is Fieller's interval for a/b mapped through d*. "
              "\"inside\": the whole interval lies within the KL the curve reached (the fitted gold rises, then falls), with "
              "the fitted gain there (\"fitted peak Δh\"; a tiny peak at a tiny KL means gold only fell); \"beyond the reached "
              "KL\": the whole interval lies past it (only its lower end is printed: the rest is extrapolation); \"not "
-             "identified\": R² below the floor, b's interval containing 0, or the peak's interval straddling the reached KL.")
+             "identified\": R² below the floor, b's interval not above 0, or the peak's interval straddling the reached KL.")
 
 
 def fit_row(label: str, knob_values: list, kl_max: float, f: gao.GaoFit) -> list:

@@ -185,7 +185,7 @@ def scaling_section(data, runs: pd.DataFrame, out_dir: Path, title: str, say=pri
           "over 256 reference samples per prompt. Gao et al.'s forms against d = √KL: RL d(a − b ln d) on the PPO run's "
           "per-iteration gold gain, best-of-n d(a − b d) on the best-of-n curve; peaks from the fits, printed (KL with its "
           f"{gao.CONFIDENCE:.0%} interval, and the gain there) only where the data identify one inside the KL reached: R² at least "
-          f"{gao.R2_FLOOR:g}, b's interval excluding 0 and the peak's interval below the largest KL reached; otherwise "
+          f"{gao.R2_FLOOR:g}, b's interval above 0 and the peak's interval below the largest KL reached; otherwise "
           "\"beyond the reached KL\" (the peak's interval lies past it) or \"not identified\". For PPO also the observed "
           f"highest gold gain (moving average over {SMOOTH} iterations). The trends and figures use the identified peaks only.", ""]
     heads = ["RM", "params", "pairs", "acc labels", "acc gold", "RL a", "RL b", "RL R²", "RL peak Δgold", "RL peak KL",
