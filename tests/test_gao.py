@@ -150,14 +150,14 @@ def test_a_clean_peak_is_identified_and_its_interval_covers_the_truth(form, a, b
 
 def test_a_flat_noisy_run_like_trial_13_is_not_identified():
     """A PPO run whose gold barely moves: a small rise under noise, fitted with R² near 0.2 and b near 0.002 (trial 13
-    of the beta_clip_frontier study: R² 0.19, b 0.002, a printed peak of 7e4 nats). Its peak is not identified."""
-    rng = np.random.default_rng(3)
+    of the beta_clip_frontier study: R² 0.19, b 0.002). Its peak is not identified, though a / b puts one far out."""
+    rng = np.random.default_rng(1)
     d = np.linspace(0.1, 1.2, 80)
-    f = gao.fit_rl(d, curve("rl", 0.05, 0.002, d) + rng.normal(scale=0.02, size=len(d)))
-    assert 0.1 < f.r2 < 0.3 and 0 < f.b < 0.02
+    f = gao.fit_rl(d, curve("rl", 0.05, 0.002, d) + rng.normal(scale=0.033, size=len(d)))
+    assert 0.15 < f.r2 < 0.25 and 0 < f.b < 0.01 and math.isfinite(f.peak_d)
     p = f.peak(float(d.max()))
     assert p.status == gao.NOT_IDENTIFIED and not p.inside and math.isnan(p.d) and p.kl_text() == "not identified"
-    # the same coefficients with a good R² and a tight b: the floor, not only b's interval, keeps it out
+    # the same coefficients known exactly (b's interval a point above 0): R² 0.19 alone keeps the peak out
     assert gao.GaoFit("rl", f.a, f.b, 0.19, f.n, **EXACT).peak(1.2).status == gao.NOT_IDENTIFIED
     assert gao.R2_FLOOR > 0.19
 

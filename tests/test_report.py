@@ -195,9 +195,9 @@ def test_gold_at_a_budget_interpolates_along_the_frontier():
 
 def flat_noisy_fit() -> gao.GaoFit:
     """A PPO run whose gold barely moves, like trial 13 of the beta_clip_frontier study (R² 0.19, b 0.002)."""
-    rng = np.random.default_rng(3)
+    rng = np.random.default_rng(1)
     d = np.linspace(0.1, 1.2, 80)
-    return gao.fit_rl(d, d * (0.05 - 0.002 * np.log(d)) + rng.normal(scale=0.02, size=len(d)))
+    return gao.fit_rl(d, d * (0.05 - 0.002 * np.log(d)) + rng.normal(scale=0.033, size=len(d)))
 
 
 def test_a_fit_below_the_r2_floor_prints_no_peak():

@@ -28,9 +28,9 @@ import numpy as np
 CONFIDENCE = 0.95  # the level of b's interval and of the peak's interval
 # The floor on R² below which no peak is reported. A fit whose curve explains less than half of the gain's variance
 # around its mean is mostly scatter: its curvature b, and the peak a / b implies, then follow the noise of a few
-# points rather than a shape in the data (a flat, noisy PPO run fits with R² near 0.2 and b near 0, whose "peak" is
-# anywhere from 1e4 to 1e107 nats). Half is the point where the shape outweighs the scatter; a clean rise-and-fall
-# clears it easily.
+# points rather than a shape in the data (a flat, noisy PPO run fits with a low R² and b near 0, and a / b then puts
+# its "peak" at an arbitrary, often astronomical KL). Half is the point where the shape outweighs the scatter; a
+# clean rise-and-fall clears it easily.
 R2_FLOOR = 0.5
 # the largest x with exp(x) finite in float64 (ln of the largest double): beyond it d* = exp(a/b - 1) is inf
 _LOG_MAX = math.log(np.finfo(float).max)
@@ -62,6 +62,7 @@ class Peak:
 
     @property
     def identified(self) -> bool:
+        """Whether the data place the peak, inside or beyond the reached KL."""
         return self.status != NOT_IDENTIFIED
 
     @property
@@ -113,8 +114,9 @@ class GaoFit:
 
     @property
     def peak_d(self) -> float:
-        """d at which the fitted gold gain peaks: inf when the form never turns down (b <= 0) or when
-        exp(a/b - 1) exceeds the largest double; never raises for finite a and b."""
+        """d at which the fitted gold gain peaks (the point estimate, whether or not the data identify it): inf
+        when the form never turns down (b <= 0) or when exp(a/b - 1) exceeds the largest double, 0 for a
+        best-of-n curve with a <= 0 (it only falls); never raises for finite a and b."""
         if not (math.isfinite(self.a) and math.isfinite(self.b)) or self.b <= 0:
             return math.inf
         return _d_of_ratio(self.form, _ratio(self.a, self.b))
@@ -183,8 +185,7 @@ class GaoFit:
 
 
 def _ratio(a: float, b: float) -> float:
-    """a / b without an exception: a tiny b gives ±inf (Python's float division of finite numbers does not raise,
-    but a subnormal b is kept apart from 0 explicitly)."""
+    """a / b without an exception: b = 0 gives ±inf (NaN for 0 / 0), and a quotient past the largest double inf."""
     if b == 0:
         return math.copysign(math.inf, a) if a else math.nan
     with np.errstate(over="ignore"):

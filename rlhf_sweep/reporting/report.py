@@ -228,12 +228,15 @@ def _figure(files: dict[str, str], key: str, number: int) -> str:
     return f"**Figure {number}, `{name}`**: {FIGURES[key]}.\n\n![{FIGURES[key].split(':')[0]}]({name})\n"
 
 
+# gao.GaoFit.peak's rule in words, for the sections whose tables follow it
 PEAK_RULE = (f"A fitted peak is printed only where the data identify it: R² at least {gao.R2_FLOOR:g} and b's "
-             f"{gao.CONFIDENCE:.0%} interval lying above 0 (the curve surely turns down). Its KL interval is Fieller's interval for a/b mapped through d*. "
-             "\"inside\": the whole interval lies within the KL the curve reached (the fitted gold rises, then falls), with "
-             "the fitted gain there (\"fitted peak Δh\"; a tiny peak at a tiny KL means gold only fell); \"beyond the reached "
-             "KL\": the whole interval lies past it (only its lower end is printed: the rest is extrapolation); \"not "
-             "identified\": R² below the floor, b's interval not above 0, or the peak's interval straddling the reached KL.")
+             f"{gao.CONFIDENCE:.0%} interval lying above 0 (the curve surely turns down). Its KL interval is Fieller's "
+             "interval for a/b mapped through d*; it treats the points as independent, which a PPO run's per-iteration "
+             "points are not, so there it is narrower than the truth. \"inside\": the whole interval lies within the KL "
+             "the curve reached (the fitted gold rises, then falls), with the fitted gain there (\"fitted peak Δh\"; a "
+             "tiny peak at a tiny KL means gold only fell); \"beyond the reached KL\": the whole interval lies past it "
+             "(only its lower end is printed: the rest is extrapolation); \"not identified\": R² below the floor, b's "
+             "interval not above 0, or the peak's interval straddling the reached KL.")
 
 
 def fit_row(label: str, knob_values: list, kl_max: float, f: gao.GaoFit) -> list:
