@@ -14,9 +14,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from rlhf_sweep.app import cli
+from rlhf_sweep.maths import gao
 from rlhf_sweep.reporting import plots, report
 from rlhf_sweep.study import sweep
 from rlhf_sweep.study.storage import open_storage
@@ -189,6 +191,43 @@ def test_gold_at_a_budget_interpolates_along_the_frontier():
     assert report.gold_at_budget(kl, gold, 0.5, 3.0) == pytest.approx(1.5)
     assert report.gold_at_budget(kl, gold, 0.5, 6.0) == pytest.approx(2.0)  # spend less: the best within the budget
     assert math.isnan(report.gold_at_budget(kl, gold, 0.5, 10.0))  # no trial reached 10 nats
+
+
+def flat_noisy_fit() -> gao.GaoFit:
+    """A PPO run whose gold barely moves, like trial 13 of the beta_clip_frontier study (R² 0.19, b 0.002)."""
+    rng = np.random.default_rng(1)
+    d = np.linspace(0.1, 1.2, 80)
+    return gao.fit_rl(d, d * (0.05 - 0.002 * np.log(d)) + rng.normal(scale=0.033, size=len(d)))
+
+
+def test_a_fit_below_the_r2_floor_prints_no_peak():
+    """The Gao fits' table (report.fit_row): a fit below gao.R2_FLOOR gets the status words and no number in its peak
+    cells; a clean rise-and-fall gets its peak KL with its interval and the gain there; the sentence counts them."""
+    flat = flat_noisy_fit()
+    assert flat.r2 < gao.R2_FLOOR and flat.b > 0 and math.isfinite(flat.peak_d)  # the point estimate exists
+    row = report.fit_row("trial 13", [0.05], 1.44, flat)
+    assert row[-3:] == ["not identified", "", "not identified"]
+    assert not any(re.search(r"\d", str(c)) for c in row[-3:])
+    d = np.linspace(0.05, 3.0, 40)
+    clean = gao.fit_bon(d, d * (1.0 - 0.25 * d) + np.random.default_rng(0).normal(scale=0.02, size=len(d)))
+    row = report.fit_row("trial 1", [0.05], 9.0, clean)
+    assert row[-1] == gao.INSIDE and row[-2] == pytest.approx(1.0, abs=0.05)
+    kl, lo, hi = map(float, re.fullmatch(r"(\S+) \[(\S+), (\S+)\]", row[-3]).groups())
+    assert lo <= 4.0 <= hi and lo <= kl <= hi  # d* = 2: KL 4
+    assert report.peak_count_sentence([gao.INSIDE, gao.NOT_IDENTIFIED, gao.NOT_IDENTIFIED]) == (
+        "Of 3 fits, 1 identify a peak inside the KL they reached, 0 one beyond it, and 2 none.")
+
+
+def test_algorithm_rows_print_no_peak_for_a_flat_algorithm():
+    """The algorithms table's "fitted peak KL" follows the same rule: held-out end points that barely move print
+    "not identified", not the point estimate exp(a/b - 1)."""
+    rng = np.random.default_rng(1)
+    kl = np.linspace(0.05, 2.0, 12)
+    df = pd.DataFrame({"algo": "ppo", "kl": kl, "gold": 0.5 + rng.normal(scale=0.02, size=len(kl)), "gold_ref": 0.5,
+                       "knob": np.linspace(1, 0.01, len(kl)), "seconds": 60.0})
+    rows, fits = report.algorithm_rows(df)
+    assert fits["ppo"].r2 < gao.R2_FLOOR
+    assert rows[0][-3] == "not identified"
 
 
 @pytest.mark.e2e

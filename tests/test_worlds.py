@@ -20,10 +20,10 @@ import torch
 
 from rlhf_sweep.config.compose import compose
 from rlhf_sweep.config.schema import Config, config_hash, rm_model, to_dict
-from rlhf_sweep.maths import stats
+from rlhf_sweep.maths import gao, stats
 from rlhf_sweep.models.lm import build_lm
 from rlhf_sweep.models.reward import RewardModel
-from rlhf_sweep.reporting import drawn_worlds, labeler_phases, world_runs, world_studies
+from rlhf_sweep.reporting import drawn_worlds, labeler_phases, rm_scaling, world_runs, world_studies
 from rlhf_sweep.reporting.report import trial_frame
 from rlhf_sweep.reporting.study_data import spec_of
 from rlhf_sweep.run import pipeline
@@ -122,6 +122,27 @@ def test_rm_params_by_hand():
     arch = rm_model(cfg)
     rm = RewardModel(build_lm(arch, World(cfg.world).vocab.size, PROMPT_LEN + cfg.world.max_new_tokens), arch.n_embd)
     assert pipeline.n_params(rm) == rm_params_by_hand(1, 32)
+
+
+def test_rm_scaling_prints_and_trends_only_identified_peaks():
+    """rm_scaling.peak_columns keeps a fitted peak's numbers only where gao identifies it inside the reached KL (NaN
+    otherwise, so trends and figures skip it); the table row prints the status words and no number instead."""
+    exact = {"se_a": 0.0, "se_b": 0.0, "cov_ab": 0.0}
+    inside = rm_scaling.peak_columns(gao.GaoFit("bon", 1.0, 0.25, 0.95, 20, **exact).peak(3.0))
+    assert inside[:3] == (pytest.approx(1.0), pytest.approx(4.0), gao.INSIDE) and inside[3].startswith("4 [")
+    low = rm_scaling.peak_columns(gao.GaoFit("rl", 0.2, 0.002, 0.19, 200, **exact).peak(1.2))  # below the R² floor
+    assert math.isnan(low[0]) and math.isnan(low[1]) and low[2:] == (gao.NOT_IDENTIFIED, gao.NOT_IDENTIFIED)
+    far = rm_scaling.peak_columns(gao.GaoFit("rl", 0.2, 0.00025, 0.9, 200, **exact).peak(1.2))  # exp(799): no OverflowError
+    assert math.isnan(far[1]) and far[2] == gao.BEYOND
+    row = {"size": "1 x 32", "params": 1000.0, "n_pairs": 64, "acc_labels": 0.6, "acc_gold": 0.6, "rl_a": 0.2, "rl_b": 0.002,
+           "rl_r2": 0.19, "rl_peak_gain": low[0], "rl_peak_kl": low[1], "rl_peak_status": low[2], "rl_peak_text": low[3],
+           "emp_peak_gain": 0.01, "emp_peak_kl": 0.5, "bon_a": 1.0, "bon_b": 0.25, "bon_r2": 0.95, "bon_peak_gain": inside[0],
+           "bon_peak_kl": inside[1], "bon_peak_status": inside[2], "bon_peak_text": inside[3]}
+    cells = rm_scaling.scaling_rows(pd.DataFrame([row]))[0]
+    assert cells[8:10] == ["", gao.NOT_IDENTIFIED] and cells[15] == pytest.approx(1.0) and cells[16] == inside[3]
+    assert rm_scaling.identified_sentence(pd.DataFrame([row])) == (
+        "Fitted peaks identified inside the reached KL: RL 0 of 1, best-of-n 1 of 1 (the others print their status "
+        "instead of a number).")
 
 
 # ----- reward models of their own size ----------------------------------------------------------------

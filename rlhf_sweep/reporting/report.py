@@ -150,7 +150,7 @@ def algorithm_rows(df: pd.DataFrame, budgets: tuple[float, ...] = BUDGETS) -> tu
         fit = gao.fit_kl("bon" if algo in SELECTS_ONLY else "rl", g["kl"].to_numpy(dtype=float), g["gold"].to_numpy(dtype=float) - ref)
         fits[algo] = fit
         best = g.loc[g["gold"].idxmax()]
-        peak = fit.peak_d**2 if fit.ok else math.nan
+        peak = fit.peak(math.sqrt(float(g["kl"].max()))).kl_text() if fit.ok else "n/a"
         falls = bool(best["kl"] < g["kl"].max() and g.iloc[-1]["gold"] < best["gold"])
         knobs = g["knob"].dropna()
         rows.append([algo, len(g), f"{float(knobs.min()):g}…{float(knobs.max()):g}" if len(knobs) else "",
@@ -228,6 +228,33 @@ def _figure(files: dict[str, str], key: str, number: int) -> str:
     return f"**Figure {number}, `{name}`**: {FIGURES[key]}.\n\n![{FIGURES[key].split(':')[0]}]({name})\n"
 
 
+# gao.GaoFit.peak's rule in words, for the sections whose tables follow it
+PEAK_RULE = (f"A fitted peak is printed only where the data identify it: R² at least {gao.R2_FLOOR:g} and b's "
+             f"{gao.CONFIDENCE:.0%} interval lying above 0 (the curve surely turns down). Its KL interval is Fieller's "
+             "interval for a/b mapped through d*; it treats the points as independent, which a PPO run's per-iteration "
+             "points are not, so there it is narrower than the truth. \"inside\": the whole interval lies within the KL "
+             "the curve reached (the fitted gold rises, then falls), with the fitted gain there (\"fitted peak Δh\"; a "
+             "tiny peak at a tiny KL means gold only fell); \"beyond the reached KL\": the whole interval lies past it "
+             "(only its lower end is printed: the rest is extrapolation); \"not identified\": R² below the floor, b's "
+             "interval not above 0, or the peak's interval straddling the reached KL.")
+
+
+def fit_row(label: str, knob_values: list, kl_max: float, f: gao.GaoFit) -> list:
+    """A row of the Gao fits' table: the curve, its knobs, its reach, a, b, R², then the peak's KL (with its
+    interval) and fitted gain only where gao identifies the peak, and its status words."""
+    peak = f.peak(math.sqrt(kl_max))
+    return [label, *knob_values, kl_max, f.a, f.b, f.r2, peak.kl_text() if f.ok else "n/a",
+            peak.gain if peak.inside else "", peak.status if f.ok else "no fit"]
+
+
+def peak_count_sentence(statuses: list[str]) -> str:
+    """How many of the table's fits identify a peak inside, beyond, or none: the sentence follows the table."""
+    n = {s: statuses.count(s) for s in (gao.INSIDE, gao.BEYOND, gao.NOT_IDENTIFIED, "no fit")}
+    return (f"Of {len(statuses)} fits, {n[gao.INSIDE]} identify a peak inside the KL they reached, {n[gao.BEYOND]} one "
+            f"beyond it, and {n[gao.NOT_IDENTIFIED]} none" + (f" ({n['no fit']} had too few points to fit)" if n["no fit"] else "")
+            + ".")
+
+
 def write_markdown(data: StudyData, files: dict[str, str], fits: dict[int, gao.GaoFit], bon_fit: gao.GaoFit | None,
                    study_fit: gao.GaoFit, imps: dict[str, dict[str, float]]) -> str:
     s, df = data.spec, data.trials
@@ -287,14 +314,7 @@ def write_markdown(data: StudyData, files: dict[str, str], fits: dict[int, gao.G
     out += ["## 2. Over-optimization and Gao et al. fits", "", _figure(files, "overoptimization", 2)]
     out += ["Gold gain Δh = gold − gold/ref against d = √KL (KL: exact, nats). RL form d(a − b ln d) per trial on its "
             "per-iteration points (and across trials on their held-out end points), peak at d* = exp(a/b − 1); best-of-n "
-            "form d(a − b d) on the best-of-n curve, peak at d* = a/(2b). \"peak inside\" says whether d* lies within the "
-            "KL the curve reached, i.e. whether the fitted gold rises and then falls; \"fitted peak Δh\" is how much it rises "
-            "first (a tiny peak at a tiny KL means gold only fell).", ""]
-    def fit_row(label: str, knob_values: list, kl_max: float, f: gao.GaoFit) -> list:
-        peak = f.peak(math.sqrt(kl_max))
-        return [label, *knob_values, kl_max, f.a, f.b, f.r2, peak.kl, peak.gain if peak.inside else math.nan,
-                peak.inside if f.ok else "n/a"]
-
+            "form d(a − b d) on the best-of-n curve, peak at d* = a/(2b). " + PEAK_RULE, ""]
     blank = [""] * len(knobs)
     rows = []
     if bon_fit is not None:
@@ -305,8 +325,8 @@ def write_markdown(data: StudyData, files: dict[str, str], fits: dict[int, gao.G
         if f is not None:
             reach = float(np.nanmax(data.histories[int(r["number"])]["kl/exact"]))
             rows.append(fit_row(f"trial {int(r['number'])}", [r[k] for k in knobs], reach, f))
-    out += [md_table(["curve", *knobs, "max KL (nats)", "a", "b", "R²", "peak KL = d*² (nats)", "fitted peak Δh", "peak inside"],
-                     rows), ""]
+    out += [md_table(["curve", *knobs, "max KL (nats)", "a", "b", "R²", f"peak KL = d*² (nats) [{gao.CONFIDENCE:.0%} CI]",
+                      "fitted peak Δh", "peak"], rows), "", peak_count_sentence([row[-1] for row in rows]), ""]
 
     # 3. length and filler
     out += ["## 3. Length and filler", "", _figure(files, "length_filler", 3)]
@@ -370,7 +390,8 @@ def algorithms_markdown(df: pd.DataFrame, files: dict[str, str]) -> list[str]:
             "KL 0) interpolated linearly in KL at B, what a mixture of its two neighbouring policies reaches at no more KL "
             "(KL is convex); n/a when none of its trials reached B. \"falls\": its highest-KL trial has less gold than its "
             "best (gold rose, then fell). The Gao et al. fit is on the trials' held-out end points (gain over the "
-            "reference against d = √KL); its peak KL is d*².", "",
+            "reference against d = √KL); its peak KL d*² is printed only where the data identify it (see the Gao fits' "
+            "section).", "",
             md_table(["algorithm", "trials", "knob", "best gold", "at KL (nats)", "knob there",
                       *[f"gold at {b:g} nats" for b in BUDGETS], "Gao fit", "fitted peak KL", "falls", "wall (min)"], rows), ""]
 

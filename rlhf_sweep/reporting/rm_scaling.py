@@ -36,10 +36,13 @@ def empirical_peak(history: pd.DataFrame, gold_ref: float) -> tuple[float, float
 
 
 
-def peak_columns(peak: gao.Peak) -> tuple[float, float, bool]:
-    """(gold gain at the fitted peak, KL there, whether the peak lies inside the reached d); NaN and False
-    when the fit has no finite peak."""
-    return peak.gain, peak.kl if math.isfinite(peak.d) else math.nan, peak.inside
+def peak_columns(peak: gao.Peak) -> tuple[float, float, str, str]:
+    """(gold gain at the fitted peak, KL there, its status, the table's KL cell): the gain and KL are numbers only
+    for a peak the data identify inside the reached d (gao.Peak), NaN otherwise, so that neither the trends nor
+    the figures use a peak the data do not support."""
+    if not peak.inside:
+        return math.nan, math.nan, peak.status, peak.kl_text()
+    return peak.gain, peak.kl, peak.status, peak.kl_text()
 
 
 def rm_params(runs: pd.DataFrame) -> int | None:
@@ -73,7 +76,7 @@ def scaling_table(data, runs: pd.DataFrame, say=print) -> tuple[pd.DataFrame, li
         h = data.histories[n]
         fit = rl_fit(h, float(t["gold_ref"]))
         d_rl = float(np.sqrt(np.nanmax(h["kl/exact"].to_numpy(dtype=float))))
-        rl_gain, rl_kl, rl_in = peak_columns(fit.peak(d_rl))
+        rl_gain, rl_kl, rl_status, rl_text = peak_columns(fit.peak(d_rl))
         emp_gain, emp_kl = empirical_peak(h, float(t["gold_ref"]))
         one = trial_spec(spec, params)
         trial_dir = layout.trial_dir(data.out_dir, n)  # its RM's best-of-n runs (study.workers.run_trial) sit beside its seeds
@@ -82,21 +85,22 @@ def scaling_table(data, runs: pd.DataFrame, say=print) -> tuple[pd.DataFrame, li
             say(f"trial {n}: {missing}; its best-of-n columns are n/a")
             d_bon = bon_gains = bon_fit = None
             bon_gain = bon_kl = bon_a = bon_b = bon_r2 = bon_256 = math.nan
-            bon_in = True
+            bon_status, bon_text = "", "n/a"
         else:
             curve = bon_curve(bon)
             d_bon, bon_gains, bon_fit = curve["d"], curve["gold_gain"], curve["fit"]
-            bon_gain, bon_kl, bon_in = peak_columns(bon_fit.peak(float(d_bon.max())))
+            bon_gain, bon_kl, bon_status, bon_text = peak_columns(bon_fit.peak(float(d_bon.max())))
             bon_a, bon_b, bon_r2, bon_256 = bon_fit.a, bon_fit.b, bon_fit.r2, float(bon_gains[-1])
         label = f"{int(mine['rm.n_layer'].iloc[0])} x {int(mine['rm.n_embd'].iloc[0])}"
         rows.append({"trial": n, "size": label, "n_layer": int(mine["rm.n_layer"].iloc[0]), "n_embd": int(mine["rm.n_embd"].iloc[0]),
                      "params": rm_params(mine), "n_pairs": int(mine["rm.n_pairs"].iloc[0]), "seeds": len(mine),
                      "acc_labels": float(mine["rm/acc_labels"].mean()), "acc_gold": float(mine["rm/acc_gold"].mean()),
-                     "rl_a": fit.a, "rl_b": fit.b, "rl_r2": fit.r2, "rl_peak_gain": rl_gain, "rl_peak_kl": rl_kl, "rl_peak_inside": rl_in,
+                     "rl_a": fit.a, "rl_b": fit.b, "rl_r2": fit.r2, "rl_peak_gain": rl_gain, "rl_peak_kl": rl_kl, "rl_peak_status": rl_status,
+                     "rl_peak_text": rl_text,
                      "emp_peak_gain": emp_gain, "emp_peak_kl": emp_kl, "kl_final": float(mine["kl/exact"].mean()),
                      "gold_final": float(mine["d_gold"].mean()),
                      "bon_a": bon_a, "bon_b": bon_b, "bon_r2": bon_r2, "bon_peak_gain": bon_gain, "bon_peak_kl": bon_kl,
-                     "bon_peak_inside": bon_in, "bon_gain_256": bon_256})
+                     "bon_peak_status": bon_status, "bon_peak_text": bon_text, "bon_gain_256": bon_256})
         d = gao.sqrt_kl(h["kl/exact"].to_numpy(dtype=float))
         curves.append({"label": f"{label}, {rows[-1]['n_pairs']} pairs", "d": d, "gain": h["gold"].to_numpy(dtype=float) - float(t["gold_ref"]),
                        "fit": fit, "bon_d": d_bon, "bon_gain": bon_gains, "bon_fit": bon_fit})
@@ -145,6 +149,27 @@ def scaling_trends(table: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def scaling_rows(t: pd.DataFrame) -> list[list]:
+    """The scaling table's rows: a fitted peak's gain is printed only where it is identified inside (a blank
+    otherwise), its KL cell is gao.Peak.kl_text (the KL and its interval, or the status words)."""
+    def gain(v: float) -> float | str:
+        return v if math.isfinite(v) else ""
+
+    return [[r["size"], params_cell(r["params"]), r["n_pairs"], r["acc_labels"], r["acc_gold"], r["rl_a"], r["rl_b"],
+             r["rl_r2"], gain(r["rl_peak_gain"]), r["rl_peak_text"], r["emp_peak_gain"], r["emp_peak_kl"], r["bon_a"],
+             r["bon_b"], r["bon_r2"], gain(r["bon_peak_gain"]), r["bon_peak_text"]] for _, r in t.iterrows()]
+
+
+def identified_sentence(table: pd.DataFrame) -> str:
+    """How many RMs' fits identify a peak inside the reached KL, for PPO and for best-of-n: follows the table."""
+    def count(col: str) -> str:
+        known = table[col][table[col] != ""]
+        return f"{int((known == gao.INSIDE).sum())} of {len(known)}"
+
+    return (f"Fitted peaks identified inside the reached KL: RL {count('rl_peak_status')}, best-of-n "
+            f"{count('bon_peak_status')} (the others print their status instead of a number).")
+
+
 def scaling_section(data, runs: pd.DataFrame, out_dir: Path, title: str, say=print) -> tuple[list[str], dict[str, str]]:
     table, curves = scaling_table(data, runs, say)
     if not len(table):
@@ -158,18 +183,15 @@ def scaling_section(data, runs: pd.DataFrame, out_dir: Path, title: str, say=pri
           "from an SFT model of its own size trained on the same demonstrations; the pairs always come from the policy's reference. "
           f"Each RM is optimized by PPO at beta {fmt(beta)} (the policy and its reference stay the default size) and by best-of-n "
           "over 256 reference samples per prompt. Gao et al.'s forms against d = √KL: RL d(a − b ln d) on the PPO run's "
-          "per-iteration gold gain, best-of-n d(a − b d) on the best-of-n curve; peaks from the fits (\"inside\": the peak lies "
-          "within the KL reached) and, for PPO, the observed highest gold gain (moving average over "
-          f"{SMOOTH} iterations).", ""]
-    cols = ["size", "params", "n_pairs", "acc_labels", "acc_gold", "rl_a", "rl_b", "rl_r2", "rl_peak_gain", "rl_peak_kl",
-            "emp_peak_gain", "emp_peak_kl", "bon_a", "bon_b", "bon_r2", "bon_peak_gain", "bon_peak_kl"]
+          "per-iteration gold gain, best-of-n d(a − b d) on the best-of-n curve; peaks from the fits, printed (KL with its "
+          f"{gao.CONFIDENCE:.0%} interval, and the gain there) only where the data identify one inside the KL reached: R² at least "
+          f"{gao.R2_FLOOR:g}, b's interval above 0 and the peak's interval below the largest KL reached; otherwise "
+          "\"beyond the reached KL\" (the peak's interval lies past it) or \"not identified\". For PPO also the observed "
+          f"highest gold gain (moving average over {SMOOTH} iterations). The trends and figures use the identified peaks only.", ""]
     heads = ["RM", "params", "pairs", "acc labels", "acc gold", "RL a", "RL b", "RL R²", "RL peak Δgold", "RL peak KL",
              "PPO max Δgold", "KL there", "BoN a", "BoN b", "BoN R²", "BoN peak Δgold", "BoN peak KL"]
     t = table.sort_values(["params", "n_pairs"])
-    md += [md_table(heads, [[r["size"], params_cell(r["params"]), *(r[c] for c in cols[2:9]), f"{r['rl_peak_kl']:.3g}" + ("" if r["rl_peak_inside"] else " (beyond)"),
-                              r["emp_peak_gain"], r["emp_peak_kl"], r["bon_a"], r["bon_b"], r["bon_r2"], r["bon_peak_gain"],
-                              (f"{r['bon_peak_kl']:.3g}" + ("" if r["bon_peak_inside"] else " (beyond)")) if math.isfinite(r["bon_peak_kl"]) else "n/a"]
-                             for _, r in t.iterrows()]), ""]
+    md += [md_table(heads, scaling_rows(t)), "", identified_sentence(table), ""]
     unknown = table[table["params"].isna()]
     if len(unknown):
         which = ", ".join(f"trial {r.trial} ({r.size}, {r.n_pairs} pairs)" for r in unknown.itertuples())

@@ -101,8 +101,8 @@ def phase_diagram(panels: list[dict], biases: list[str], betas: list[str], bias_
 
 RM_SCALING_PANELS = (
     (("rl_a",), "RL fit a"), (("rl_b",), "RL fit b"), (("bon_a",), "best-of-n fit a"), (("bon_b",), "best-of-n fit b"),
-    (("rl_peak_gain", "emp_peak_gain", "bon_peak_gain"), "gold peak Δh (RL fit, PPO observed, BoN fit)"),
-    (("rl_peak_kl", "emp_peak_kl", "bon_peak_kl"), "KL at the gold peak (nats)"),
+    (("rl_peak_gain", "emp_peak_gain", "bon_peak_gain"), "gold peak Δh (RL fit, PPO observed, BoN fit;\nfitted: identified inside only)"),
+    (("rl_peak_kl", "emp_peak_kl", "bon_peak_kl"), "KL at the gold peak (nats;\nfitted: identified inside only)"),
     (("acc_labels", "acc_gold"), "RM held-out accuracy (labels, gold order)"),
     (("kl_final", ), "PPO final KL (nats)"),
 )
@@ -125,26 +125,20 @@ def rm_scaling(table: pd.DataFrame, x: str, path: str | Path, title: str = "") -
                 vals = sub[col].to_numpy(dtype=float)
                 if label.startswith("KL at"):
                     vals = np.where(vals > 0, vals, np.nan)
-                flag = f"{col.split('_peak')[0]}_peak_inside"
-                if "_peak" in col and flag in sub:  # a fitted peak beyond the reached KL: hollow
-                    inside = sub[flag].to_numpy(dtype=bool)
-                else:
-                    inside = np.ones(len(sub), dtype=bool)
+                # a fitted peak the data do not identify inside the reached KL is NaN in the table: no marker
                 ax.plot(sub[x], vals, styles[k], color=colors[g], lw=1.5)
-                ax.scatter(sub[x][inside], vals[inside], marker=markers[k], color=colors[g], s=30, zorder=3)
-                ax.scatter(sub[x][~inside], vals[~inside], marker=markers[k], facecolors="none", edgecolors=colors[g], s=30, zorder=3)
+                ax.scatter(sub[x], vals, marker=markers[k], color=colors[g], s=30, zorder=3)
         ax.set_xscale("log")
         xs = sorted(table[x].unique())
         ax.set_xticks(xs, [_short(v) for v in xs], fontsize=8)
         ax.xaxis.set_minor_locator(plt.NullLocator())
-        if label.startswith("KL at"):  # a fitted peak far beyond the data can be huge: log scale
+        if label.startswith("KL at"):  # peaks across RMs can span decades of KL: log scale
             ax.set_yscale("log")
         ax.set_xlabel("RM parameters" if x == "params" else "labeled pairs")
         ax.set_title(label, fontsize=10.5)
     handles = [plt.Line2D([], [], color=colors[g], lw=2, label=(f"{g} pairs" if group == "n_pairs" else f"RM {g}")) for g in keys]
     handles += [plt.Line2D([], [], color="0.3", ls=s, marker=m, label=lab) for s, m, lab in
                 zip(styles, markers, ("1st quantity in the title", "2nd", "3rd"), strict=True)]
-    handles += [plt.Line2D([], [], color="0.3", marker="o", ls="none", mfc="none", label="fitted peak beyond the reached KL")]
     fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=8.5)
     if title:
         fig.suptitle(title)
