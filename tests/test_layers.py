@@ -102,3 +102,11 @@ def test_few_function_level_imports_of_the_package_each_with_its_reason():
         text = (ROOT / path).read_text().splitlines()
         # the reason: a comment on the import's line or the line above it
         assert "#" in text[int(line) - 1] or text[int(line) - 2].strip().startswith("#"), f"{where}: say why it is imported here"
+
+
+def test_lazy_imports_only_in_the_top_layer():
+    """import-linter cannot see utils.lazy's proxies: keeping them in app/, the top layer, keeps every one pointing down."""
+    users = [f for f in files_containing(r"lazy_import\(\"") if f != "rlhf_sweep/utils/lazy.py"]
+    assert users and all(f.startswith("rlhf_sweep/app/") for f in users), users
+    named = re.findall(r'lazy_import\("([\w.]+)"\)', "".join((ROOT / f).read_text() for f in users))
+    assert all(not n.startswith("rlhf_sweep.app.cli") for n in named), named
