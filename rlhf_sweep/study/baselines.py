@@ -15,7 +15,7 @@ import optuna
 from optuna.trial import TrialState
 
 from rlhf_sweep.config.algorithms import algo_sections
-from rlhf_sweep.run import layout, pipeline, tracking
+from rlhf_sweep.run import layout, tracking
 from rlhf_sweep.study.spec import StudySpec, config_override, trial_spec
 from rlhf_sweep.study.storage import open_storage
 
@@ -35,6 +35,9 @@ def run_baseline(spec: StudySpec, name: str, out_dir: Path, threads: int, client
     """The study's best-of-n baseline, one `algo=bon` run per seed into OUT/baseline/seed-N/ (skipped when its
     summary.json exists), with the trials' thread count so it reuses their cached reference and RM; each run
     is an MLflow run nested in the study's. Returns the summary paths."""
+    # torch loads where a trial or baseline runs: a refused, resumed-complete or reporting sweep never pays for it
+    from rlhf_sweep.run import pipeline
+
     paths = []
     for seed in spec.seeds:
         run_dir = layout.seed_dir(layout.baseline_dir(out_dir), seed)

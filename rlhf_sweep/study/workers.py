@@ -31,7 +31,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from rlhf_sweep.run import layout, pipeline, tracking
+from rlhf_sweep.run import layout, tracking
 from rlhf_sweep.study import baselines
 from rlhf_sweep.study.samplers import make_sampler, worker_seed
 from rlhf_sweep.study.spec import StudyError, StudySpec, trial_spec, varies_rm
@@ -80,6 +80,9 @@ class Job:
 def run_trial(job: Job, study, trial, client, say: Callable[[str], None], storage=None) -> dict:
     """Run one asked trial over its seeds (a planned trial's own, else the study's), log it, and tell
     Optuna; returns a short record. storage: the study's, when the caller has it open."""
+    # torch loads where a trial or baseline runs: a refused, resumed-complete or reporting sweep never pays for it
+    from rlhf_sweep.run import pipeline
+
     spec, t0 = job.spec, time.perf_counter()
     seeds = list(trial.user_attrs.get("seeds") or spec.seeds)
     plan_name = trial.user_attrs.get("plan_name") or ""
